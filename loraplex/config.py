@@ -1,0 +1,41 @@
+"""Frozen configuration, one dataclass per subsystem, combined into EngineConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # a Hugging Face folder, or "default" for the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
+    device: str = "auto"  # cpu | cuda | auto
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # bytes (> 1) or a fraction of the free memory (0 < x <= 1) of the device; None: 0.9 of the
+    # free GPU memory after the weights, or 0.25 of the available host memory on CPU
+    kv_cache_memory: int | float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128  # running sequences at most
+    max_num_batched_tokens: int = 1024  # tokens per step; longer prompts are prefilled in chunks
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    max_loras: int = 8
+    max_lora_rank: int = 8
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,0 +1,111 @@
+"""Runs one scheduled step on the model: builds the flat batch, forwards, samples.
+
+Owns the model, the KV cache tensors and the sampler; makes no policy decisions (the scheduler
+chose what runs, the block manager chose where the K/V go).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from loraplex.config import CacheConfig
+from loraplex.engine.scheduler import ScheduledSequence
+from loraplex.kvcache.attention import AttentionBatch, PrefillSegment
+from loraplex.models.hf_config import ModelArgs
+from loraplex.sampling.sampler import Sampler, SamplingRow
+
+
+class StepResult(NamedTuple):
+    sampled: list[ScheduledSequence]  # the entries that sampled a token, in step order
+    token_ids: list[int]
+    logprobs: list[float | None]
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def kv_cache_bytes(config: CacheConfig, device: torch.device) -> int:
+    budget = config.kv_cache_memory
+    if budget is None:
+        budget = 0.9 if device.type == "cuda" else 0.25
+    if 0 < budget <= 1:
+        return int(available_memory(device) * budget)
+    if budget > 1:
+        return int(budget)
+    raise ValueError(f"kv_cache_memory must be bytes (> 1) or a fraction in (0, 1], got {budget}")
+
+
+class ModelRunner:
+    def __init__(self, model, args: ModelArgs, dtype: torch.dtype, device: torch.device, cache: CacheConfig):
+        self.model = model
+        self.args = args
+        self.dtype = dtype
+        self.device = device
+        self.block_size = cache.block_size
+        self.sampler = Sampler()
+        per_block = 2 * args.num_layers * cache.block_size * args.num_kv_heads * args.head_dim * dtype.itemsize
+        self.num_blocks = kv_cache_bytes(cache, device) // per_block
+        shape = (self.num_blocks, cache.block_size, args.num_kv_heads, args.head_dim)
+        self.kv_caches = []
+        for layer in model.attention_layers():
+            # empty, not zeros: attention reads only slots written this request (pages stay untouched)
+            layer.kv_cache = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            self.kv_caches.append(layer.kv_cache)
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
+        """Decode rows (one new token) go first, then prefill chunks, as AttentionBatch expects."""
+        decodes = [s for s in scheduled if s.num_tokens == 1]
+        prefills = [s for s in scheduled if s.num_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        segments: list[PrefillSegment] = []
+        sample_rows: list[int] = []
+        for entry in ordered:
+            seq, start = entry.seq, entry.seq.num_computed_tokens
+            stop = start + entry.num_tokens
+            if entry.num_tokens > 1:
+                context_slots = [self._slot(seq.block_table, p) for p in range(stop)]
+                segments.append(PrefillSegment(len(input_ids), entry.num_tokens, self._tensor(context_slots)))
+                slots.extend(context_slots[start:])
+            else:
+                slots.append(self._slot(seq.block_table, start))
+            input_ids.extend(seq.token_ids(start, stop))
+            positions.extend(range(start, stop))
+            if entry.samples:
+                sample_rows.append(len(input_ids) - 1)
+        batch = AttentionBatch(slot_mapping=self._tensor(slots), block_size=self.block_size, prefills=segments)
+        if decodes:
+            width = max(len(s.seq.block_table) for s in decodes)
+            tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes]
+            batch.num_decode = len(decodes)
+            batch.block_tables = self._tensor(tables, torch.int32)
+            batch.context_lens = self._tensor([s.seq.num_computed_tokens + 1 for s in decodes], torch.int32)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
+        sampled = [entry for entry in ordered if entry.samples]
+        if not sampled:
+            return StepResult([], [], [])
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+        rows = [
+            SamplingRow(e.seq.params, e.seq.prompt_token_ids, e.seq.output_token_ids, e.seq.generator)
+            for e in sampled
+        ]
+        out = self.sampler(logits, rows)
+        return StepResult(sampled, out.token_ids, out.logprobs)
+
+    def _slot(self, block_table: list[int], position: int) -> int:
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _tensor(self, values, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)

@@ -1,0 +1,101 @@
+"""Continuous batching: which sequences run this step, and how many tokens each computes.
+
+The scheduler never touches tensors. Each step it first serves the running sequences (a decode
+token each, or the next chunk of a long prompt), preempting the newest running sequence by
+recompute when blocks run out, then admits waiting sequences in arrival order while the token
+budget, the sequence limit and free blocks allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from loraplex.config import SchedulerConfig
+from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.kvcache.block_manager import BlockManager
+
+
+class ScheduledSequence(NamedTuple):
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+class SchedulerOutput(NamedTuple):
+    scheduled: list[ScheduledSequence]  # in running order
+    preempted: list[Sequence]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) from its queue and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq in preempted or budget == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq in preempted:
+                continue
+            self.block_manager.allocate(seq, n)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+        if not preempted:
+            self._admit(scheduled, budget)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _admit(self, scheduled: list[ScheduledSequence], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop the sequence's cache; it recomputes prompt + output when readmitted first."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)

@@ -1,0 +1,154 @@
+"""Attention over the paged KV cache.
+
+Layout of one step's tokens (flat, no padding): the decode rows first (one token each, row i is
+token i), then the prefill segments (a chunk of one sequence's prompt each, laid end to end).
+
+KV cache of one layer: `(k_cache, v_cache)`, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+Slot `s` is token `s % block_size` of block `s // block_size`. The model runner owns the cache and
+the block tables; attention writes this step's K/V into their slots and reads the rest in place.
+
+Two decode backends with one signature, chosen once per process (`decode_backend()`):
+- "cpu_inplace": a numba kernel that walks each sequence's block table and reads K/V where they
+  lie: no copy of the history (float32 on CPU);
+- "torch": the reference; gathers each sequence's history into a padded tensor, then SDPA.
+Prefill segments use SDPA on the gathered context (prefill is compute-bound and runs once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from loraplex import env
+
+
+@dataclass
+class PrefillSegment:
+    """One sequence's chunk of new tokens.
+
+    token_start/num_tokens: where the chunk lies in the step's flat tokens.
+    context_slots: [context_len] int64 cache slots of the whole context, this chunk included
+    (the chunk's tokens are the last `num_tokens` of them).
+    """
+
+    token_start: int
+    num_tokens: int
+    context_slots: torch.Tensor
+
+
+@dataclass
+class AttentionBatch:
+    """Everything attention needs about one step; built by the model runner, read-only here.
+
+    slot_mapping: [T] int64, the cache slot each new token's K/V is written to.
+    block_tables: [num_decode, max_blocks] int32, context_lens: [num_decode] int32 (the new token
+    included) for the decode rows, which are tokens 0..num_decode-1.
+    """
+
+    slot_mapping: torch.Tensor
+    block_size: int
+    num_decode: int = 0
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    prefills: list[PrefillSegment] = field(default_factory=list)
+    # filled lazily by the torch decode backend, shared by all layers of the step
+    _decode_gather: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens) → [T, Hq, D].
+
+    Side effect: writes k, v into `kv_cache` at `batch.slot_mapping`.
+    """
+    k_cache, v_cache = kv_cache
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, batch.slot_mapping, k)
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, batch.slot_mapping, v)
+    out = torch.empty_like(q)
+    if batch.num_decode:
+        n = batch.num_decode
+        _DECODE_BACKENDS[decode_backend(q)](q[:n], k_cache, v_cache, batch, scale, sliding_window, out[:n])
+    for seg in batch.prefills:
+        rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
+        out[rows] = _prefill(q[rows], k_cache, v_cache, seg, scale, sliding_window)
+    return out
+
+
+def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """query_pos: [..., Q, 1], key_pos: [..., 1, K] → bool mask, True where the key is visible."""
+    mask = key_pos <= query_pos
+    if window:
+        mask &= key_pos > query_pos - window
+    return mask
+
+
+def _prefill(q, k_cache, v_cache, seg: PrefillSegment, scale, window) -> torch.Tensor:
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    keys = flat_k[seg.context_slots].transpose(0, 1)  # [Hkv, ctx, D]
+    values = flat_v[seg.context_slots].transpose(0, 1)
+    ctx = seg.context_slots.shape[0]
+    query_pos = torch.arange(ctx - seg.num_tokens, ctx, device=q.device)[:, None]
+    key_pos = torch.arange(ctx, device=q.device)[None, :]
+    mask = _window_mask(query_pos, key_pos, window)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[0]
+    )
+    return out.transpose(0, 1)
+
+
+def _decode_torch(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out) -> None:
+    """Reference decode: gathers every row's history (a copy), then one batched SDPA."""
+    if batch._decode_gather is None:
+        bs = batch.block_size
+        max_ctx = int(batch.context_lens.max())
+        positions = torch.arange(max_ctx, device=q.device)
+        blocks = batch.block_tables.long()[:, positions // bs]
+        slots = blocks * bs + positions % bs  # [B, max_ctx]
+        # past-the-end positions are masked below; point them at the row's first (written) slot
+        # so that never-written cache memory (possibly NaN) cannot leak through 0 * NaN
+        slots = torch.where(positions[None, :] < batch.context_lens[:, None], slots, slots[:, :1])
+        batch._decode_gather = (slots, positions)
+    slots, positions = batch._decode_gather
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    keys = flat_k[slots].transpose(1, 2)  # [B, Hkv, max_ctx, D]
+    values = flat_v[slots].transpose(1, 2)
+    query_pos = (batch.context_lens.long() - 1)[:, None, None, None]
+    mask = _window_mask(query_pos, positions[None, None, None, :], window)
+    result = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    out.copy_(result.squeeze(2))
+
+
+def _decode_cpu_inplace(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out) -> None:
+    from loraplex.kvcache.cpu_kernels import paged_decode
+
+    paged_decode(
+        q.numpy(), k_cache.numpy(), v_cache.numpy(), batch.block_tables.numpy(), batch.context_lens.numpy(),
+        float(scale), int(window or 0), out.numpy(),
+    )
+
+
+_DECODE_BACKENDS = {"torch": _decode_torch, "cpu_inplace": _decode_cpu_inplace}
+
+
+def decode_backend(q: torch.Tensor) -> str:
+    """"cpu_inplace" for float32 on CPU, else "torch"; LORAPLEX_ATTENTION overrides."""
+    forced = env.attention_backend()
+    if forced:
+        if forced not in _DECODE_BACKENDS:
+            raise ValueError(f"LORAPLEX_ATTENTION={forced!r}: expected one of {sorted(_DECODE_BACKENDS)}")
+        return forced
+    return "cpu_inplace" if q.device.type == "cpu" and q.dtype == torch.float32 else "torch"

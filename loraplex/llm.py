@@ -1,0 +1,97 @@
+"""LLM: the offline Python API.
+
+    llm = LLM("default", dtype="float32")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0.0))
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.core import RequestOutput, SamplingParams
+from loraplex.engine.engine import LLMEngine
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_loras: int = 8,
+        max_lora_rank: int = 8,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_memory: int | float | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 1024,
+    ):
+        self.config = EngineConfig(
+            model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            lora=LoraConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
+        )
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora: str | None | Sequence[str | None] = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched together; outputs come back in prompt order.
+
+        A str prompt is encoded with the tokenizer's own special-token rules; a list[int] is used
+        as is. `params` is one SamplingParams for all, or one per prompt.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self._run(token_lists, params, lora)
+
+    def chat(
+        self,
+        conversations: Sequence[list[dict]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora: str | None | Sequence[str | None] = None,
+    ) -> list[RequestOutput]:
+        """Each conversation is a list of {"role", "content"} messages, rendered by the chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self._run([self.tokenizer.encode_chat(c) for c in conversations], params, lora)
+
+    def _run(self, token_lists, params, lora) -> list[RequestOutput]:
+        params_list = _per_prompt(params if params is not None else SamplingParams(), len(token_lists), SamplingParams)
+        for name in _per_prompt(lora, len(token_lists), str):
+            if name is not None:
+                raise ValueError(f"no LoRA adapter named '{name}' has been added")
+        request_ids = [f"offline-{next(self._ids)}" for _ in token_lists]
+        try:
+            for request_id, tokens, p in zip(request_ids, token_lists, params_list):
+                self.engine.add_request(request_id, tokens, p)
+            finals: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+        finally:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+        return [finals[request_id] for request_id in request_ids]
+
+
+def _per_prompt(value, count: int, single_type: type) -> list:
+    if value is None or isinstance(value, single_type):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"expected one value per prompt ({count}), got {len(values)}")
+    return values

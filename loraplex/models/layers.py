@@ -1,0 +1,157 @@
+"""Building blocks shared by every model family: norms, rotary embedding, packed linears.
+
+All forwards take *flat* token tensors: `[num_tokens, ...]`, the tokens of every sequence in the
+step laid end to end (no padding). Attention reads and writes the paged KV cache through the
+`AttentionBatch` passed down from the model runner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from loraplex.kvcache.attention import AttentionBatch, paged_attention
+from loraplex.models.hf_config import ModelArgs, ModelLoadError
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale by `weight`.
+
+    `offset=1.0` gives Gemma's variant, which scales by `(1 + weight)` in float32 before the cast.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * normed.to(x.dtype)
+
+
+def _rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ModelLoadError(f"rope_scaling type '{kind}' is not supported (default, linear, llama3 are)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) rotary embedding; cos/sin computed in float32 for each step's positions."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.register_buffer("inv_freq", _rope_inv_freq(args), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] → (cos, sin), each [T, 1, head_dim] in `dtype`, shared by every layer."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, heads, head_dim]."""
+    cos, sin = rope
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose output is several HF linears stacked (q|k|v, or gate|up).
+
+    `shard_sizes[i]` is the output width of the i-th packed projection; `load_shard` copies one
+    checkpoint tensor into its rows. A single projection is the one-shard case.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
+        super().__init__()
+        self.shard_sizes = list(shard_sizes)
+        self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
+        out = sum(shard_sizes)
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+
+    def load_shard(self, index: int, name: str, tensor: torch.Tensor) -> None:
+        target = self.weight if name == "weight" else self.bias
+        if target is None:
+            raise ModelLoadError(f"checkpoint has a '{name}' this layer does not use")
+        offset, size = self.shard_offsets[index], self.shard_sizes[index]
+        expected = (size, *target.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ModelLoadError(f"shape {tuple(tensor.shape)}, expected {expected}")
+        target.data[offset : offset + size].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Attention(nn.Module):
+    """Self-attention over the paged KV cache. `kv_cache` is bound by the model runner."""
+
+    def __init__(self, args: ModelArgs, layer_index: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.qkv_proj = PackedLinear(args.hidden_size, [args.q_size, args.kv_size, args.kv_size], args.attention_bias)
+        self.o_proj = PackedLinear(args.q_size, [args.hidden_size], bias=False)
+        self.scale = args.head_dim**-0.5
+        self.sliding_window = args.sliding_windows[layer_index]
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        out = paged_attention(q, k, v, self.kv_cache, batch, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, args: ModelArgs, activation: str):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ModelLoadError(f"activation '{activation}' is not supported ({', '.join(ACTIVATIONS)} are)")
+        self.act = ACTIVATIONS[activation]
+        self.gate_up_proj = PackedLinear(args.hidden_size, [args.intermediate_size] * 2, bias=False)
+        self.down_proj = PackedLinear(args.intermediate_size, [args.hidden_size], bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)

@@ -1,0 +1,137 @@
+"""The Llama decoder, which also serves Mistral (sliding window) and Qwen2 (q/k/v bias) by config.
+
+Gemma subclasses it with its few deltas (`models/gemma.py`). Parameter names follow Hugging Face,
+except that q/k/v and gate/up are packed into `qkv_proj` and `gate_up_proj` at load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from loraplex.kvcache.attention import AttentionBatch
+from loraplex.models.hf_config import ModelArgs, ModelLoadError
+from loraplex.models.layers import Attention, GatedMLP, PackedLinear, RMSNorm, RotaryEmbedding
+
+# HF projection name → (our packed module, shard index)
+PACKED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_index: int, norm_offset: float, activation: str):
+        super().__init__()
+        self.self_attn = Attention(args, layer_index)
+        self.mlp = GatedMLP(args, activation)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """HF's `model.*`: embeddings, layers, final norm."""
+
+    def __init__(self, args: ModelArgs, norm_offset: float, activation: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, norm_offset, activation) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+        self.rotary = RotaryEmbedding(args)
+
+
+class LlamaForCausalLM(nn.Module):
+    norm_offset = 0.0
+    scales_embeddings = False
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DecoderStack(args, self.norm_offset, self.activation(args))
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.embed_scale = math.sqrt(args.hidden_size) if self.scales_embeddings else None
+
+    @staticmethod
+    def activation(args: ModelArgs) -> str:
+        return args.hidden_act
+
+    def attention_layers(self) -> list:
+        return [layer.self_attn for layer in self.model.layers]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """input_ids, positions: [T] → hidden states before the final norm, [T, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(x.dtype)
+        rope = self.model.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, batch)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] (only the rows that sample) → logits [N, vocab] in the model dtype."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.model.norm(hidden) @ weight.t()
+
+    @torch.no_grad()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into the parameters; every parameter must be set once."""
+        params = dict(self.named_parameters())
+        expected = {name for name in params}
+        seen: set[str] = set()
+        for name, tensor in tensors:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            if "rotary_emb.inv_freq" in name:
+                continue
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in PACKED_PROJECTIONS:
+                packed, shard = PACKED_PROJECTIONS[parts[-2]]
+                module_name = ".".join(parts[:-2] + [packed])
+                target = f"{module_name}.{parts[-1]}"
+                if target not in params:
+                    raise ModelLoadError(f"checkpoint tensor '{name}' has no place in the model")
+                module = self.get_submodule(module_name)
+                assert isinstance(module, PackedLinear)
+                try:
+                    module.load_shard(shard, parts[-1], tensor)
+                except ModelLoadError as e:
+                    raise ModelLoadError(f"checkpoint tensor '{name}': {e}") from None
+                seen.add(f"{target}#{shard}")
+                continue
+            if name not in params:
+                raise ModelLoadError(f"checkpoint tensor '{name}' has no place in the model")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                )
+            params[name].data.copy_(tensor)
+            seen.add(name)
+        shard_names = {v: k for k, v in PACKED_PROJECTIONS.items()}  # (packed, shard) → HF name
+        missing = []
+        for name in sorted(expected):
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            if not isinstance(module, PackedLinear):
+                missing += [] if name in seen else [name]
+                continue
+            prefix, _, packed = module_name.rpartition(".")
+            for i in range(len(module.shard_sizes)):
+                if f"{name}#{i}" not in seen:
+                    missing.append(f"{prefix}.{shard_names[(packed, i)]}.{leaf}")
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,126 @@
+"""Model folders: sharded checkpoints, dtypes, and clear errors for what cannot be served."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from loraplex import LLM, SamplingParams
+from loraplex.models.hf_config import ModelLoadError
+from loraplex.models.loader import load_model
+from tiny_models import make_tiny_model
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, logprobs=True, ignore_eos=True)
+PROMPT = [256, 10, 20, 30, 40]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    make_tiny_model("llama", folder)
+    return folder
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_loads_like_single_file(llama_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    hf = make_tiny_model("llama", sharded)
+    hf.save_pretrained(sharded, safe_serialization=True, max_shard_size="100KB")
+    (sharded / "model.safetensors").unlink(missing_ok=True)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    single = LLM(str(llama_dir), dtype="float32", kv_cache_memory=1 << 20).generate([PROMPT], GREEDY)[0]
+    shards = LLM(str(sharded), dtype="float32", kv_cache_memory=1 << 20).generate([PROMPT], GREEDY)[0]
+    assert shards.token_ids == single.token_ids
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs(llama_dir, dtype):
+    llm = LLM(str(llama_dir), dtype=dtype, kv_cache_memory=1 << 20)
+    assert llm.engine.dtype == getattr(torch, dtype)
+    assert all(p.dtype == getattr(torch, dtype) for p in llm.engine.runner.model.parameters())
+    out = llm.generate([PROMPT], GREEDY)[0]
+    assert len(out.token_ids) == GREEDY.max_tokens
+    assert all(torch.isfinite(torch.tensor(out.logprobs)))
+
+
+def test_auto_dtype_and_device_on_cpu(llama_dir):
+    model, _, dtype, device = load_model(llama_dir)
+    assert dtype == torch.float32 and device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_unsupported_architecture_is_named(llama_dir, tmp_path):
+    folder = copy_model(llama_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*LlamaForCausalLM"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no_config", "no config.json"),
+        ("bad_json", "not valid JSON"),
+        ("no_architectures", "no 'architectures'"),
+        ("no_hidden_size", "no 'hidden_size'"),
+        ("pickled_only", "pickled weights are never loaded"),
+        ("missing_tensor", "missing 1 tensors"),
+        ("wrong_shape", "has shape"),
+        ("extra_tensor", "has no place in the model"),
+        ("truncated", "unreadable safetensors"),
+        ("missing_shard", "shards named in the index are missing"),
+    ],
+)
+def test_malformed_folder_gets_a_clear_error(llama_dir, tmp_path, breakage, message):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model(llama_dir, tmp_path / "m")
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    config = json.loads(config_file.read_text())
+    if breakage == "no_config":
+        config_file.unlink()
+    elif breakage == "bad_json":
+        config_file.write_text("{not json")
+    elif breakage in ("no_architectures", "no_hidden_size"):
+        del config["architectures" if breakage == "no_architectures" else "hidden_size"]
+        config_file.write_text(json.dumps(config))
+    elif breakage == "pickled_only":
+        weights.rename(folder / "pytorch_model.bin")
+    elif breakage == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif breakage == "missing_shard":
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
+        )
+    else:
+        tensors = load_file(weights)
+        if breakage == "missing_tensor":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        elif breakage == "wrong_shape":
+            tensors["model.norm.weight"] = torch.ones(3)
+        else:
+            tensors["model.layers.0.self_attn.extra.weight"] = torch.ones(2)
+        save_file(tensors, weights)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(folder)
+
+
+def test_missing_tensor_is_named_by_its_checkpoint_name(llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model(llama_dir, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_model(folder)
