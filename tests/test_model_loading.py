@@ -45,7 +45,9 @@ def test_sharded_checkpoint_loads_like_single_file(llama_dir, tmp_path):
 def test_half_precision_runs(llama_dir, dtype):
     llm = LLM(str(llama_dir), dtype=dtype, kv_cache_memory=1 << 20)
     assert llm.engine.dtype == getattr(torch, dtype)
-    assert all(p.dtype == getattr(torch, dtype) for p in llm.engine.runner.model.parameters())
+    model = llm.engine.runner.model
+    assert all(p.dtype == getattr(torch, dtype) for p in model.parameters())
+    assert all(m.packed_weight is None or m.packed_weight.dtype == getattr(torch, dtype) for m in model.modules() if hasattr(m, "packed_weight"))
     out = llm.generate([PROMPT], GREEDY)[0]
     assert len(out.token_ids) == GREEDY.max_tokens
     assert all(torch.isfinite(torch.tensor(out.logprobs)))

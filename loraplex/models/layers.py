@@ -84,20 +84,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _onednn_linear_available(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
 class PackedLinear(nn.Module):
     """A linear layer whose output is several HF linears stacked (q|k|v, or gate|up).
 
     `shard_sizes[i]` is the output width of the i-th packed projection; `load_shard` copies one
     checkpoint tensor into its rows. A single projection is the one-shard case.
+    After loading, `prepack()` may move the weight into a CPU-specific layout (see there).
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
         super().__init__()
+        self.in_features = in_features
         self.shard_sizes = list(shard_sizes)
         self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
         out = sum(shard_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.packed_weight: torch.Tensor | None = None
 
     def load_shard(self, index: int, name: str, tensor: torch.Tensor) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -109,7 +121,19 @@ class PackedLinear(nn.Module):
             raise ModelLoadError(f"shape {tuple(tensor.shape)}, expected {expected}")
         target.data[offset : offset + size].copy_(tensor)
 
+    def prepack(self) -> None:
+        """On CPU (float32/bfloat16), reorder the weight once into oneDNN's blocked layout, which
+        runs the small-batch GEMMs of decoding about a third faster than the dense weight, and
+        drop this module's reference to the dense weight (a tied embedding keeps its own)."""
+        if self.weight is None or not _onednn_linear_available(self.weight):
+            return
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 32)
+        del self.weight
+        self.weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -126,12 +150,10 @@ class Attention(nn.Module):
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        heads = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(heads[:, : self.num_heads + self.num_kv_heads], rope)  # q and k in one pass
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = heads[:, self.num_heads + self.num_kv_heads :]
         out = paged_attention(q, k, v, self.kv_cache, batch, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 

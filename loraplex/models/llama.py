@@ -25,6 +25,7 @@ PACKED_PROJECTIONS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
     "down_proj": ("down_proj", 0),
+    "lm_head": ("lm_head", 0),
 }
 
 
@@ -60,7 +61,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = DecoderStack(args, self.norm_offset, self.activation(args))
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = PackedLinear(args.hidden_size, [args.vocab_size], bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_scale = math.sqrt(args.hidden_size) if self.scales_embeddings else None
 
     @staticmethod
@@ -84,8 +87,7 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample) → logits [N, vocab] in the model dtype."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.model.norm(hidden) @ weight.t()
+        return self.lm_head(self.model.norm(hidden))
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -94,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         expected = {name for name in params}
         seen: set[str] = set()
         for name, tensor in tensors:
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue  # tied: some checkpoints store the copy anyway
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -132,6 +134,6 @@ class LlamaForCausalLM(nn.Module):
             prefix, _, packed = module_name.rpartition(".")
             for i in range(len(module.shard_sizes)):
                 if f"{name}#{i}" not in seen:
-                    missing.append(f"{prefix}.{shard_names[(packed, i)]}.{leaf}")
+                    missing.append(".".join(filter(None, [prefix, shard_names[(packed, i)], leaf])))
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

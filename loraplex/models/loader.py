@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraplex.models.hf_config import ModelArgs, ModelLoadError, read_model_args
+from loraplex.models.layers import PackedLinear
 from loraplex.models.registry import model_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,5 +85,8 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
     with torch.device(torch_device), _default_dtype(torch_dtype):
         model = cls(args)
     model.load_weights(iter_checkpoint(files))
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.prepack()
     model.eval()
     return model, args, torch_dtype, torch_device
