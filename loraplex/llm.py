@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.core import RequestOutput, SamplingParams
@@ -50,7 +51,8 @@ class LLM:
         """Run every prompt to completion, batched together; outputs come back in prompt order.
 
         A str prompt is encoded with the tokenizer's own special-token rules; a list[int] is used
-        as is. `params` is one SamplingParams for all, or one per prompt.
+        as is. `params` is one SamplingParams for all, or one per prompt; `lora` is one adapter
+        name (or None, the base model) for all, or one per prompt.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -68,15 +70,20 @@ class LLM:
             conversations = [conversations]
         return self._run([self.tokenizer.encode_chat(c) for c in conversations], params, lora)
 
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Validate and register a PEFT LoRA folder under `name` (raises AdapterError)."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
     def _run(self, token_lists, params, lora) -> list[RequestOutput]:
         params_list = _per_prompt(params if params is not None else SamplingParams(), len(token_lists), SamplingParams)
-        for name in _per_prompt(lora, len(token_lists), str):
-            if name is not None:
-                raise ValueError(f"no LoRA adapter named '{name}' has been added")
+        loras = _per_prompt(lora, len(token_lists), str)
         request_ids = [f"offline-{next(self._ids)}" for _ in token_lists]
         try:
-            for request_id, tokens, p in zip(request_ids, token_lists, params_list):
-                self.engine.add_request(request_id, tokens, p)
+            for request_id, tokens, p, name in zip(request_ids, token_lists, params_list, loras):
+                self.engine.add_request(request_id, tokens, p, name)
             finals: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():
                 for out in self.engine.step():

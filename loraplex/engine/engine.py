@@ -14,6 +14,8 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
+from loraplex.lora.adapter import LoraAdapter, load_adapter
+from loraplex.lora.slot_table import SlotTable
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -35,18 +37,39 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         limit = self.model_args.max_position_embeddings
         self.max_model_len = min(config.model.max_model_len or limit, limit)
-        self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache)
+        self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, SlotTable(config.lora.max_loras))
+        self.lora_adapters: dict[str, LoraAdapter] = {}  # validated, on host, by name
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_args.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_lora(self, name: str, path: str | Path) -> LoraAdapter:
+        """Validate a PEFT folder (AdapterError if it cannot be served) and keep it on the host."""
+        adapter = load_adapter(path, self.model_args, name=name, max_rank=self.config.lora.max_lora_rank)
+        if name in self.lora_adapters:
+            self.remove_lora(name)
+        self.lora_adapters[name] = adapter
+        return adapter
+
+    def remove_lora(self, name: str) -> None:
+        if name not in self.lora_adapters:
+            raise ValueError(f"no LoRA adapter named '{name}' has been added")
+        if any(seq.lora == name for seq in self._sequences.values()):
+            raise ValueError(f"LoRA adapter '{name}' is in use by unfinished requests")
+        self.scheduler.slot_table.evict(name)
+        del self.lora_adapters[name]
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
+    ) -> None:
         """Queue a request; raises ValueError for one that can never run (nothing is queued then)."""
         if request_id in self._sequences:
             raise ValueError(f"request id '{request_id}' is already in use")
+        if lora is not None and lora not in self.lora_adapters:
+            raise ValueError(f"no LoRA adapter named '{lora}' has been added")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_args.vocab_size
@@ -65,7 +88,7 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), generator)
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), generator, lora)
         self._sequences[request_id] = seq
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
@@ -87,6 +110,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        for slot, name in plan.lora_loads:
+            self.runner.load_lora(slot, self.lora_adapters[name])
         result = self.runner.execute(plan.scheduled)
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens += entry.num_tokens

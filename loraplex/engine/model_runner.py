@@ -10,9 +10,12 @@ from typing import NamedTuple
 
 import torch
 
-from loraplex.config import CacheConfig
+from loraplex.config import CacheConfig, LoraConfig
 from loraplex.engine.scheduler import ScheduledSequence
 from loraplex.kvcache.attention import AttentionBatch, PrefillSegment
+from loraplex.lora.adapter import LoraAdapter
+from loraplex.lora.layers import LoraBatch, apply_lora
+from loraplex.lora.slots import LoraSlots
 from loraplex.models.hf_config import ModelArgs
 from loraplex.sampling.sampler import Sampler, SamplingRow
 
@@ -46,13 +49,17 @@ def kv_cache_bytes(config: CacheConfig, device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, args: ModelArgs, dtype: torch.dtype, device: torch.device, cache: CacheConfig):
+    def __init__(
+        self, model, args: ModelArgs, dtype: torch.dtype, device: torch.device, cache: CacheConfig, lora: LoraConfig
+    ):
         self.model = model
         self.args = args
         self.dtype = dtype
         self.device = device
         self.block_size = cache.block_size
         self.sampler = Sampler()
+        self.lora_slots = LoraSlots(args, lora.max_loras, lora.max_lora_rank, dtype, device)
+        self.lora_runtime = apply_lora(model, self.lora_slots)
         per_block = 2 * args.num_layers * cache.block_size * args.num_kv_heads * args.head_dim * dtype.itemsize
         self.num_blocks = kv_cache_bytes(cache, device) // per_block
         shape = (self.num_blocks, cache.block_size, args.num_kv_heads, args.head_dim)
@@ -62,10 +69,15 @@ class ModelRunner:
             layer.kv_cache = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             self.kv_caches.append(layer.kv_cache)
 
+    def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
+        self.lora_slots.load(slot, adapter)
+
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
-        """Decode rows (one new token) go first, then prefill chunks, as AttentionBatch expects."""
-        decodes = [s for s in scheduled if s.num_tokens == 1]
-        prefills = [s for s in scheduled if s.num_tokens > 1]
+        """Decode rows (one new token) go first, then prefill chunks, as AttentionBatch expects;
+        within each group, sequences are sorted by adapter slot so that LoRA sees segments."""
+        by_slot = lambda entry: entry.seq.lora_slot  # noqa: E731
+        decodes = sorted((s for s in scheduled if s.num_tokens == 1), key=by_slot)
+        prefills = sorted((s for s in scheduled if s.num_tokens > 1), key=by_slot)
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
@@ -92,6 +104,7 @@ class ModelRunner:
             batch.num_decode = len(decodes)
             batch.block_tables = self._tensor(tables, torch.int32)
             batch.context_lens = self._tensor([s.seq.num_computed_tokens + 1 for s in decodes], torch.int32)
+        self.lora_runtime.batch = self._lora_batch(ordered)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
         sampled = [entry for entry in ordered if entry.samples]
         if not sampled:
@@ -103,6 +116,24 @@ class ModelRunner:
         ]
         out = self.sampler(logits, rows)
         return StepResult(sampled, out.token_ids, out.logprobs)
+
+    def _lora_batch(self, ordered: list[ScheduledSequence]) -> LoraBatch | None:
+        """Runs of equal slot → segments; per packed linear, -1 where the slot's adapter skips it."""
+        if all(entry.seq.lora_slot < 0 for entry in ordered):
+            return None
+        starts, slots = [0], []
+        for entry in ordered:
+            slot = entry.seq.lora_slot
+            if slots and slots[-1] == slot:
+                starts[-1] += entry.num_tokens
+            else:
+                slots.append(slot)
+                starts.append(starts[-1] + entry.num_tokens)
+        seg_slots = {}
+        for packed in {p for s in slots if s >= 0 for p in self.lora_slots.targets[s]}:
+            per_module = [s if s >= 0 and packed in self.lora_slots.targets[s] else -1 for s in slots]
+            seg_slots[packed] = self._tensor(per_module, torch.int32)
+        return LoraBatch(self._tensor(starts, torch.int32), seg_slots)
 
     def _slot(self, block_table: list[int], position: int) -> int:
         return block_table[position // self.block_size] * self.block_size + position % self.block_size

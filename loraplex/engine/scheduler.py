@@ -3,7 +3,9 @@
 The scheduler never touches tensors. Each step it first serves the running sequences (a decode
 token each, or the next chunk of a long prompt), preempting the newest running sequence by
 recompute when blocks run out, then admits waiting sequences in arrival order while the token
-budget, the sequence limit and free blocks allow.
+budget, the sequence limit and free blocks allow. A waiting sequence whose adapter cannot get a
+device slot (all held by running sequences) is skipped, never left blocking the queue; it is
+admitted once a slot frees.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kvcache.block_manager import BlockManager
+from loraplex.lora.slot_table import SlotTable
 
 
 class ScheduledSequence(NamedTuple):
@@ -29,6 +32,7 @@ class ScheduledSequence(NamedTuple):
 class SchedulerOutput(NamedTuple):
     scheduled: list[ScheduledSequence]  # in running order
     preempted: list[Sequence]
+    lora_loads: list[tuple[int, str]]  # (slot, adapter name) to copy in before this step runs
 
     @property
     def is_empty(self) -> bool:
@@ -36,9 +40,10 @@ class SchedulerOutput(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, slot_table: SlotTable):
         self.config = config
         self.block_manager = block_manager
+        self.slot_table = slot_table
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
 
@@ -55,6 +60,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self._release_slot(seq)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
@@ -76,26 +82,41 @@ class Scheduler:
             self.block_manager.allocate(seq, n)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+        lora_loads: list[tuple[int, str]] = []
         if not preempted:
-            self._admit(scheduled, budget)
-        return SchedulerOutput(scheduled, preempted)
+            self._admit(scheduled, budget, lora_loads)
+        return SchedulerOutput(scheduled, preempted, lora_loads)
 
-    def _admit(self, scheduled: list[ScheduledSequence], budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+    def _admit(self, scheduled: list[ScheduledSequence], budget: int, lora_loads: list[tuple[int, str]]) -> None:
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, n):
                 break
-            self.waiting.popleft()
+            if seq.lora is not None:
+                grant = self.slot_table.acquire(seq.lora)
+                if grant is None:
+                    continue  # every slot is held: skip, let later requests in
+                seq.lora_slot, needs_load = grant
+                if needs_load:
+                    lora_loads.append((seq.lora_slot, seq.lora))
+            self.waiting.remove(seq)
             self.block_manager.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
 
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.slot_table.release(seq.lora)
+            seq.lora_slot = -1
+
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's cache; it recomputes prompt + output when readmitted first."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._release_slot(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -27,6 +27,8 @@ class Sequence:
     params: SamplingParams
     arrival: int
     generator: torch.Generator | None = None
+    lora: str | None = None  # adapter name; None = base model
+    lora_slot: int = -1  # device slot while running with an adapter, else -1
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

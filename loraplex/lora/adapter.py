@@ -1,0 +1,366 @@
+"""PEFT LoRA folders → validated, scaled float32 factors (`LoraAdapter`), or a typed `AdapterError`.
+
+Only `adapter_config.json` and `adapter_model.safetensors` are read; nothing is ever unpickled. The
+safetensors header is checked by `safetensors_check` before the bytes reach the safetensors
+library. Module targeting (`target_modules`, `exclude_modules`, `layers_to_transform` /
+`layers_pattern`) and `rank_pattern` / `alpha_pattern` lookups follow PEFT's matching rules, applied
+to module names as PEFT saves them (`model.layers.{i}.self_attn.q_proj`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as _load_safetensors
+
+from loraplex.lora.safetensors_check import SafetensorsFormatError, TensorInfo, check_header
+from loraplex.models.hf_config import ModelArgs
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_FAMILIES = ("llama", "mistral", "gemma", "qwen")
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+# config flags whose truthy value changes the forward pass in ways plain LoRA cannot serve
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)", "lora_bias": "a bias on lora_B (lora_bias)",
+    "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
+    "layer_replication": "layer_replication", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)", "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)", "arrow_config": "Arrow routing (arrow_config)",
+}
+_QUANT_KEYS = ("loftq_config", "use_qalora", "quantization_config", "quant_method", "bits", "load_in_4bit", "load_in_8bit")
+_QUANT_PARTS = {"absmax", "quant_state", "quant_map", "nested_absmax", "nested_quant_map", "qweight", "qzeros",
+                "scales", "g_idx", "SCB", "weight_format", "weight_scale", "input_scale"}
+# init_lora_weights values under which PEFT rewrites the *base* weights: unusable on the original base
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+_TENSOR_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[\w\-]+)?\.weight")
+_MODULE_RE = re.compile(r"(?:model\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.\w+")
+
+
+class AdapterError(ValueError):
+    """A PEFT folder that cannot be served. `code` is the Workers AI error code: 3039 when
+    adapter_config.json or adapter_model.safetensors is missing, else 5004; `message` names the
+    offending key or tensor."""
+
+    def __init__(self, code: int, message: str):
+        if len(message) > 1000:  # names and values come from tenant files: keep messages bounded
+            message = message[:997] + "..."
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> AdapterError:
+    return AdapterError(5004, message)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A loaded adapter. `modules[(layer, target)] = (A [r, in], B [out, r])`: float32, CPU,
+    contiguous, with the module's scaling already folded into B, so that delta_W = B @ A."""
+
+    name: str
+    path: str
+    rank: int  # the largest rank over its modules
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def _shapes(args: ModelArgs, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of `target` in the base model."""
+    h, i = args.hidden_size, args.intermediate_size
+    return {"q_proj": (h, args.q_size), "k_proj": (h, args.kv_size), "v_proj": (h, args.kv_size),
+            "o_proj": (args.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[target]
+
+
+def _family(name) -> str | None:
+    """The one model family named in `name` (last path component, case-insensitive), else None."""
+    if not isinstance(name, str):
+        return None
+    found = [f for f in _FAMILIES if f in name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def _show(value) -> str:
+    """A config value for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive(value, label: str, integer: bool):
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    try:
+        ok = ok and value > 0 and math.isfinite(float(value))  # float() of a huge int overflows
+    except OverflowError:
+        ok = False
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise _invalid(f"adapter_config.json {label} must be {kind}, got {_show(value)}")
+    return value
+
+
+def _compile(pattern, label: str, template: str = "{}") -> None:
+    """Refuse a pattern that is not a string or does not compile inside PEFT's `template`."""
+    try:
+        re.compile(template.format(pattern))
+    except (re.error, TypeError, AttributeError) as e:
+        raise _invalid(f"adapter_config.json {label} has an invalid regex {_show(pattern)} ({e})") from None
+
+
+def _base_module_names(args: ModelArgs) -> list[str]:
+    """Every module name of the base model that a target_modules regex might hit."""
+    names = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"]
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}"
+        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
+                  f"{p}.post_attention_layernorm"] + [f"{p}.{_BLOCK[t]}.{t}" for t in TARGETS]
+    return names
+
+
+def _check_config(cfg, args: ModelArgs) -> dict:
+    """Validate adapter_config.json's content; returns it with defaults filled in."""
+    if not isinstance(cfg, dict):
+        raise _invalid(f"adapter_config.json holds a JSON {type(cfg).__name__}, not an object")
+    cfg = {"r": 8, "lora_alpha": 8, "use_rslora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {}} | {
+        k: v for k, v in cfg.items() if v is not None}
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise _invalid(f"adapter_config.json 'peft_type' is {_show(cfg['peft_type'])}; only 'LORA' is supported")
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise _invalid(f"adapter_config.json '{key}': {what} is not supported")
+    for key in _QUANT_KEYS:
+        if cfg.get(key):
+            raise _invalid(f"adapter_config.json '{key}': quantized adapters are not supported")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise _invalid(f"adapter_config.json 'init_lora_weights' is {_show(init)}: such adapters need PEFT's modified "
+                       "base weights; save them with path_initial_model_for_weight_conversion")
+    if cfg.get("modules_to_save"):
+        raise _invalid(f"adapter_config.json 'modules_to_save' is {_show(cfg['modules_to_save'])}; full-weight modules "
+                       "are not supported")
+    if cfg["bias"] != "none":
+        raise _invalid(f"adapter_config.json 'bias' is {_show(cfg['bias'])}; only 'none' is supported")
+    _positive(cfg["r"], "'r'", integer=True)
+    _positive(cfg["lora_alpha"], "'lora_alpha'", integer=False)
+    if not isinstance(cfg["use_rslora"], bool):
+        raise _invalid(f"adapter_config.json 'use_rslora' must be true or false, got {_show(cfg['use_rslora'])}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg[key], dict):
+            raise _invalid(f"adapter_config.json '{key}' must be an object")
+        for pattern in cfg[key]:
+            label = f"'{key}' entry {_show(pattern)}"
+            _compile(pattern, label, r"(.*\.)?({})$")
+            _positive(cfg[key][pattern], label, integer=key == "rank_pattern")
+    want = _family(args.model_type)
+    for key in ("model_type", "base_model_name_or_path"):
+        got = _family(cfg.get(key))
+        if want and got and got != want:
+            raise _invalid(f"adapter_config.json '{key}' is {_show(cfg[key])} ({got} family) but the base model is "
+                           f"{args.model_type!r}")
+    _check_targets(cfg, args)
+    return cfg
+
+
+def _check_targets(cfg: dict, args: ModelArgs) -> None:
+    targets = cfg.get("target_modules")
+    if targets == "all-linear":
+        cfg["target_modules"] = targets = list(TARGETS)
+    if isinstance(targets, str):
+        _compile(targets, "'target_modules'")
+        for name in _base_module_names(args):
+            if re.fullmatch(targets, name) and name.rsplit(".", 1)[-1] not in TARGETS:
+                raise _invalid(f"adapter_config.json 'target_modules' regex {_show(targets)} matches '{name}'; only "
+                               f"{', '.join(TARGETS)} can be adapted")
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        for t in targets:
+            if t.rsplit(".", 1)[-1] not in TARGETS:
+                raise _invalid(f"adapter_config.json 'target_modules' names '{t}'; only {', '.join(TARGETS)} "
+                               "can be adapted")
+    else:
+        raise _invalid(f"adapter_config.json 'target_modules' must be a list of names or a regex, got {_show(targets)}")
+    layers = cfg.get("layers_to_transform", [])
+    for i in layers if isinstance(layers, list) else [layers]:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < args.num_layers:
+            raise _invalid(f"adapter_config.json 'layers_to_transform' has {_show(i)}; the base model has layers "
+                           f"0..{args.num_layers - 1}")
+    patterns = cfg.get("layers_pattern", [])
+    for p in patterns if isinstance(patterns, list) else [patterns]:
+        if not isinstance(p, str):
+            raise _invalid(f"adapter_config.json 'layers_pattern' has {_show(p)}, not a string")
+        _compile(p, "'layers_pattern'", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+    excluded = cfg.get("exclude_modules")
+    if isinstance(excluded, str):
+        _compile(excluded, "'exclude_modules'")
+
+
+def _is_targeted(cfg: dict, key: str) -> bool:
+    """PEFT's check_target_module_exists, for a module `key` such as 'model.layers.0.mlp.up_proj'."""
+    excluded = cfg.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, key):
+        return False
+    if isinstance(excluded, list) and (key in excluded or any(key.endswith(f".{e}") for e in excluded)):
+        return False
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):  # PEFT ignores layers_to_transform for a regex
+        return re.fullmatch(targets, key) is not None
+    if key in targets:  # an exact name also bypasses layers_to_transform in PEFT
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = cfg.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or [])
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    for p in patterns:
+        match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+        if match:
+            break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's get_pattern_key: the first pattern (in file order) that matches a suffix of `key`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _read_config(folder: Path, args: ModelArgs) -> dict:
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
+        raise _invalid(f"adapter_config.json is not valid JSON ({str(e)[:200]})") from None
+    return _check_config(cfg, args)
+
+
+def _read_safetensors(file: Path, max_file_bytes: int) -> tuple[bytes, dict[str, TensorInfo]]:
+    size = file.stat().st_size
+    if size > max_file_bytes:
+        raise _invalid(f"adapter_model.safetensors is {size} bytes, over the limit of {max_file_bytes}")
+    with open(file, "rb") as f:
+        data = f.read(max_file_bytes + 1)
+    if len(data) > max_file_bytes:
+        raise _invalid(f"adapter_model.safetensors grew past the limit of {max_file_bytes} bytes while read")
+    try:
+        return data, check_header(data)
+    except SafetensorsFormatError as e:
+        raise _invalid(f"adapter_model.safetensors is corrupt: {e}") from None
+
+
+def _parse_name(name: str, info: TensorInfo, cfg: dict, args: ModelArgs) -> tuple[int, str, str, str]:
+    """Validate one tensor's name, dtype and rank; returns (layer, target, 'A' | 'B', module key)."""
+    parts = name.split(".")
+    if _QUANT_PARTS.intersection(parts) or "quant_state" in name:
+        raise _invalid(f"tensor '{name}' holds quantization state; quantized adapters are not supported")
+    if "lora_magnitude_vector" in parts:
+        raise _invalid(f"tensor '{name}' is a DoRA magnitude; DoRA is not supported")
+    if any(p.startswith("lora_embedding") for p in parts):
+        raise _invalid(f"tensor '{name}' adapts an embedding; only {', '.join(TARGETS)} can be adapted")
+    m = _TENSOR_RE.fullmatch(name)
+    if m is None:
+        raise _invalid(f"tensor '{name}' is not a lora_A/lora_B weight (full-weight or unknown tensors are not supported)")
+    key = m["module"]
+    target = key.rsplit(".", 1)[-1]
+    if target not in TARGETS:
+        raise _invalid(f"tensor '{name}' adapts '{target}'; only {', '.join(TARGETS)} can be adapted")
+    mm = _MODULE_RE.fullmatch(key)
+    if mm is None or mm["block"] != _BLOCK[target]:
+        raise _invalid(f"tensor '{name}' does not name a module of the base model")
+    layer = int(mm["layer"])
+    if layer >= args.num_layers:
+        raise _invalid(f"tensor '{name}' is for layer {layer}; the base model has {args.num_layers} layers")
+    if not _is_targeted(cfg, key):
+        raise _invalid(f"tensor '{name}' is for '{key}', which adapter_config.json does not target")
+    if info.dtype not in _FLOAT_DTYPES:
+        kind = "quantized " if info.dtype.startswith(("I", "U", "F8", "F6", "F4")) else ""
+        raise _invalid(f"tensor '{name}' has {kind}dtype {info.dtype}; only F32, F16 and BF16 are supported")
+    return layer, target, m["ab"], key
+
+
+def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, max_rank: int = 8,
+                 max_file_bytes: int = 100 * 2**20) -> LoraAdapter:
+    """Read and validate the PEFT LoRA folder `path` for the base model described by `args`.
+
+    Every tensor must be the lora_A/lora_B weight of a module the config targets; a targeted
+    module with neither tensor is left out (PEFT would leave it a zero delta). Blocking (file I/O,
+    parsing): call it from a worker thread. Raises AdapterError (3039 for a missing or unreadable
+    folder/file, 5004 for anything unservable); never returns a partially checked adapter.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(3039, f"adapter folder {folder} does not exist (or is not a folder)")
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterError(3039, f"{folder} has no adapter_config.json")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise AdapterError(3039, f"{folder} has only adapter_model.bin: pickled .bin files are never loaded; "
+                                     "convert it to adapter_model.safetensors")
+        raise AdapterError(3039, f"{folder} has no adapter_model.safetensors")
+    try:
+        cfg = _read_config(folder, args)
+        data, infos = _read_safetensors(weights, max_file_bytes)
+    except OSError as e:
+        raise AdapterError(3039, f"{folder}: adapter files cannot be read ({e.strerror or e})") from None
+
+    pairs: dict[tuple[int, str], dict[str, tuple[str, TensorInfo]]] = {}
+    keys: dict[tuple[int, str], str] = {}
+    for tensor_name, info in infos.items():
+        layer, target, ab, keys[layer, target] = _parse_name(tensor_name, info, cfg, args)
+        slot = pairs.setdefault((layer, target), {})
+        if ab in slot:
+            raise _invalid(f"tensors '{slot[ab][0]}' and '{tensor_name}' are both lora_{ab} of one module")
+        slot[ab] = (tensor_name, info)
+    if not pairs:
+        raise _invalid("adapter_model.safetensors holds no LoRA tensors")
+
+    ranks: dict[tuple[int, str], int] = {}
+    for (layer, target), slot in pairs.items():
+        key = keys[layer, target]
+        if set(slot) != {"A", "B"}:
+            have, miss = ("A", "B") if "A" in slot else ("B", "A")
+            raise _invalid(f"tensor '{slot[have][0]}' has no matching lora_{miss} for module '{key}'")
+        r = _pattern_value(cfg["rank_pattern"], key, cfg["r"])
+        fan_in, fan_out = _shapes(args, target)
+        for ab, want in (("A", (r, fan_in)), ("B", (fan_out, r))):
+            tensor_name, info = slot[ab]
+            if info.shape != want:
+                raise _invalid(f"tensor '{tensor_name}' has shape {list(info.shape)}; module '{key}' of the base "
+                               f"model with r={r} needs {list(want)}")
+        if r > max_rank:
+            raise _invalid(f"module '{key}' has rank {r}, over the maximum rank {max_rank}")
+        ranks[layer, target] = r
+
+    try:
+        tensors = _load_safetensors(data)
+    except Exception as e:  # header already checked; anything left is corruption
+        raise _invalid(f"adapter_model.safetensors could not be read: {e}") from None
+    modules = {}
+    for (layer, target), slot in sorted(pairs.items()):
+        key, r = keys[layer, target], ranks[layer, target]
+        alpha = _pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+        a = tensors[slot["A"][0]].to(torch.float32).contiguous()
+        b = (tensors[slot["B"][0]].to(torch.float32) * scaling).contiguous()
+        for (tensor_name, _), t, note in ((slot["A"], a, ""), (slot["B"], b, f" once scaled by {scaling:g}")):
+            if not torch.isfinite(t).all():
+                raise _invalid(f"tensor '{tensor_name}' holds NaN or Inf values{note}")
+        modules[layer, target] = (a, b)
+    return LoraAdapter(name=name or folder.name, path=str(folder), rank=max(ranks.values()), modules=modules)
