@@ -13,6 +13,13 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
 
 
+def _require_positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -20,17 +27,30 @@ class CacheConfig:
     # free GPU memory after the weights, or 0.25 of the available host memory on CPU
     kv_cache_memory: int | float | None = None
 
+    def __post_init__(self) -> None:
+        _require_positive(self, "block_size")
+        if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory!r}")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 128  # running sequences at most
     max_num_batched_tokens: int = 1024  # tokens per step; longer prompts are prefilled in chunks
 
+    def __post_init__(self) -> None:
+        _require_positive(self, "max_num_seqs", "max_num_batched_tokens")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
-    max_loras: int = 8
-    max_lora_rank: int = 8
+    max_loras: int = 8  # device slots
+    max_lora_rank: int = 8  # slot rank; adapters of higher rank are refused
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "max_loras", "max_lora_rank")
+        if self.max_lora_rank > 64:
+            raise ValueError(f"max_lora_rank is at most 64, got {self.max_lora_rank}")
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,11 @@ def test_stop_token_ids_and_ignore_eos(llm):
     assert long.token_ids[: len(full.token_ids)] == full.token_ids
 
 
-def test_streamed_text_grows_and_ends_as_the_full_decode(llm):
+@pytest.mark.parametrize("stop", [None, ["zzz-never", "the sea!"]])
+def test_streamed_text_grows_and_ends_as_the_full_decode(llm, stop):
     engine = llm.engine
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "Write a haiku about the sea, with an emoji."}])
-    engine.add_request("stream", prompt, SamplingParams(max_tokens=48, temperature=0.0))
+    engine.add_request("stream", prompt, SamplingParams(max_tokens=48, temperature=0.0, stop=stop))
     texts = []
     while engine.has_unfinished():
         for out in engine.step():
@@ -62,6 +63,8 @@ def test_streamed_text_grows_and_ends_as_the_full_decode(llm):
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
     assert all("\ufffd" not in t for t in texts)
     assert texts[-1] == llm.tokenizer.decode(out.token_ids)
+    if stop:  # text held back while a stop string could still be forming, released at the end
+        assert len(texts[-2]) <= len(texts[-1]) - len("zzz-never") + 1
     assert_all_blocks_free(llm)
 
 

@@ -126,3 +126,30 @@ def test_missing_tensor_is_named_by_its_checkpoint_name(llama_dir, tmp_path):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
         load_model(folder)
+
+
+def test_gemma_ties_embeddings_when_the_config_is_silent(tmp_path):
+    """HF's GemmaConfig defaults tie_word_embeddings to True; checkpoints often omit the key."""
+    folder = tmp_path / "gemma"
+    make_tiny_model("gemma", folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, args, _, _ = load_model(folder)
+    assert args.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_num_batched_tokens=0), "max_num_batched_tokens must be a positive integer"),
+        (dict(max_num_seqs=-1), "max_num_seqs must be a positive integer"),
+        (dict(max_loras=0), "max_loras must be a positive integer"),
+        (dict(max_lora_rank=128), "max_lora_rank is at most 64"),
+        (dict(block_size=0), "block_size must be a positive integer"),
+        (dict(kv_cache_memory=0), "kv_cache_memory must be > 0"),
+    ],
+)
+def test_bad_engine_settings_are_refused(llama_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(str(llama_dir), **kwargs)

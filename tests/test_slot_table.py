@@ -44,3 +44,26 @@ def test_request_without_a_slot_is_skipped_not_blocking():
     scheduler.finish(same)
     plan = scheduler.schedule()
     assert blocked in [e.seq for e in plan.scheduled] and plan.lora_loads == [(0, "b")]
+
+
+def test_a_hot_adapter_cannot_starve_a_cold_one():
+    """One slot; requests for "a" arrive every step and each runs 3 steps, so "a" is never idle.
+    A single request for "b" must still get the slot, ahead of newer requests for "a"."""
+    scheduler = Scheduler(SchedulerConfig(), BlockManager(256, 4), SlotTable(1))
+    cold = seq("cold", "b", 1)
+    scheduler.add(seq("hot-0", "a", 0))
+    scheduler.add(cold)
+    admitted_at = {}
+    for step in range(50):
+        scheduler.add(seq(f"hot-{step + 1}", "a", step + 2))
+        plan = scheduler.schedule()
+        if cold in [e.seq for e in plan.scheduled]:
+            break
+        admitted_at.update({e.seq.request_id: step for e in plan.scheduled if e.seq.request_id not in admitted_at})
+        for running in list(scheduler.running):
+            if step - admitted_at[running.request_id] >= 2:
+                scheduler.finish(running)
+    else:
+        raise AssertionError("the request for 'b' never got a slot")
+    assert plan.lora_loads == [(0, "b")]
+    assert step <= 4

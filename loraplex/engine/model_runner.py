@@ -12,7 +12,7 @@ import torch
 
 from loraplex.config import CacheConfig, LoraConfig
 from loraplex.engine.scheduler import ScheduledSequence
-from loraplex.kvcache.attention import AttentionBatch, PrefillSegment
+from loraplex.kvcache.attention import AttentionBatch, PrefillSegment, block_slots
 from loraplex.lora.adapter import LoraAdapter
 from loraplex.lora.layers import LoraBatch, apply_lora
 from loraplex.lora.slots import LoraSlots
@@ -59,7 +59,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.sampler = Sampler()
         self.lora_slots = LoraSlots(args, lora.max_loras, lora.max_lora_rank, dtype, device)
-        self.lora_runtime = apply_lora(model, self.lora_slots)
+        self.lora_runtime = apply_lora(model, self.lora_slots, device.type)
         per_block = 2 * args.num_layers * cache.block_size * args.num_kv_heads * args.head_dim * dtype.itemsize
         self.num_blocks = kv_cache_bytes(cache, device) // per_block
         shape = (self.num_blocks, cache.block_size, args.num_kv_heads, args.head_dim)
@@ -81,23 +81,23 @@ class ModelRunner:
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slot_mapping = [self._tensor([self._slot(s.seq.block_table, s.seq.num_computed_tokens) for s in decodes])]
         segments: list[PrefillSegment] = []
+        sampled: list[ScheduledSequence] = []
         sample_rows: list[int] = []
         for entry in ordered:
             seq, start = entry.seq, entry.seq.num_computed_tokens
             stop = start + entry.num_tokens
             if entry.num_tokens > 1:
-                context_slots = [self._slot(seq.block_table, p) for p in range(stop)]
-                segments.append(PrefillSegment(len(input_ids), entry.num_tokens, self._tensor(context_slots)))
-                slots.extend(context_slots[start:])
-            else:
-                slots.append(self._slot(seq.block_table, start))
+                context = block_slots(self._tensor(seq.block_table), torch.arange(stop, device=self.device), self.block_size)
+                segments.append(PrefillSegment(len(input_ids), entry.num_tokens, context))
+                slot_mapping.append(context[start:])
             input_ids.extend(seq.token_ids(start, stop))
             positions.extend(range(start, stop))
             if entry.samples:
+                sampled.append(entry)
                 sample_rows.append(len(input_ids) - 1)
-        batch = AttentionBatch(slot_mapping=self._tensor(slots), block_size=self.block_size, prefills=segments)
+        batch = AttentionBatch(slot_mapping=torch.cat(slot_mapping), block_size=self.block_size, prefills=segments)
         if decodes:
             width = max(len(s.seq.block_table) for s in decodes)
             tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes]
@@ -106,7 +106,6 @@ class ModelRunner:
             batch.context_lens = self._tensor([s.seq.num_computed_tokens + 1 for s in decodes], torch.int32)
         self.lora_runtime.batch = self._lora_batch(ordered)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch)
-        sampled = [entry for entry in ordered if entry.samples]
         if not sampled:
             return StepResult([], [], [])
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])

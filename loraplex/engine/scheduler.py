@@ -54,13 +54,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (finished or aborted) from its queue and free its blocks."""
+        """Remove a sequence (finished or aborted) from its queue, freeing its blocks and slot."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
-        self._release_slot(seq)
+        self._drop_resources(seq)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
@@ -68,8 +67,8 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
         for seq in list(self.running):
-            if seq in preempted or budget == 0:
-                continue
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running[-1]
@@ -77,7 +76,7 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is seq:
                     break
-            if seq in preempted:
+            if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.block_manager.allocate(seq, n)
             scheduled.append(ScheduledSequence(seq, n))
@@ -88,6 +87,10 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted, lora_loads)
 
     def _admit(self, scheduled: list[ScheduledSequence], budget: int, lora_loads: list[tuple[int, str]]) -> None:
+        """Admit waiting sequences in arrival order. One whose adapter finds every slot held is
+        skipped (others go ahead), and a held slot is set draining so that it frees: the oldest
+        skipped adapter gets it before any newer request, so no adapter starves."""
+        starved = False
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -97,7 +100,8 @@ class Scheduler:
             if seq.lora is not None:
                 grant = self.slot_table.acquire(seq.lora)
                 if grant is None:
-                    continue  # every slot is held: skip, let later requests in
+                    starved = True
+                    continue
                 seq.lora_slot, needs_load = grant
                 if needs_load:
                     lora_loads.append((seq.lora_slot, seq.lora))
@@ -107,16 +111,17 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
-
-    def _release_slot(self, seq: Sequence) -> None:
-        if seq.lora_slot >= 0:
-            self.slot_table.release(seq.lora)
-            seq.lora_slot = -1
+        self.slot_table.set_draining(starved)
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's cache; it recomputes prompt + output when readmitted first."""
         self.running.remove(seq)
-        self.block_manager.free(seq)
-        self._release_slot(seq)
+        self._drop_resources(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _drop_resources(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if seq.lora_slot >= 0:
+            self.slot_table.release(seq.lora)
+            seq.lora_slot = -1

@@ -59,11 +59,16 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def to_output(self) -> RequestOutput:
+        """While unfinished, the text holds back a possible partial stop string at its end, so
+        that streamed text only ever grows."""
+        text = self.text
+        if not self.finished and self.params.stop:
+            text = text[: max(0, len(text) - max(len(s) for s in self.params.stop) + 1)]
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
             token_ids=list(self.output_token_ids),
-            text=self.text,
+            text=text,
             finished=self.finished,
             finish_reason=self.finish_reason,
             logprobs=list(self.output_logprobs) if self.params.logprobs else None,

@@ -24,6 +24,13 @@ from torch.nn import functional as F
 from loraplex import env
 
 
+def block_slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of token `positions` ([..., P]) of sequences whose block tables are
+    `block_table` ([..., max_blocks], matching leading dims) → int64 [..., P]."""
+    blocks = torch.gather(block_table.long(), -1, positions // block_size)
+    return blocks * block_size + positions % block_size
+
+
 @dataclass
 class PrefillSegment:
     """One sequence's chunk of new tokens.
@@ -45,6 +52,7 @@ class AttentionBatch:
     slot_mapping: [T] int64, the cache slot each new token's K/V is written to.
     block_tables: [num_decode, max_blocks] int32, context_lens: [num_decode] int32 (the new token
     included) for the decode rows, which are tokens 0..num_decode-1.
+    Attention only reads it, except `decode_slots()`, which computes once per step and caches.
     """
 
     slot_mapping: torch.Tensor
@@ -53,8 +61,18 @@ class AttentionBatch:
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     prefills: list[PrefillSegment] = field(default_factory=list)
-    # filled lazily by the torch decode backend, shared by all layers of the step
-    _decode_gather: tuple[torch.Tensor, torch.Tensor] | None = None
+    _decode_slots: torch.Tensor | None = None
+
+    def decode_slots(self) -> torch.Tensor:
+        """[num_decode, max_context] int64: every decode row's history slots; positions past a
+        row's end point at its first slot (always written), so never-written memory is not read."""
+        if self._decode_slots is None:
+            positions = torch.arange(int(self.context_lens.max()), device=self.block_tables.device)
+            positions = positions.expand(self.num_decode, -1)
+            inside = positions < self.context_lens[:, None]
+            slots = block_slots(self.block_tables, torch.where(inside, positions, 0), self.block_size)
+            self._decode_slots = slots
+        return self._decode_slots
 
 
 def paged_attention(
@@ -109,17 +127,8 @@ def _prefill(q, k_cache, v_cache, seg: PrefillSegment, scale, window) -> torch.T
 
 def _decode_torch(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out) -> None:
     """Reference decode: gathers every row's history (a copy), then one batched SDPA."""
-    if batch._decode_gather is None:
-        bs = batch.block_size
-        max_ctx = int(batch.context_lens.max())
-        positions = torch.arange(max_ctx, device=q.device)
-        blocks = batch.block_tables.long()[:, positions // bs]
-        slots = blocks * bs + positions % bs  # [B, max_ctx]
-        # past-the-end positions are masked below; point them at the row's first (written) slot
-        # so that never-written cache memory (possibly NaN) cannot leak through 0 * NaN
-        slots = torch.where(positions[None, :] < batch.context_lens[:, None], slots, slots[:, :1])
-        batch._decode_gather = (slots, positions)
-    slots, positions = batch._decode_gather
+    slots = batch.decode_slots()
+    positions = torch.arange(slots.shape[1], device=q.device)
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     keys = flat_k[slots].transpose(1, 2)  # [B, Hkv, max_ctx, D]

@@ -75,13 +75,6 @@ class LoraAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
-def _shapes(args: ModelArgs, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of `target` in the base model."""
-    h, i = args.hidden_size, args.intermediate_size
-    return {"q_proj": (h, args.q_size), "k_proj": (h, args.kv_size), "v_proj": (h, args.kv_size),
-            "o_proj": (args.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[target]
-
-
 def _family(name) -> str | None:
     """The one model family named in `name` (last path component, case-insensitive), else None."""
     if not isinstance(name, str):
@@ -338,7 +331,7 @@ def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, 
             have, miss = ("A", "B") if "A" in slot else ("B", "A")
             raise _invalid(f"tensor '{slot[have][0]}' has no matching lora_{miss} for module '{key}'")
         r = _pattern_value(cfg["rank_pattern"], key, cfg["r"])
-        fan_in, fan_out = _shapes(args, target)
+        fan_in, fan_out = args.projection_shape(target)
         for ab, want in (("A", (r, fan_in)), ("B", (fan_out, r))):
             tensor_name, info = slot[ab]
             if info.shape != want:

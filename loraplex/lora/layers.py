@@ -30,8 +30,9 @@ class LoraRuntime:
     """Shared by every LoraLinear of one model; the model runner sets `batch` before each forward
     (None: no adapter in this step) and nothing else writes it."""
 
-    def __init__(self, slots: LoraSlots):
+    def __init__(self, slots: LoraSlots, device_type: str):
         self.slots = slots
+        self.ops = ops.select_backend(device_type)  # chosen once: Triton on CUDA, torch otherwise
         self.batch: LoraBatch | None = None
 
 
@@ -51,15 +52,15 @@ class LoraLinear(nn.Module):
         seg_slots = batch.seg_slots[self.packed]
         rank = self.runtime.slots.rank
         shrunk = torch.empty(x.shape[0], self.weights.a.shape[1], dtype=torch.float32, device=x.device)
-        ops.sgmv_shrink(x, self.weights.a, batch.seg_starts, seg_slots, shrunk)
+        self.runtime.ops.sgmv_shrink(x, self.weights.a, batch.seg_starts, seg_slots, shrunk)
         for i, (b, offset) in enumerate(zip(self.weights.b, self.weights.offsets)):
-            ops.sgmv_expand(shrunk[:, i * rank : (i + 1) * rank], b, batch.seg_starts, seg_slots, y, offset)
+            self.runtime.ops.sgmv_expand(shrunk[:, i * rank : (i + 1) * rank], b, batch.seg_starts, seg_slots, y, offset)
         return y
 
 
-def apply_lora(model: nn.Module, slots: LoraSlots) -> LoraRuntime:
+def apply_lora(model: nn.Module, slots: LoraSlots, device_type: str) -> LoraRuntime:
     """Wrap every decoder layer's qkv/o/gate_up/down linear; returns the runtime to drive them."""
-    runtime = LoraRuntime(slots)
+    runtime = LoraRuntime(slots, device_type)
     for layer_index, layer in enumerate(model.model.layers):
         for parent in (layer.self_attn, layer.mlp):
             for packed in PACKED_TARGETS:

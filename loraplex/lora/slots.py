@@ -13,14 +13,10 @@ import torch
 
 from loraplex.lora.adapter import LoraAdapter
 from loraplex.models.hf_config import ModelArgs
+from loraplex.models.llama import PACKED_LINEARS
 
-# our packed linear → the HF projections stacked in it, in order
-PACKED_TARGETS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
+# the packed linears that take LoRA (all but lm_head) → their HF projections, in shard order
+PACKED_TARGETS = {packed: hfs for packed, hfs in PACKED_LINEARS.items() if packed != "lm_head"}
 
 
 @dataclass
@@ -39,21 +35,12 @@ class LoraSlots:
 
     def __init__(self, args: ModelArgs, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device):
         self.num_slots, self.rank = num_slots, rank
-        shapes = {  # HF projection → (in, out)
-            "q_proj": (args.hidden_size, args.q_size),
-            "k_proj": (args.hidden_size, args.kv_size),
-            "v_proj": (args.hidden_size, args.kv_size),
-            "o_proj": (args.q_size, args.hidden_size),
-            "gate_proj": (args.hidden_size, args.intermediate_size),
-            "up_proj": (args.hidden_size, args.intermediate_size),
-            "down_proj": (args.intermediate_size, args.hidden_size),
-        }
         self.layers: list[dict[str, PackedLoraWeights]] = []
         for _ in range(args.num_layers):
             layer = {}
             for packed, targets in PACKED_TARGETS.items():
-                in_features = shapes[targets[0]][0]
-                outs = [shapes[t][1] for t in targets]
+                in_features = args.projection_shape(targets[0])[0]
+                outs = [args.projection_shape(t)[1] for t in targets]
                 layer[packed] = PackedLoraWeights(
                     a=torch.zeros(num_slots, len(targets) * rank, in_features, dtype=dtype, device=device),
                     b=[torch.zeros(num_slots, n, rank, dtype=dtype, device=device) for n in outs],

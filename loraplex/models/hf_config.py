@@ -28,7 +28,9 @@ class ModelArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     hidden_act: str
-    attention_bias: bool
+    attention_bias: bool  # q/k/v (and o, except on Qwen2) projections carry a bias
+    o_proj_bias: bool
+    mlp_bias: bool
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     torch_dtype: str | None
     eos_token_ids: tuple[int, ...]
@@ -40,6 +42,14 @@ class ModelArgs:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def projection_shape(self, projection: str) -> tuple[int, int]:
+        """(in_features, out_features) of an HF projection (q_proj … down_proj) of this model."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }[projection]
 
 
 def _require(cfg: dict, key: str, path: Path):
@@ -101,9 +111,12 @@ def read_model_args(model_dir: str | Path) -> ModelArgs:
         rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
         rope_scaling=rope_scaling,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
+        # HF's per-family default: Gemma ties unless told otherwise, the others do not
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") == "gemma")),
+        hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        o_proj_bias=cfg.get("model_type") != "qwen2" and bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_windows=_sliding_windows(cfg, layers),
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         eos_token_ids=eos_ids,

@@ -144,7 +144,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.qkv_proj = PackedLinear(args.hidden_size, [args.q_size, args.kv_size, args.kv_size], args.attention_bias)
-        self.o_proj = PackedLinear(args.q_size, [args.hidden_size], bias=False)
+        self.o_proj = PackedLinear(args.q_size, [args.hidden_size], args.o_proj_bias)
         self.scale = args.head_dim**-0.5
         self.sliding_window = args.sliding_windows[layer_index]
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -171,8 +171,8 @@ class GatedMLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ModelLoadError(f"activation '{activation}' is not supported ({', '.join(ACTIVATIONS)} are)")
         self.act = ACTIVATIONS[activation]
-        self.gate_up_proj = PackedLinear(args.hidden_size, [args.intermediate_size] * 2, bias=False)
-        self.down_proj = PackedLinear(args.intermediate_size, [args.hidden_size], bias=False)
+        self.gate_up_proj = PackedLinear(args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias)
+        self.down_proj = PackedLinear(args.intermediate_size, [args.hidden_size], args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

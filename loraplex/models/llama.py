@@ -16,17 +16,16 @@ from loraplex.kvcache.attention import AttentionBatch
 from loraplex.models.hf_config import ModelArgs, ModelLoadError
 from loraplex.models.layers import Attention, GatedMLP, PackedLinear, RMSNorm, RotaryEmbedding
 
-# HF projection name → (our packed module, shard index)
-PACKED_PROJECTIONS = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "o_proj": ("o_proj", 0),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-    "down_proj": ("down_proj", 0),
-    "lm_head": ("lm_head", 0),
+# our packed linear → the HF projections stacked in it, in shard order
+PACKED_LINEARS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+    "lm_head": ("lm_head",),
 }
+# HF projection → (our packed linear, shard index)
+PACKED_PROJECTIONS = {hf: (packed, i) for packed, hfs in PACKED_LINEARS.items() for i, hf in enumerate(hfs)}
 
 
 class DecoderLayer(nn.Module):
@@ -123,7 +122,6 @@ class LlamaForCausalLM(nn.Module):
                 )
             params[name].data.copy_(tensor)
             seen.add(name)
-        shard_names = {v: k for k, v in PACKED_PROJECTIONS.items()}  # (packed, shard) → HF name
         missing = []
         for name in sorted(expected):
             module_name, _, leaf = name.rpartition(".")
@@ -134,6 +132,6 @@ class LlamaForCausalLM(nn.Module):
             prefix, _, packed = module_name.rpartition(".")
             for i in range(len(module.shard_sizes)):
                 if f"{name}#{i}" not in seen:
-                    missing.append(".".join(filter(None, [prefix, shard_names[(packed, i)], leaf])))
+                    missing.append(".".join(filter(None, [prefix, PACKED_LINEARS[packed][i], leaf])))
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
