@@ -7,7 +7,9 @@ robin), uniform, zipf(1.5), identical. For each case:
 - loraplex: one `generate` call, the requests' adapters mixed in every batch (max_loras=16);
 - base-only: the same engine and requests, no adapters;
 - peft: `generate(..., adapter_names=...)`, peft's mixed-adapter batches, static batches of 16.
-Throughput counts output tokens. Ratios are taken inside this one run.
+Throughput counts output tokens. Ratios are taken inside this one run; loraplex with and without
+adapters run alternately, REPEATS times each, and the fastest of each is kept (the machine is
+shared and noisy; peft, much slower, runs once).
 
     python benchmarks/lora_overhead.py [--models default,wide] [--out benchmarks/out]
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-NUM_ADAPTERS, RANK, NUM_REQUESTS, MAX_TOKENS, PEFT_BATCH = 16, 8, 64, 32, 16
+NUM_ADAPTERS, RANK, NUM_REQUESTS, MAX_TOKENS, PEFT_BATCH, REPEATS = 16, 8, 64, 32, 16, 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = ["distinct", "uniform", "zipf", "identical"]
 
@@ -131,8 +133,10 @@ def bench_model(label: str, model_dir: Path, work: Path) -> list[dict]:
     rows = []
     for case in CASES:
         chosen = [names[i] for i in assignment(case)]
-        lora_s = time_loraplex(llm, prompts, chosen)
-        base_s = time_loraplex(llm, prompts, None)
+        lora_s = base_s = float("inf")
+        for _ in range(REPEATS):
+            lora_s = min(lora_s, time_loraplex(llm, prompts, chosen))
+            base_s = min(base_s, time_loraplex(llm, prompts, None))
         peft_s = time_peft(peft_model, pad_id, prompts, chosen)
         row = {
             "model": label, "case": case, "distinct_adapters": len(set(chosen)),

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from loraplex.lora import ops
-from loraplex.lora.ops import torch_ops
+from loraplex.lora.ops import cpu_ops, torch_ops
 
 HAS_CUDA = torch.cuda.is_available()
 RANKS = {"r1": (1,), "r2": (2,), "r8": (8,), "r16": (16,), "mixed": (1, 2, 8, 16)}
@@ -171,6 +171,17 @@ def test_torch_ops_fp32(rank, pop, lengths):
     check_case(torch_ops, pop, RANKS[rank], LENGTHS[lengths], seed=len(rank) + len(pop))
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("pop", POPULARITY)
+@pytest.mark.parametrize("rank", RANKS)
+def test_cpu_kernels_fp32(rank, pop, lengths):
+    check_case(cpu_ops, pop, RANKS[rank], LENGTHS[lengths], seed=len(rank) + len(pop))
+
+
+def test_cpu_ops_hands_half_precision_to_the_reference():
+    check_case(cpu_ops, "uniform", RANKS["mixed"], LENGTHS["mixed"], dtype=torch.bfloat16, seed=4, expand_tol=1e-2)
+
+
 @pytest.mark.parametrize("pop", ["uniform", "zipf"])
 def test_torch_ops_ungrouped_segments(pop):
     check_case(torch_ops, pop, RANKS["mixed"], LENGTHS["mixed"], grouped=False, seed=3)
@@ -232,8 +243,12 @@ def test_torch_ops_edge_cases():
     edge_cases(torch_ops)
 
 
+def test_cpu_ops_edge_cases():
+    edge_cases(cpu_ops)
+
+
 def test_backend_selection():
-    assert ops.select_backend("cpu") is torch_ops
+    assert ops.select_backend("cpu") is cpu_ops
     assert ops.backend is ops.select_backend()
     assert ops.sgmv_shrink is ops.backend.sgmv_shrink and ops.sgmv_expand is ops.backend.sgmv_expand
     if not HAS_CUDA:

@@ -24,6 +24,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window,
     num_rows, num_heads, dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    # 1-D row views keep the inner loops unit-stride, which LLVM vectorises
     for work in numba.prange(num_rows * num_kv_heads):
         b = work // num_kv_heads
         kv_head = work % num_kv_heads
@@ -32,29 +33,34 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window,
         length = n - first
         scores = np.empty((group, length), dtype=np.float32)
         for t in range(first, n):
-            block = block_tables[b, t // block_size]
-            offset = t % block_size
+            k_row = k_cache[block_tables[b, t // block_size], t % block_size, kv_head]
             for g in range(group):
+                q_row = q[b, kv_head * group + g]
                 acc = np.float32(0.0)
                 for d in range(dim):
-                    acc += q[b, kv_head * group + g, d] * k_cache[block, offset, kv_head, d]
+                    acc += q_row[d] * k_row[d]
                 scores[g, t - first] = acc * scale
         for g in range(group):
-            peak = scores[g].max()
+            row = scores[g]
+            peak = row.max()
             total = np.float32(0.0)
             for i in range(length):
-                e = math.exp(scores[g, i] - peak)
-                scores[g, i] = e
+                e = np.float32(math.exp(row[i] - peak))
+                row[i] = e
                 total += e
-            scores[g] /= total
-        acc_out = np.zeros((group, dim), dtype=np.float32)
+            inv = np.float32(1.0) / total
+            for i in range(length):
+                row[i] *= inv
+        acc = np.zeros((group, dim), dtype=np.float32)
         for t in range(first, n):
-            block = block_tables[b, t // block_size]
-            offset = t % block_size
+            v_row = v_cache[block_tables[b, t // block_size], t % block_size, kv_head]
             for g in range(group):
                 p = scores[g, t - first]
+                acc_row = acc[g]
                 for d in range(dim):
-                    acc_out[g, d] += p * v_cache[block, offset, kv_head, d]
+                    acc_row[d] += p * v_row[d]
         for g in range(group):
+            out_row = out[b, kv_head * group + g]
+            acc_row = acc[g]
             for d in range(dim):
-                out[b, kv_head * group + g, d] = acc_out[g, d]
+                out_row[d] = acc_row[d]

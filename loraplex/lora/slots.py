@@ -22,8 +22,9 @@ PACKED_TARGETS = {packed: hfs for packed, hfs in PACKED_LINEARS.items() if packe
 @dataclass
 class PackedLoraWeights:
     """One packed linear's slots. a: [S, n_slices * R, in] (the slices' A stacked along the rank
-    axis, so one shrink serves fused q/k/v or gate/up); b[i]: [S, N_i, R]; offsets[i]: where
-    slice i starts in the packed output."""
+    axis, so one shrink serves fused q/k/v or gate/up); b[i]: [S, N_i, R], a transposed view of
+    [S, R, N_i] storage (so that expand streams along N); offsets[i]: where slice i starts in
+    the packed output."""
 
     a: torch.Tensor
     b: list[torch.Tensor]
@@ -43,7 +44,7 @@ class LoraSlots:
                 outs = [args.projection_shape(t)[1] for t in targets]
                 layer[packed] = PackedLoraWeights(
                     a=torch.zeros(num_slots, len(targets) * rank, in_features, dtype=dtype, device=device),
-                    b=[torch.zeros(num_slots, n, rank, dtype=dtype, device=device) for n in outs],
+                    b=[torch.zeros(num_slots, rank, n, dtype=dtype, device=device).transpose(1, 2) for n in outs],
                     offsets=[sum(outs[:i]) for i in range(len(outs))],
                 )
             self.layers.append(layer)

@@ -1,9 +1,10 @@
 """SGMV LoRA ops: `sgmv_shrink` (x @ A.T per segment) and `sgmv_expand` (y += h @ B.T).
 
-One backend is picked once, at import: Triton kernels when CUDA and Triton are both usable,
-the PyTorch reference otherwise. Both backends have identical signatures and semantics (see
-their "Semantics:" docstrings). `torch_ops` and `triton_ops` stay importable for tests;
-`triton_ops` is only imported on demand, so a CPU deployment never loads Triton.
+Backends with identical signatures and semantics (see the "Semantics:" docstrings of
+`torch_ops`, the reference): Triton kernels on CUDA, numba kernels on CPU (`cpu_ops`, which
+hands large or non-float32 batches to the reference). The engine picks one per device, once,
+with `select_backend`. `triton_ops` is only imported on demand, so a CPU deployment never
+loads Triton.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from . import torch_ops
+from . import cpu_ops, torch_ops
 
 
 def _triton_ops() -> ModuleType | None:
@@ -27,11 +28,10 @@ def select_backend(device_type: str | None = None) -> ModuleType:
     """The ops module for `device_type` ("cuda", "cpu", …; None = this machine's best)."""
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda" and torch.cuda.is_available():
-        mod = _triton_ops()
-        if mod is not None:
-            return mod
-    return torch_ops
+    if device_type == "cuda":
+        triton = _triton_ops() if torch.cuda.is_available() else None
+        return triton or torch_ops
+    return cpu_ops
 
 
 backend: ModuleType = select_backend()
@@ -48,4 +48,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["sgmv_shrink", "sgmv_expand", "select_backend", "backend", "torch_ops"]
+__all__ = ["sgmv_shrink", "sgmv_expand", "select_backend", "backend", "torch_ops", "cpu_ops"]
