@@ -46,6 +46,9 @@ class SchedulerConfig:
 class LoraConfig:
     max_loras: int = 8  # device slots
     max_lora_rank: int = 8  # slot rank; adapters of higher rank are refused
+    host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory (pinned ones may exceed it)
+    disk_cache_bytes: int = 4 << 30  # adapter files downloaded from the store, kept on local disk
+    storage_url: str | None = None  # object store of tenants' adapters: file:///… or s3://bucket/prefix
 
     def __post_init__(self) -> None:
         _require_positive(self, "max_loras", "max_lora_rank")

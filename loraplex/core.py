@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass
@@ -80,3 +80,5 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None = None
     logprobs: list[float] | None = None
+    error: str | None = None  # why a request failed (finish_reason "error"), e.g. its adapter would not load
+    error_code: int | None = None  # the Workers AI error code for `error`

@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from loraplex.adapters.storage import ObjectStore
 from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.engine.engine import LLMEngine
@@ -31,14 +32,24 @@ class LLM:
         block_size: int = 16,
         max_num_seqs: int = 128,
         max_num_batched_tokens: int = 1024,
+        host_cache_bytes: int = 1 << 30,
+        disk_cache_bytes: int = 4 << 30,
+        adapter_store: str | ObjectStore | None = None,
     ):
+        """adapter_store: the object store (or its URL) that `register_lora` sources point into."""
         self.config = EngineConfig(
             model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            lora=LoraConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
+            lora=LoraConfig(
+                max_loras=max_loras,
+                max_lora_rank=max_lora_rank,
+                host_cache_bytes=host_cache_bytes,
+                disk_cache_bytes=disk_cache_bytes,
+                storage_url=adapter_store if isinstance(adapter_store, str) else None,
+            ),
         )
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(self.config, None if isinstance(adapter_store, str) else adapter_store)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -1,8 +1,10 @@
-"""LLMEngine: add requests, step, abort. Single-threaded: the caller owns the loop."""
+"""LLMEngine: add requests, step, abort. Single-threaded: the caller owns the loop (the adapter
+cache's worker threads load adapters meanwhile)."""
 
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import torch
@@ -14,7 +16,9 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
-from loraplex.lora.adapter import LoraAdapter, load_adapter
+from loraplex.adapters.cache import AdapterCache, AdapterState, LocalSource, RemoteSource
+from loraplex.adapters.storage import ObjectStore, open_store
+from loraplex.lora.adapter import AdapterError, LoraAdapter
 from loraplex.lora.slot_table import SlotTable
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -30,7 +34,8 @@ def resolve_model_dir(model: str) -> Path:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, adapter_store: ObjectStore | None = None):
+        """adapter_store: where remote adapters live; default: opened from lora.storage_url."""
         self.config = config
         model_dir = resolve_model_dir(config.model.model)
         model, self.model_args, self.dtype, self.device = load_model(model_dir, config.model.dtype, config.model.device)
@@ -39,28 +44,56 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or limit, limit)
         self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, SlotTable(config.lora.max_loras))
-        self.lora_adapters: dict[str, LoraAdapter] = {}  # validated, on host, by name
+        lora = config.lora
+        self._wakeup = threading.Event()  # set by the cache's workers when an adapter is ready or failed
+        self.adapter_cache = AdapterCache(
+            self.model_args,
+            max_rank=lora.max_lora_rank,
+            store=adapter_store or (open_store(lora.storage_url) if lora.storage_url else None),
+            disk_dir=env.data_dir() / "adapter-cache",
+            disk_budget_bytes=lora.disk_cache_bytes,
+            host_budget_bytes=lora.host_cache_bytes,
+            on_change=lambda name: self._wakeup.set(),
+        )
+        self.lora_names: set[str] = set()
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, SlotTable(lora.max_loras), self._adapter_ready)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_args.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
 
     def add_lora(self, name: str, path: str | Path) -> LoraAdapter:
-        """Validate a PEFT folder (AdapterError if it cannot be served) and keep it on the host."""
-        adapter = load_adapter(path, self.model_args, name=name, max_rank=self.config.lora.max_lora_rank)
-        if name in self.lora_adapters:
+        """Validate a local PEFT folder now (AdapterError if it cannot be served) and register it."""
+        return self.register_lora(name, LocalSource(Path(path)), load_now=True)
+
+    def register_lora(self, name: str, source: LocalSource | RemoteSource, load_now: bool = False) -> LoraAdapter | None:
+        """Make an adapter known under `name`. A remote one is fetched on first use (or now, with
+        load_now); requests for it wait, without blocking others, until it is in host memory."""
+        if name in self.lora_names:
             self.remove_lora(name)
-        self.lora_adapters[name] = adapter
-        return adapter
+        self.adapter_cache.register(name, source)
+        self.lora_names.add(name)
+        if not load_now:
+            return None
+        try:
+            return self.adapter_cache.load_now(name)
+        except Exception:
+            self.remove_lora(name)
+            raise
 
     def remove_lora(self, name: str) -> None:
-        if name not in self.lora_adapters:
+        if name not in self.lora_names:
             raise ValueError(f"no LoRA adapter named '{name}' has been added")
         if any(seq.lora == name for seq in self._sequences.values()):
             raise ValueError(f"LoRA adapter '{name}' is in use by unfinished requests")
         self.scheduler.slot_table.evict(name)
-        del self.lora_adapters[name]
+        self.adapter_cache.unregister(name)
+        self.lora_names.discard(name)
+
+    def _adapter_ready(self, name: str) -> bool:
+        if self.scheduler.slot_table.slot_of(name) is not None:
+            return True
+        return self.adapter_cache.prefetch(name) is AdapterState.IN_HOST
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
@@ -68,7 +101,7 @@ class LLMEngine:
         """Queue a request; raises ValueError for one that can never run (nothing is queued then)."""
         if request_id in self._sequences:
             raise ValueError(f"request id '{request_id}' is already in use")
-        if lora is not None and lora not in self.lora_adapters:
+        if lora is not None and lora not in self.lora_names:
             raise ValueError(f"no LoRA adapter named '{lora}' has been added")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
@@ -91,6 +124,9 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), generator, lora)
         self._sequences[request_id] = seq
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+        if lora is not None:
+            self.adapter_cache.pin(lora)  # kept in host memory until this request is done
+            self.adapter_cache.prefetch(lora)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -106,16 +142,22 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; returns the requests that got a new token (finished ones included)."""
+        """Run one forward pass; returns the requests that got a new token or failed (finished
+        ones included). With nothing runnable (all waiting on adapter loads) it waits briefly for
+        a load to finish instead of spinning."""
+        failed = self._fail_requests_of_errored_adapters()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            if not failed:
+                self._wakeup.wait(0.05)
+            self._wakeup.clear()
+            return failed
         for slot, name in plan.lora_loads:
-            self.runner.load_lora(slot, self.lora_adapters[name])
+            self.runner.load_lora(slot, self.adapter_cache.host_adapter(name))
         result = self.runner.execute(plan.scheduled)
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens += entry.num_tokens
-        outputs = []
+        outputs = failed
         for entry, token_id, logprob in zip(result.sampled, result.token_ids, result.logprobs):
             seq = entry.seq
             seq.output_token_ids.append(token_id)
@@ -146,7 +188,23 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self._finish(seq)
 
+    def _fail_requests_of_errored_adapters(self) -> list[RequestOutput]:
+        """Waiting requests whose adapter failed to load end now, with the reason; others go on."""
+        failed = []
+        for seq in list(self.scheduler.waiting):
+            if seq.lora is None or self.adapter_cache.state(seq.lora) is not AdapterState.ERRORED:
+                continue
+            error = self.adapter_cache.error(seq.lora)
+            seq.finish_reason = "error"
+            seq.error = f"LoRA adapter '{seq.lora}' could not be loaded: {error}"
+            seq.error_code = error.code if isinstance(error, AdapterError) else 3040
+            self._finish(seq)
+            failed.append(seq.to_output())
+        return failed
+
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if seq.lora is not None:
+            self.adapter_cache.unpin(seq.lora)
         del self._sequences[seq.request_id]
         del self._detokenizers[seq.request_id]

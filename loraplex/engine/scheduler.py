@@ -3,14 +3,15 @@
 The scheduler never touches tensors. Each step it first serves the running sequences (a decode
 token each, or the next chunk of a long prompt), preempting the newest running sequence by
 recompute when blocks run out, then admits waiting sequences in arrival order while the token
-budget, the sequence limit and free blocks allow. A waiting sequence whose adapter cannot get a
-device slot (all held by running sequences) is skipped, never left blocking the queue; it is
-admitted once a slot frees.
+budget, the sequence limit and free blocks allow. A waiting sequence whose adapter is not ready
+(still loading below the slots) or cannot get a device slot (all held by running sequences) is
+skipped, never left blocking the queue; it is admitted at the first step after that changes.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from loraplex.config import SchedulerConfig
@@ -40,10 +41,19 @@ class SchedulerOutput(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, slot_table: SlotTable):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        slot_table: SlotTable,
+        adapter_ready: Callable[[str], bool] = lambda name: True,
+    ):
+        """adapter_ready(name): can the adapter be copied into a slot now (in host memory, or
+        already in a slot)? The engine's answer also starts its load when it is not."""
         self.config = config
         self.block_manager = block_manager
         self.slot_table = slot_table
+        self.adapter_ready = adapter_ready
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
 
@@ -98,6 +108,8 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, n):
                 break
             if seq.lora is not None:
+                if not self.adapter_ready(seq.lora):
+                    continue  # loading: skip, let later requests in
                 grant = self.slot_table.acquire(seq.lora)
                 if grant is None:
                     starved = True

@@ -36,6 +36,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    error: str | None = None
+    error_code: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,4 +74,6 @@ class Sequence:
             finished=self.finished,
             finish_reason=self.finish_reason,
             logprobs=list(self.output_logprobs) if self.params.logprobs else None,
+            error=self.error,
+            error_code=self.error_code,
         )
