@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,6 +57,11 @@ class LLMEngine:
             on_change=lambda name: self._wakeup.set(),
         )
         self.lora_names: set[str] = set()
+        # host→slot copies run on this thread, off the engine step; finished ones are taken
+        # up by the engine thread at the start of the next step
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="lora-copy")
+        self._copies: dict[str, Future] = {}
+        self._copy_errors: dict[str, BaseException] = {}
         self.scheduler = Scheduler(config.scheduler, self.block_manager, SlotTable(lora.max_loras), self._adapter_ready)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_args.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
@@ -91,8 +97,6 @@ class LLMEngine:
         self.lora_names.discard(name)
 
     def _adapter_ready(self, name: str) -> bool:
-        if self.scheduler.slot_table.slot_of(name) is not None:
-            return True
         return self.adapter_cache.prefetch(name) is AdapterState.IN_HOST
 
     def add_request(
@@ -145,15 +149,18 @@ class LLMEngine:
         """Run one forward pass; returns the requests that got a new token or failed (finished
         ones included). With nothing runnable (all waiting on adapter loads) it waits briefly for
         a load to finish instead of spinning."""
+        self._collect_finished_copies()
         failed = self._fail_requests_of_errored_adapters()
         plan = self.scheduler.schedule()
+        for slot, name in plan.lora_loads:
+            copy = self._copier.submit(self.runner.load_lora, slot, self.adapter_cache.host_adapter(name))
+            copy.add_done_callback(lambda _: self._wakeup.set())
+            self._copies[name] = copy
         if plan.is_empty:
             if not failed:
                 self._wakeup.wait(0.05)
             self._wakeup.clear()
             return failed
-        for slot, name in plan.lora_loads:
-            self.runner.load_lora(slot, self.adapter_cache.host_adapter(name))
         result = self.runner.execute(plan.scheduled)
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens += entry.num_tokens
@@ -188,18 +195,37 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self._finish(seq)
 
+    def _collect_finished_copies(self) -> None:
+        for name, copy in list(self._copies.items()):
+            if not copy.done():
+                continue
+            del self._copies[name]
+            if copy.exception() is None:
+                self.scheduler.slot_table.loaded(name)
+            else:
+                self.scheduler.slot_table.abandon(name)
+                self._copy_errors[name] = copy.exception()
+
     def _fail_requests_of_errored_adapters(self) -> list[RequestOutput]:
-        """Waiting requests whose adapter failed to load end now, with the reason; others go on."""
+        """Waiting requests whose adapter failed to load (into host memory, or into a slot) end
+        now, with the reason; everyone else goes on."""
         failed = []
         for seq in list(self.scheduler.waiting):
-            if seq.lora is None or self.adapter_cache.state(seq.lora) is not AdapterState.ERRORED:
+            if seq.lora is None:
                 continue
-            error = self.adapter_cache.error(seq.lora)
+            error = self._copy_errors.get(seq.lora)
+            if error is None and self.adapter_cache.state(seq.lora) is AdapterState.ERRORED:
+                error = self.adapter_cache.error(seq.lora)
+            if error is None:
+                continue
             seq.finish_reason = "error"
             seq.error = f"LoRA adapter '{seq.lora}' could not be loaded: {error}"
+            # adapter validation → its own code (5004, 3039…); a store or copy failure → 3040,
+            # "temporarily out of capacity": the same request may succeed later
             seq.error_code = error.code if isinstance(error, AdapterError) else 3040
             self._finish(seq)
             failed.append(seq.to_output())
+        self._copy_errors.clear()
         return failed
 
     def _finish(self, seq: Sequence) -> None:

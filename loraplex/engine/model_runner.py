@@ -60,6 +60,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.lora_slots = LoraSlots(args, lora.max_loras, lora.max_lora_rank, dtype, device)
         self.lora_runtime = apply_lora(model, self.lora_slots, device.type)
+        self._copy_stream = None  # CUDA side stream for slot copies, made on first use
         per_block = 2 * args.num_layers * cache.block_size * args.num_kv_heads * args.head_dim * dtype.itemsize
         self.num_blocks = kv_cache_bytes(cache, device) // per_block
         shape = (self.num_blocks, cache.block_size, args.num_kv_heads, args.head_dim)
@@ -70,7 +71,17 @@ class ModelRunner:
             self.kv_caches.append(layer.kv_cache)
 
     def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
-        self.lora_slots.load(slot, adapter)
+        """Copy an adapter into a slot no running sequence uses. Called on the engine's copy
+        thread, concurrently with `execute`; on CUDA the copy runs on a side stream and is
+        complete when this returns."""
+        if self.device.type != "cuda":
+            self.lora_slots.load(slot, adapter)
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            self.lora_slots.load(slot, adapter)
+        self._copy_stream.synchronize()
 
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
         """Decode rows (one new token) go first, then prefill chunks, as AttentionBatch expects;

@@ -33,7 +33,7 @@ class ScheduledSequence(NamedTuple):
 class SchedulerOutput(NamedTuple):
     scheduled: list[ScheduledSequence]  # in running order
     preempted: list[Sequence]
-    lora_loads: list[tuple[int, str]]  # (slot, adapter name) to copy in before this step runs
+    lora_loads: list[tuple[int, str]]  # (slot, adapter name): reserved slots to copy adapters into
 
     @property
     def is_empty(self) -> bool:
@@ -48,8 +48,8 @@ class Scheduler:
         slot_table: SlotTable,
         adapter_ready: Callable[[str], bool] = lambda name: True,
     ):
-        """adapter_ready(name): can the adapter be copied into a slot now (in host memory, or
-        already in a slot)? The engine's answer also starts its load when it is not."""
+        """adapter_ready(name): is the adapter in host memory, ready to be copied into a slot?
+        The engine's answer also starts its load when it is not."""
         self.config = config
         self.block_manager = block_manager
         self.slot_table = slot_table
@@ -97,9 +97,11 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted, lora_loads)
 
     def _admit(self, scheduled: list[ScheduledSequence], budget: int, lora_loads: list[tuple[int, str]]) -> None:
-        """Admit waiting sequences in arrival order. One whose adapter finds every slot held is
-        skipped (others go ahead), and a held slot is set draining so that it frees: the oldest
-        skipped adapter gets it before any newer request, so no adapter starves."""
+        """Admit waiting sequences in arrival order. One whose adapter is not in a slot yet is
+        skipped (others go ahead): when its adapter is in host memory, a slot is reserved and
+        a copy into it requested (`lora_loads`); it is admitted once the copy is done. When every
+        slot is held, a held slot is set draining so that the oldest skipped adapter gets it
+        before any newer request, and no adapter starves."""
         starved = False
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
@@ -108,15 +110,11 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, n):
                 break
             if seq.lora is not None:
-                if not self.adapter_ready(seq.lora):
-                    continue  # loading: skip, let later requests in
-                grant = self.slot_table.acquire(seq.lora)
-                if grant is None:
-                    starved = True
+                slot = self.slot_table.acquire(seq.lora)
+                if slot is None:
+                    starved |= self._request_slot(seq.lora, lora_loads)
                     continue
-                seq.lora_slot, needs_load = grant
-                if needs_load:
-                    lora_loads.append((seq.lora_slot, seq.lora))
+                seq.lora_slot = slot
             self.waiting.remove(seq)
             self.block_manager.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
@@ -124,6 +122,17 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
         self.slot_table.set_draining(starved)
+
+    def _request_slot(self, name: str, lora_loads: list[tuple[int, str]]) -> bool:
+        """Start getting `name` into a slot if it is not on its way; True if no slot is free."""
+        table = self.slot_table
+        if table.slot_of(name) is not None or not self.adapter_ready(name):
+            return name == table.draining  # loading, draining, or still below the slots
+        slot = table.reserve(name)
+        if slot is None:
+            return True
+        lora_loads.append((slot, name))
+        return False
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's cache; it recomputes prompt + output when readmitted first."""

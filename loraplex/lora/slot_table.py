@@ -6,15 +6,20 @@ from collections import OrderedDict
 
 
 class SlotTable:
-    """Which adapter sits in which slot and how many running sequences hold it. Pure bookkeeping
-    (no tensors), used by the scheduler. A slot held by a running sequence is never evicted;
-    among free slots the least recently used is reused first. While some request waits for a
-    slot, one held adapter is *draining*: it takes no new holders, so its slot frees."""
+    """Which adapter sits in which slot and how many running sequences hold it.
+
+    Pure bookkeeping, used by the engine thread only. A slot's life: `reserve` (the adapter's
+    copy into it starts, off the engine step) → `loaded` (copy done; idle) → `acquire`/`release`
+    by running sequences. A slot being loaded or held is never evicted; among idle slots the
+    least recently used is reused first. While some request waits for a slot, one held adapter
+    is *draining*: it takes no new holders, so its slot frees and no adapter starves.
+    """
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
         self._slot_of: dict[str, int] = {}
         self._holders: dict[str, int] = {}
+        self._loading: set[str] = set()
         self._idle: OrderedDict[str, None] = OrderedDict()  # loaded, unheld: LRU first
         self._empty: list[int] = list(range(num_slots - 1, -1, -1))
         self.draining: str | None = None
@@ -22,34 +27,46 @@ class SlotTable:
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
 
-    def acquire(self, name: str) -> tuple[int, bool] | None:
-        """Hold `name` in a slot: (slot, needs_load), or None when every slot is held."""
-        if name == self.draining:
+    def is_loading(self, name: str) -> bool:
+        return name in self._loading
+
+    def acquire(self, name: str) -> int | None:
+        """Hold a loaded adapter's slot for one running sequence; None if it is not loaded (or
+        is draining)."""
+        if name == self.draining or name not in self._slot_of or name in self._loading:
             return None
-        if name in self._slot_of:
-            self._idle.pop(name, None)
-            self._holders[name] += 1
-            return self._slot_of[name], False
+        self._idle.pop(name, None)
+        self._holders[name] += 1
+        return self._slot_of[name]
+
+    def reserve(self, name: str) -> int | None:
+        """Give a slot to an adapter that has none, to be filled by a copy (then `loaded`);
+        None when every slot is held or loading."""
+        assert name not in self._slot_of, f"{name} already has a slot"
         if self._empty:
             slot = self._empty.pop()
         elif self._idle:
             evicted, _ = self._idle.popitem(last=False)
             slot = self._slot_of.pop(evicted)
             del self._holders[evicted]
-            if evicted == self.draining:
-                self.draining = None
         else:
             return None
         self._slot_of[name] = slot
-        self._holders[name] = 1
-        return slot, True
+        self._holders[name] = 0
+        self._loading.add(name)
+        return slot
+
+    def loaded(self, name: str) -> None:
+        """The copy into `name`'s slot finished: it may be acquired (or evicted, if unheld)."""
+        self._loading.discard(name)
+        self._idle[name] = None
 
     def set_draining(self, wanted: bool) -> None:
         """wanted: a request waits for a slot. Then keep (or pick) one held adapter draining,
         the one with the fewest holders; otherwise stop draining."""
         if not wanted:
             self.draining = None
-        elif self.draining is None and self._holders:
+        elif self.draining is None:
             held = [name for name, count in self._holders.items() if count]
             if held:
                 self.draining = min(held, key=lambda name: self._holders[name])
@@ -58,15 +75,21 @@ class SlotTable:
         self._holders[name] -= 1
         if self._holders[name] == 0:
             self._idle[name] = None
+            if name == self.draining:
+                self.draining = None  # drained: its slot is idle now
 
     def evict(self, name: str) -> bool:
-        """Forget an unheld adapter (e.g. removed by its owner); False if it is held."""
+        """Forget an idle adapter (e.g. removed, or its copy failed); False if held or loading."""
         if name not in self._slot_of:
             return True
-        if self._holders[name]:
+        if self._holders[name] or name in self._loading:
             return False
         del self._idle[name], self._holders[name]
         self._empty.append(self._slot_of.pop(name))
-        if name == self.draining:
-            self.draining = None
         return True
+
+    def abandon(self, name: str) -> None:
+        """A copy into `name`'s slot failed: the slot goes back to the empty pool."""
+        self._loading.discard(name)
+        self._idle[name] = None
+        self.evict(name)
