@@ -40,6 +40,7 @@ Contracts:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import re
@@ -129,8 +130,10 @@ class AdapterCache:
     def __init__(self, args: ModelArgs, *, max_rank: int, store: ObjectStore | None = None,
                  disk_dir: Path | None = None, disk_budget_bytes: int = 2 << 30, host_budget_bytes: int = 1 << 30,
                  workers: int = 2, retry_errored_after_s: float = 5.0,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None, pin_memory: bool = False) -> None:
+        """pin_memory: keep host copies in page-locked memory (CUDA engines: async slot copies)."""
         self._args, self._max_rank, self._store = args, max_rank, store
+        self._pin_memory = pin_memory
         self._own_dir = disk_dir is None and store is not None
         if self._own_dir:  # a temporary folder of our own, removed by close()
             disk_dir = tempfile.mkdtemp(prefix="loraplex-adapters-")
@@ -401,6 +404,9 @@ class AdapterCache:
         """disk → host: parse and validate (AdapterError on anything unservable)."""
         t0 = time.perf_counter()
         adapter = load_adapter(folder, self._args, name=e.name, max_rank=self._max_rank)
+        if self._pin_memory:
+            pinned = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in adapter.modules.items()}
+            adapter = dataclasses.replace(adapter, modules=pinned)
         doomed = None
         with self._lock:
             self._stats["parse_seconds"] += time.perf_counter() - t0

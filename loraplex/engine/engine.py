@@ -55,6 +55,7 @@ class LLMEngine:
             disk_budget_bytes=lora.disk_cache_bytes,
             host_budget_bytes=lora.host_cache_bytes,
             on_change=lambda name: self._wakeup.set(),
+            pin_memory=self.device.type == "cuda",
         )
         self.lora_names: set[str] = set()
         # host→slot copies run on this thread, off the engine step; finished ones are taken

@@ -52,7 +52,8 @@ class LoraSlots:
         self.targets: list[frozenset[str]] = [frozenset()] * num_slots
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copy `adapter` into `slot` (zero-padding ranks), overwriting what was there."""
+        """Copy `adapter` into `slot` (zero-padding ranks), overwriting what was there. On CUDA
+        the copies are asynchronous on the current stream: the caller synchronizes it."""
         touched = set()
         for layer_index, layer in enumerate(self.layers):
             for packed, weights in layer.items():
@@ -64,7 +65,7 @@ class LoraSlots:
                         continue
                     a, b = module
                     r = a.shape[0]
-                    weights.a[slot, i * self.rank : i * self.rank + r].copy_(a)
-                    weights.b[i][slot, :, :r].copy_(b)
+                    weights.a[slot, i * self.rank : i * self.rank + r].copy_(a, non_blocking=True)
+                    weights.b[i][slot, :, :r].copy_(b, non_blocking=True)
                     touched.add(packed)
         self.targets[slot] = frozenset(touched)
