@@ -302,7 +302,7 @@ def run_workload(llm, prompts, chosen, tag: str, timer: SlotLoadTimer) -> dict:
     engine = llm.engine
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     before, loads_before, load_s_before = engine.adapter_cache.stats(), timer.count, timer.seconds
-    submitted, first, finished = {}, {}, {}
+    submitted, first, finished, peak_host = {}, {}, {}, before["host_bytes"]
     t0 = time.perf_counter()
     for i, (prompt, name) in enumerate(zip(prompts, chosen)):
         rid = f"{tag}-{i}"
@@ -315,6 +315,7 @@ def run_workload(llm, prompts, chosen, tag: str, timer: SlotLoadTimer) -> dict:
                 first[out.request_id] = now
             if out.finished:
                 finished[out.request_id] = out
+        peak_host = max(peak_host, engine.adapter_cache.stats()["host_bytes"])  # pins may exceed the budget
     wall = time.perf_counter() - t0
     bad = [o for o in finished.values() if o.finish_reason != "length" or len(o.token_ids) != MAX_TOKENS]
     if bad or len(finished) != len(prompts):
@@ -327,10 +328,10 @@ def run_workload(llm, prompts, chosen, tag: str, timer: SlotLoadTimer) -> dict:
     return {"wall_s": wall, "tok_s": len(prompts) * MAX_TOKENS / wall, "ttft_p50_ms": q(0.5),
             "ttft_p99_ms": q(0.99), "ttft_max_ms": ttft[-1], "slot_loads": timer.count - loads_before,
             "slot_load_s": timer.seconds - load_s_before, "cache": delta,
-            "host_bytes_after": after["host_bytes"], "states_after": after["states"]}
+            "peak_host_bytes": peak_host, "host_bytes_after": after["host_bytes"], "states_after": after["states"]}
 
 
-def part2(work: Path, num_requests: int, runs: int, store_kind: str) -> dict:
+def part2(work: Path, num_requests: int, runs: int, store_kind: str, host_adapters: int) -> dict:
     from loraplex import LLM, SamplingParams, env
     from loraplex.adapters.storage import open_store
     from loraplex.models.default_model import ensure_default_model
@@ -356,7 +357,7 @@ def part2(work: Path, num_requests: int, runs: int, store_kind: str) -> dict:
             with data_dir(work / f"data-{mode}"):
                 llms[mode] = LLM(str(model_dir), dtype="float32", device="cpu", max_loras=SLOTS, max_lora_rank=RANK,
                                  kv_cache_memory=1 << 30, adapter_store=store,
-                                 host_cache_bytes=(HOST_ADAPTERS if mode == "cold" else 2 * NUM_ADAPTERS) * per_adapter)
+                                 host_cache_bytes=(host_adapters if mode == "cold" else 2 * NUM_ADAPTERS) * per_adapter)
         resident = llms["resident"].engine
         for name in names:
             resident.register_lora(name, sources[name])
@@ -388,7 +389,8 @@ def part2(work: Path, num_requests: int, runs: int, store_kind: str) -> dict:
     return {
         "model": "SmolLM2-135M-Instruct", "store": store_kind, "adapters": NUM_ADAPTERS, "slots": SLOTS,
         "requests": num_requests, "max_tokens": MAX_TOKENS, "distinct_adapters": len(set(chosen)),
-        "adapter_host_bytes": per_adapter, "cold_host_budget_bytes": HOST_ADAPTERS * per_adapter,
+        "adapter_host_bytes": per_adapter, "cold_host_budget_adapters": host_adapters,
+        "cold_host_budget_bytes": host_adapters * per_adapter,
         "setup_s": setup_s, "best": best, "all_runs": results,
         "throughput_ratio_cold_over_resident": best["cold"]["tok_s"] / best["resident"]["tok_s"],
     }
@@ -449,17 +451,18 @@ def print_tables(result: dict) -> None:
     wl = result["workload"]
     print(f"\nzipf(1.1) workload: {wl['model']}, {wl['adapters']} adapters in a {wl['store']} store, {wl['slots']} slots, "
           f"{wl['requests']} requests ({wl['distinct_adapters']} distinct adapters) x {wl['max_tokens']} tokens; "
-          f"cold host budget {HOST_ADAPTERS} adapters ({wl['cold_host_budget_bytes'] / 2**20:.0f} MiB); best of "
+          f"cold host budget {wl['cold_host_budget_adapters']} adapters ({wl['cold_host_budget_bytes'] / 2**20:.0f} MiB); best of "
           f"{len(wl['all_runs']['cold'])}")
     print(f"{'mode':<9} {'tok/s':>6} {'wall s':>6} {'TTFT p50':>8} {'TTFT p99':>8} {'fetches':>7} {'loads':>5} "
-          f"{'host ev':>7} {'disk ev':>7} {'slot loads':>10}")
+          f"{'host ev':>7} {'disk ev':>7} {'slot loads':>10} {'peak host':>9}")
     for mode in ("cold", "resident"):
         b = wl["best"][mode]
         c = b["cache"]
         print(f"{mode:<9} {b['tok_s']:>6.1f} {b['wall_s']:>6.2f} {b['ttft_p50_ms']:>6.0f}ms {b['ttft_p99_ms']:>6.0f}ms "
               f"{c['fetches_started']:>7} {c['loads']:>5} {c['host_evictions']:>7} {c['disk_evictions']:>7} "
-              f"{b['slot_loads']:>4} {b['slot_load_s'] * 1e3:>4.0f}ms")
-    print(f"throughput cold / resident: {wl['throughput_ratio_cold_over_resident']:.2f}x (goal >= 0.8x)")
+              f"{b['slot_loads']:>4} {b['slot_load_s'] * 1e3:>4.0f}ms {b['peak_host_bytes'] / 2**20:>5.0f}MiB")
+    print(f"throughput cold / resident: {wl['throughput_ratio_cold_over_resident']:.2f}x (goal >= 0.8x); all requests "
+          f"submitted at t=0 (TTFT includes queueing); queued requests pin their adapters in host memory")
 
 
 def main() -> None:
@@ -468,20 +471,22 @@ def main() -> None:
     parser.add_argument("--slot-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--runs", type=int, default=2, help="alternating cold/resident runs of the workload")
+    parser.add_argument("--host-adapters", type=int, default=HOST_ADAPTERS, help="cold host budget, in adapters")
     parser.add_argument("--store", default="file", choices=["file", "s3"], help="where the workload's adapters live")
     parser.add_argument("--parts", default="load,workload")
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args()
     started = time.perf_counter()
-    result: dict = {"requests_note": None}
+    result: dict = {"requests_note": None, "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         work = Path(tmp)
         parts = args.parts.split(",")
         if "load" in parts:
             result["cold_load"] = part1(work / "p1", args.repeats, getattr(torch, args.slot_dtype))
         if "workload" in parts:
-            result["workload"] = part2(work / "p2", args.requests, args.runs, args.store)
+            result["workload"] = part2(work / "p2", args.requests, args.runs, args.store, args.host_adapters)
     result["runtime_s"] = time.perf_counter() - started
+    result["loadavg_end"] = os.getloadavg()  # > ~2 on this 2-core VM: something else was running too
     if args.requests != 128:
         result["requests_note"] = f"{args.requests} requests instead of 128"
     out = Path(args.out)
@@ -490,7 +495,8 @@ def main() -> None:
         print_tables(result)
         (out / "adapter_cache.json").write_text(json.dumps(result, indent=2))
         plot(result, out / "adapter_cache.png")
-        print(f"wrote {out / 'adapter_cache.json'} and .png; total {result['runtime_s']:.0f} s")
+        print(f"wrote {out / 'adapter_cache.json'} and .png; total {result['runtime_s']:.0f} s; load average "
+              f"{result['loadavg_start'][0]:.1f} at start, {result['loadavg_end'][0]:.1f} at end")
     else:
         print(json.dumps(result, indent=2)[:4000])
 

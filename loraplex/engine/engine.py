@@ -4,7 +4,10 @@ cache's worker threads load adapters meanwhile)."""
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +37,19 @@ def resolve_model_dir(model: str) -> Path:
     return Path(model)
 
 
+def _private_cache_dir() -> Path:
+    """A disk-cache folder of this engine's own under the data dir: engines sharing a data dir
+    must not delete each other's downloads (the cache removes its folder on close)."""
+    root = env.data_dir() / "adapter-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="engine-", dir=root))
+
+
+def _close_cache(cache: AdapterCache, folder: Path) -> None:
+    cache.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, adapter_store: ObjectStore | None = None):
         """adapter_store: where remote adapters live; default: opened from lora.storage_url."""
@@ -46,17 +62,19 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         lora = config.lora
+        cache_dir = _private_cache_dir()
         self._wakeup = threading.Event()  # set by the cache's workers when an adapter is ready or failed
         self.adapter_cache = AdapterCache(
             self.model_args,
             max_rank=lora.max_lora_rank,
             store=adapter_store or (open_store(lora.storage_url) if lora.storage_url else None),
-            disk_dir=env.data_dir() / "adapter-cache",
+            disk_dir=cache_dir,
             disk_budget_bytes=lora.disk_cache_bytes,
             host_budget_bytes=lora.host_cache_bytes,
             on_change=lambda name: self._wakeup.set(),
             pin_memory=self.device.type == "cuda",
         )
+        weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir)
         self.lora_names: set[str] = set()
         # host→slot copies run on this thread, off the engine step; finished ones are taken
         # up by the engine thread at the start of the next step
@@ -98,6 +116,8 @@ class LLMEngine:
         self.lora_names.discard(name)
 
     def _adapter_ready(self, name: str) -> bool:
+        if self.adapter_cache.state(name) is AdapterState.IN_HOST:
+            return True  # (not a prefetch: the cache counts hits per request, not per poll)
         return self.adapter_cache.prefetch(name) is AdapterState.IN_HOST
 
     def add_request(
