@@ -89,20 +89,20 @@ def run_mixed(llm: LLM, peft_model, seed: int):
     return slots_per_step
 
 
-def test_mixed_batch_matches_peft(peft_family):
-    base, peft_model, paths = peft_family
-    llm = LLM(str(base), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_loras=4)
+def llm_with_adapters(peft_family, max_loras: int) -> LLM:
+    base, _, paths = peft_family
+    llm = LLM(str(base), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_loras=max_loras)
     for name, path in paths.items():
         llm.add_lora(name, path)
-    slots_per_step = run_mixed(llm, peft_model, seed=0)
+    return llm
+
+
+def test_mixed_batch_matches_peft(peft_family):
+    slots_per_step = run_mixed(llm_with_adapters(peft_family, max_loras=4), peft_family[1], seed=0)
     assert max(len(s) for s in slots_per_step) == 3  # all three adapters shared one forward pass
 
 
 def test_more_adapters_than_slots_rotate(peft_family):
-    base, peft_model, paths = peft_family
-    llm = LLM(str(base), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_loras=2)
-    for name, path in paths.items():
-        llm.add_lora(name, path)
-    slots_per_step = run_mixed(llm, peft_model, seed=1)
+    slots_per_step = run_mixed(llm_with_adapters(peft_family, max_loras=2), peft_family[1], seed=1)
     assert max(len(s) for s in slots_per_step) == 2
     assert all(s <= {0, 1} for s in slots_per_step)

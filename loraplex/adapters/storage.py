@@ -36,9 +36,10 @@ import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import unquote, urlparse
 
 CHUNK_SIZE = 1 << 20
@@ -161,6 +162,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _atomic_file(dest: Path, mode: str) -> Iterator[BinaryIO]:
+    """A temporary file next to `dest`; if the block succeeds it is fsynced and renamed over
+    `dest` (then the folder is fsynced), otherwise deleted. Readers never see a partial file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+
+
 class ObjectStore(ABC):
     """A content-addressed blob store; see the module docstring for the shared contracts.
 
@@ -197,22 +216,10 @@ class ObjectStore(ABC):
         created (an existing ``dest`` is left as it was).
         """
         validate_key(key)
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w+b") as f:
-                sink = _HashingSink(f)
-                declared = self._download(key, sink)
-                info = _verify(key, sink.size, sink.hexdigest(), declared, self.url)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(dest.parent)
-        return info
+        with _atomic_file(Path(dest), "w+b") as f:
+            sink = _HashingSink(f)
+            declared = self._download(key, sink)
+            return _verify(key, sink.size, sink.hexdigest(), declared, self.url)
 
     def get_bytes(self, key: str) -> bytes:
         """The content of ``key``, verified against the key before it is returned."""
@@ -293,22 +300,11 @@ class LocalStore(ObjectStore):
         return st.st_size
 
     def _upload(self, info: ObjectInfo, open_source: Callable[[], BinaryIO]) -> None:
-        final = self._path(info.key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open_source() as src:
-                reader = _HashingReader(src)
-                while chunk := reader.read(CHUNK_SIZE):
-                    out.write(chunk)
-                _check_upload(reader, info, self.url)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(final.parent)
+        with _atomic_file(self._path(info.key), "wb") as out, open_source() as src:
+            reader = _HashingReader(src)
+            while chunk := reader.read(CHUNK_SIZE):
+                out.write(chunk)
+            _check_upload(reader, info, self.url)
 
     def _download(self, key: str, sink: _HashingSink) -> int | None:
         try:
