@@ -90,6 +90,8 @@ def test_slow_load_blocks_no_one_and_fetches_once(base_dir, tmp_path, monkeypatc
     engine.add_request("warm", [256, 4, 5, 6], busy, lora="resident")
     while len(engine.scheduler.running) < 2:  # "resident" copied into its slot, both running
         engine.step()
+    for _ in range(3):  # past the first decode steps (numba compiles its kernels on first use)
+        engine.step()
     for i in range(10):  # ten requests for one cold adapter
         engine.add_request(f"cold-{i}", [256, 7, 8, 9, i], GREEDY, lora="slow")
     start, steps_while_loading, finished, busy_left = time.monotonic(), 0, {}, {"base", "warm"}
@@ -98,7 +100,7 @@ def test_slow_load_blocks_no_one_and_fetches_once(base_dir, tmp_path, monkeypatc
         ids = {o.request_id for o in outs}
         if not any(r.startswith("cold-") for r in ids) and not any(r.startswith("cold-") for r in finished):
             assert busy_left <= ids, (ids, engine.adapter_cache.state("slow"))  # a token every step
-            steps_while_loading += busy_left == {"base", "warm"}
+            steps_while_loading += bool(busy_left)
         finished.update({o.request_id: o for o in outs if o.finished})
         busy_left -= set(finished)
         assert time.monotonic() - start < 30

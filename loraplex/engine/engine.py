@@ -111,6 +111,10 @@ class LLMEngine:
             raise ValueError(f"no LoRA adapter named '{name}' has been added")
         if any(seq.lora == name for seq in self._sequences.values()):
             raise ValueError(f"LoRA adapter '{name}' is in use by unfinished requests")
+        copy = self._copies.pop(name, None)
+        if copy is not None:  # a copy into its slot is in flight: let it land, then forget it
+            copy.exception()
+            self.scheduler.slot_table.loaded(name)
         self.scheduler.slot_table.evict(name)
         self.adapter_cache.unregister(name)
         self.lora_names.discard(name)
