@@ -89,6 +89,12 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`. One reduction in the common case (a NaN or Inf anywhere makes the sum
+    non-finite); the exact element check only when the sum is not finite (it may overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _positive(value, label: str, integer: bool):
     ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
     try:
@@ -353,7 +359,7 @@ def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, 
         a = tensors[slot["A"][0]].to(torch.float32).contiguous()
         b = (tensors[slot["B"][0]].to(torch.float32) * scaling).contiguous()
         for (tensor_name, _), t, note in ((slot["A"], a, ""), (slot["B"], b, f" once scaled by {scaling:g}")):
-            if not torch.isfinite(t).all():
+            if not _all_finite(t):
                 raise _invalid(f"tensor '{tensor_name}' holds NaN or Inf values{note}")
         modules[layer, target] = (a, b)
     return LoraAdapter(name=name or folder.name, path=str(folder), rank=max(ranks.values()), modules=modules)
