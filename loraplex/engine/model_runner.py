@@ -12,7 +12,7 @@ import torch
 
 from loraplex.config import CacheConfig, LoraConfig
 from loraplex.engine.scheduler import ScheduledSequence
-from loraplex.kvcache.attention import AttentionBatch, PrefillSegment, block_slots
+from loraplex.kvcache.attention import AttentionBatch, PrefillSegment, block_slots, decode_backend
 from loraplex.lora.adapter import LoraAdapter
 from loraplex.lora.layers import LoraBatch, apply_lora
 from loraplex.lora.slots import LoraSlots
@@ -41,11 +41,9 @@ def kv_cache_bytes(config: CacheConfig, device: torch.device) -> int:
     budget = config.kv_cache_memory
     if budget is None:
         budget = 0.9 if device.type == "cuda" else 0.25
-    if 0 < budget <= 1:
+    if budget <= 1:  # CacheConfig has checked that it is > 0
         return int(available_memory(device) * budget)
-    if budget > 1:
-        return int(budget)
-    raise ValueError(f"kv_cache_memory must be bytes (> 1) or a fraction in (0, 1], got {budget}")
+    return int(budget)
 
 
 class ModelRunner:
@@ -64,11 +62,10 @@ class ModelRunner:
         per_block = 2 * args.num_layers * cache.block_size * args.num_kv_heads * args.head_dim * dtype.itemsize
         self.num_blocks = kv_cache_bytes(cache, device) // per_block
         shape = (self.num_blocks, cache.block_size, args.num_kv_heads, args.head_dim)
-        self.kv_caches = []
         for layer in model.attention_layers():
             # empty, not zeros: attention reads only slots written this request (pages stay untouched)
             layer.kv_cache = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            self.kv_caches.append(layer.kv_cache)
+        self.decode_backend = decode_backend(dtype, device)
 
     def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy an adapter into a slot no running sequence uses. Called on the engine's copy
@@ -108,7 +105,10 @@ class ModelRunner:
             if entry.samples:
                 sampled.append(entry)
                 sample_rows.append(len(input_ids) - 1)
-        batch = AttentionBatch(slot_mapping=torch.cat(slot_mapping), block_size=self.block_size, prefills=segments)
+        batch = AttentionBatch(
+            slot_mapping=torch.cat(slot_mapping), block_size=self.block_size, decode_backend=self.decode_backend,
+            prefills=segments,
+        )
         if decodes:
             width = max(len(s.seq.block_table) for s in decodes)
             tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes]

@@ -7,7 +7,8 @@ KV cache of one layer: `(k_cache, v_cache)`, each `[num_blocks, block_size, num_
 Slot `s` is token `s % block_size` of block `s // block_size`. The model runner owns the cache and
 the block tables; attention writes this step's K/V into their slots and reads the rest in place.
 
-Two decode backends with one signature, chosen once per process (`decode_backend()`):
+Two decode backends with one signature, chosen once by the model runner (`decode_backend()`)
+and named in every AttentionBatch:
 - "cpu_inplace": a numba kernel that walks each sequence's block table and reads K/V where they
   lie: no copy of the history (float32 on CPU);
 - "torch": the reference; gathers each sequence's history into a padded tensor, then SDPA.
@@ -57,6 +58,7 @@ class AttentionBatch:
 
     slot_mapping: torch.Tensor
     block_size: int
+    decode_backend: str = "torch"  # a key of _DECODE_BACKENDS
     num_decode: int = 0
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
@@ -95,7 +97,7 @@ def paged_attention(
     out = torch.empty_like(q)
     if batch.num_decode:
         n = batch.num_decode
-        _DECODE_BACKENDS[decode_backend(q)](q[:n], k_cache, v_cache, batch, scale, sliding_window, out[:n])
+        _DECODE_BACKENDS[batch.decode_backend](q[:n], k_cache, v_cache, batch, scale, sliding_window, out[:n])
     for seg in batch.prefills:
         rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
         out[rows] = _prefill(q[rows], k_cache, v_cache, seg, scale, sliding_window)
@@ -153,11 +155,11 @@ def _decode_cpu_inplace(q, k_cache, v_cache, batch: AttentionBatch, scale, windo
 _DECODE_BACKENDS = {"torch": _decode_torch, "cpu_inplace": _decode_cpu_inplace}
 
 
-def decode_backend(q: torch.Tensor) -> str:
+def decode_backend(dtype: torch.dtype, device: torch.device) -> str:
     """"cpu_inplace" for float32 on CPU, else "torch"; LORAPLEX_ATTENTION overrides."""
     forced = env.attention_backend()
     if forced:
         if forced not in _DECODE_BACKENDS:
             raise ValueError(f"LORAPLEX_ATTENTION={forced!r}: expected one of {sorted(_DECODE_BACKENDS)}")
         return forced
-    return "cpu_inplace" if q.device.type == "cpu" and q.dtype == torch.float32 else "torch"
+    return "cpu_inplace" if device.type == "cpu" and dtype == torch.float32 else "torch"
