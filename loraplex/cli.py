@@ -1,9 +1,14 @@
-"""`loraplex generate | serve`."""
+"""`loraplex serve | accounts | finetunes | run | generate`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from loraplex import env
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -19,35 +24,168 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_account(data_dir: Path) -> tuple[str, str]:
+    """The development account of this data dir, created on first use. Its token is kept in
+    dev-account.json (mode 0600) so that `make serve` can show it again; real accounts' tokens
+    are shown once and never stored."""
+    from loraplex.api.server import open_registry
+
+    path = data_dir / "dev-account.json"
+    registry = open_registry(data_dir)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if any(row[0] == saved["account_id"] for row in registry.list_accounts()):
+            return saved["account_id"], saved["token"]
+    account_id, token = registry.create_account("dev")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"account_id": account_id, "token": token}, f)
+    return account_id, token
+
+
+def _print_dev_help(account_id: str, token: str, host: str, port: int, model_name: str) -> None:
+    base = f"http://{host}:{port}/client/v4/accounts/{account_id}/ai"
+    print(f"""
+dev account (kept in the data dir's dev-account.json):
+  export LORAPLEX_ACCOUNT_ID={account_id}
+  export LORAPLEX_API_TOKEN={token}
+try:
+  curl -s {base}/run/{model_name} \\
+    -H "Authorization: Bearer $LORAPLEX_API_TOKEN" -d '{{"prompt": "What is the capital of France?"}}'
+""", flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from loraplex import LLM
+    import uvicorn
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    print(
-        f"model ready: {llm.engine.model_args.architecture}, {llm.engine.block_manager.num_blocks} KV blocks.\n"
-        "The HTTP API (Workers AI and OpenAI dialects) is not built yet; until it is, use "
-        "`loraplex generate` or the Python API (loraplex.LLM).",
-        file=sys.stderr,
+    from loraplex.api.app import create_app
+    from loraplex.api.server import ServerOptions, build_context
+
+    options = ServerOptions(
+        data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
+        dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len, max_pending=args.max_pending,
+        max_finetunes_per_account=args.max_finetunes_per_account,
     )
-    return 2
+    if args.dev_account:
+        _print_dev_help(*_dev_account(args.data_dir), args.host, args.port, options.served_name)
+    app = create_app(build_context(options))
+    print(f"serving {options.served_name} (and {options.served_name}-lora) on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _accounts(args: argparse.Namespace) -> int:
+    from loraplex.api.server import open_registry
+
+    registry = open_registry(args.data_dir)
+    if args.action == "create":
+        account_id, token = registry.create_account(args.name)
+        print(json.dumps({"account_id": account_id, "token": token}))
+    else:
+        for account_id, name, created_at in registry.list_accounts():
+            print(json.dumps({"account_id": account_id, "name": name, "created_at": created_at}))
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from loraplex.client import Client
+
+    return Client(args.url, env.account_id(), env.api_token())
+
+
+def _finetunes(args: argparse.Namespace) -> int:
+    from loraplex.client import print_json
+
+    client = _client(args)
+    if args.action == "create":
+        print_json(client.create_finetune(args.model, args.name, Path(args.folder), args.description, args.public))
+    else:
+        for finetune in client.list_finetunes():
+            print_json(finetune)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    print(_client(args).run(args.model, args.prompt, args.lora, args.max_tokens, args.raw))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("generate", "serve"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", default="default", help='a Hugging Face folder, or "default"')
-        p.add_argument("--dtype", default="auto")
-        p.add_argument("--device", default="auto")
-    gen = sub.choices["generate"]
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", type=Path, default=None, help="default: $LORAPLEX_DATA_DIR or ~/.local/share/loraplex")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default="default", help='a Hugging Face folder, or "default"')
+    model.add_argument("--dtype", default="auto")
+    model.add_argument("--device", default="auto")
+    url = argparse.ArgumentParser(add_help=False)
+    url.add_argument("--url", default=env.api_url(), help="the server (default: $LORAPLEX_URL or http://127.0.0.1:8787)")
+
+    gen = sub.add_parser("generate", parents=[model], help="run one prompt offline")
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="no chat template")
-    args = parser.parse_args(argv)
-    return {"generate": _generate, "serve": _serve}[args.command](args)
+
+    serve = sub.add_parser("serve", parents=[model, data_dir], help="start the HTTP API")
+    serve.add_argument("--model-name", default=None, help="the name clients use (default: derived from --model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--storage", default=None, help="object store URL: file:///… or s3://bucket/prefix")
+    serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
+    serve.add_argument("--max-lora-rank", type=int, default=8)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
+    serve.add_argument("--max-finetunes-per-account", type=int, default=30)
+    serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
+    serve.add_argument("--log-level", default="info")
+
+    accounts = sub.add_parser("accounts", help="manage accounts (operator, on the server's data dir)")
+    accounts_sub = accounts.add_subparsers(dest="action", required=True)
+    create = accounts_sub.add_parser("create", parents=[data_dir], help='prints {"account_id", "token"}')
+    create.add_argument("name")
+    accounts_sub.add_parser("list", parents=[data_dir])
+
+    finetunes = sub.add_parser("finetunes", help="upload and list finetunes (client)")
+    finetunes_sub = finetunes.add_subparsers(dest="action", required=True)
+    ft_create = finetunes_sub.add_parser("create", parents=[url], help="upload a PEFT folder as a finetune")
+    ft_create.add_argument("model")
+    ft_create.add_argument("name")
+    ft_create.add_argument("folder")
+    ft_create.add_argument("--description", default="")
+    ft_create.add_argument("--public", action="store_true")
+    finetunes_sub.add_parser("list", parents=[url])
+
+    run = sub.add_parser("run", parents=[url], help="run a prompt on the server (client)")
+    run.add_argument("model")
+    run.add_argument("prompt")
+    run.add_argument("--lora", default=None, help="a finetune name or id")
+    run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--raw", action="store_true", help="no chat template")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "data_dir", None) is not None:
+        env.use_data_dir(args.data_dir)
+    elif hasattr(args, "data_dir"):
+        args.data_dir = env.data_dir()
+    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "run": _run}
+    try:
+        return commands[args.command](args)
+    except Exception as e:  # refusals from the server or the registry: one line, no traceback
+        from loraplex.adapters.registry import RegistryError
+        from loraplex.client import ClientError
+
+        if isinstance(e, (ClientError, RegistryError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 import random
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from loraplex.lora.adapter import TARGETS, AdapterError, LoraAdapter, load_adapter
 from loraplex.models.hf_config import read_model_args
-from tiny_models import make_tiny_model
+from tiny_models import make_peft_adapter, make_tiny_model
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -31,25 +30,6 @@ def bases(tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"base-{family}")
         out[family] = (make_tiny_model(family, folder), read_model_args(folder))
     return out
-
-
-def make_peft_adapter(base, folder: Path, seed: int = 0, **lora_kwargs) -> dict[tuple[int, str], torch.Tensor]:
-    """Save a real PEFT adapter for `base` into `folder`; returns (layer, target) → PEFT's delta W."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
-    deltas = {}
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                module.lora_B["default"].weight.normal_(0, 0.1)  # PEFT zero-inits B
-                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                parts = name.split(".")
-                deltas[int(parts[parts.index("layers") + 1]), parts[-1]] = module.scaling["default"] * b @ a
-    peft_model.save_pretrained(folder)
-    return deltas
 
 
 def check_matches(adapter: LoraAdapter, deltas) -> None:

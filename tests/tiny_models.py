@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -74,3 +75,22 @@ def make_tiny_model(family: str, folder: Path, seed: int = 0, dtype: torch.dtype
     model.save_pretrained(folder, safe_serialization=True)
     write_byte_tokenizer(folder)
     return model
+
+
+def make_peft_adapter(base, folder: Path, seed: int = 0, **lora_kwargs) -> dict[tuple[int, str], torch.Tensor]:
+    """Save a real PEFT adapter for `base` into `folder`; returns (layer, target) → PEFT's delta W."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
+    deltas = {}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                module.lora_B["default"].weight.normal_(0, 0.1)  # PEFT zero-inits B
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                parts = name.split(".")
+                deltas[int(parts[parts.index("layers") + 1]), parts[-1]] = module.scaling["default"] * b @ a
+    peft_model.save_pretrained(folder)
+    return deltas

@@ -442,6 +442,11 @@ class Registry:
             conn.execute("DELETE FROM finetunes WHERE id = ?", (finetune_id,))
             return deleted
 
+    def object_key_in_use(self, object_key: str) -> bool:
+        """Whether any finetune's asset points at `object_key` (content-addressed objects are
+        shared by finetunes uploading the same bytes: delete an object only when this is False)."""
+        return self._conn().execute("SELECT 1 FROM assets WHERE object_key = ? LIMIT 1", (object_key,)).fetchone() is not None
+
     # --- internals --------------------------------------------------------------------------
     def _refresh_state(self, conn: sqlite3.Connection, finetune_id: str) -> None:
         """Inside add_asset's transaction: bump modified_at; "ready" once every required file is in."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import time
 import tempfile
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +28,19 @@ from loraplex.lora.adapter import AdapterError, LoraAdapter
 from loraplex.lora.slot_table import SlotTable
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class EngineStats(NamedTuple):
+    """A snapshot of the engine's queues and resources (for metrics)."""
+
+    waiting: int
+    running: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    lora_slots_total: int
+    lora_slots_occupied: int
+    slot_loads: int  # host → slot copies finished so far
+    slot_load_seconds: float  # their total duration
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -81,6 +96,7 @@ class LLMEngine:
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="lora-copy")
         self._copies: dict[str, Future] = {}
         self._copy_errors: dict[str, BaseException] = {}
+        self._slot_loads = [0, 0.0]  # count, seconds; written by the copy thread only
         self.scheduler = Scheduler(config.scheduler, self.block_manager, SlotTable(lora.max_loras), self._adapter_ready)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_args.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
@@ -109,7 +125,7 @@ class LLMEngine:
     def remove_lora(self, name: str) -> None:
         if name not in self.lora_names:
             raise ValueError(f"no LoRA adapter named '{name}' has been added")
-        if any(seq.lora == name for seq in self._sequences.values()):
+        if self.lora_in_use(name):
             raise ValueError(f"LoRA adapter '{name}' is in use by unfinished requests")
         copy = self._copies.pop(name, None)
         if copy is not None:  # a copy into its slot is in flight: let it land, then forget it
@@ -118,6 +134,10 @@ class LLMEngine:
         self.scheduler.slot_table.evict(name)
         self.adapter_cache.unregister(name)
         self.lora_names.discard(name)
+
+    def lora_in_use(self, name: str) -> bool:
+        """Whether unfinished requests use adapter `name`."""
+        return any(seq.lora == name for seq in self._sequences.values())
 
     def _adapter_ready(self, name: str) -> bool:
         if self.adapter_cache.state(name) is AdapterState.IN_HOST:
@@ -178,7 +198,7 @@ class LLMEngine:
         failed = self._fail_requests_of_errored_adapters()
         plan = self.scheduler.schedule()
         for slot, name in plan.lora_loads:
-            copy = self._copier.submit(self.runner.load_lora, slot, self.adapter_cache.host_adapter(name))
+            copy = self._copier.submit(self._load_slot, slot, self.adapter_cache.host_adapter(name))
             copy.add_done_callback(lambda _: self._wakeup.set())
             self._copies[name] = copy
         if plan.is_empty:
@@ -198,6 +218,27 @@ class LLMEngine:
             self._update_text_and_finish(seq, token_id)
             outputs.append(seq.to_output())
         return outputs
+
+    def stats(self) -> EngineStats:
+        """Engine-thread only (reads the scheduler's queues)."""
+        slots = self.scheduler.slot_table
+        return EngineStats(
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_free=self.block_manager.num_free_blocks,
+            lora_slots_total=slots.num_slots,
+            lora_slots_occupied=slots.num_occupied,
+            slot_loads=self._slot_loads[0],
+            slot_load_seconds=self._slot_loads[1],
+        )
+
+    def _load_slot(self, slot: int, adapter: LoraAdapter) -> None:
+        """On the copy thread: one host → slot copy, timed."""
+        start = time.perf_counter()
+        self.runner.load_lora(slot, adapter)
+        self._slot_loads[1] += time.perf_counter() - start
+        self._slot_loads[0] += 1
 
     def _update_text_and_finish(self, seq: Sequence, token_id: int) -> None:
         detokenizer = self._detokenizers[seq.request_id]

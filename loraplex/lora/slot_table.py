@@ -24,6 +24,11 @@ class SlotTable:
         self._empty: list[int] = list(range(num_slots - 1, -1, -1))
         self.draining: str | None = None
 
+    @property
+    def num_occupied(self) -> int:
+        """Slots holding (or being loaded with) an adapter."""
+        return self.num_slots - len(self._empty)
+
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
 

@@ -1,0 +1,60 @@
+"""The FastAPI application: routers under /client/v4, error handlers, body limits, metrics.
+
+`create_app(ctx)` serves an ApiContext (see server.py for building one from options); the
+engine thread starts and stops with the app's lifespan.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from loraplex.api import finetunes, openai, workers_ai
+from loraplex.api.context import ApiContext
+from loraplex.api.errors import install_error_handlers
+from loraplex.api.limits import BodyLimitMiddleware
+
+API_PREFIX = "/client/v4"
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx.engine.start()
+        try:
+            yield
+        finally:
+            ctx.engine.shutdown()
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
+                  description="Multi-tenant LoRA inference: Workers AI and OpenAI dialects.")
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for router in (workers_ai.router, finetunes.router, openai.router):
+        app.include_router(router, prefix=API_PREFIX)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        ctx.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    def body_limit(path: str) -> int:
+        if path.endswith("/finetune-assets"):
+            return ctx.limits.max_upload_body_bytes
+        return ctx.limits.max_json_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": ctx.model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,105 @@
+"""Errors in the Workers AI envelope (or OpenAI's shape under /ai/v1/), never a traceback.
+
+    {"result": null, "success": false, "errors": [{"code": N, "message": "…"}], "messages": []}
+
+Every exception that reaches a handler becomes such a response: ApiError and the typed errors of
+the layers below carry their own code and status; FastAPI's validation errors are 400 / 5004;
+unknown routes 404 / 7000, wrong methods 405 / 7001; anything unexpected 500 / 3043 with a
+generic message (the details go to the log only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from loraplex.adapters.registry import RegistryError
+from loraplex.adapters.storage import StorageError
+from loraplex.engine.async_engine import EngineFailure, QueueFull
+from loraplex.lora.adapter import AdapterError
+
+log = logging.getLogger(__name__)
+
+# Workers AI codes → HTTP status, where the code alone decides it
+STATUS_OF_CODE = {3006: 413, 3036: 429, 3037: 404, 3039: 400, 3040: 429, 5004: 400, 5005: 400, 5007: 400}
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """A refused request: HTTP `status`, Workers AI `code`, and a message safe to show the caller."""
+
+    def __init__(self, code: int, message: str, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status if status is not None else STATUS_OF_CODE.get(code, 400)
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(5004, message)
+
+
+def envelope(result=None, errors: list[dict] | None = None) -> dict:
+    return {"result": result, "success": not errors, "errors": errors or [], "messages": []}
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    if "/ai/v1/" in request.url.path:  # the OpenAI dialect: its clients read error.message
+        body = {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
+                          "code": error.code, "param": None}}
+    else:
+        body = envelope(None, [{"code": error.code, "message": error.message}])
+    return JSONResponse(body, status_code=error.status)
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """The ApiError an exception from the layers below stands for."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RegistryError):
+        return ApiError(exc.code, exc.message, exc.status)
+    if isinstance(exc, AdapterError):
+        return ApiError(exc.code, exc.message)
+    if isinstance(exc, QueueFull):
+        return ApiError(3040, str(exc), 429)
+    if isinstance(exc, (StorageError, EngineFailure)):
+        log.warning("request failed: %r", exc)
+        return ApiError(3040, "temporarily out of capacity: storage or engine unavailable, retry later", 503)
+    if isinstance(exc, ValueError):  # the engine's and SamplingParams' refusals name the bad input
+        return invalid(str(exc)[:1000])
+    log.exception("unexpected error", exc_info=exc)
+    return ApiError(3043, "internal server error", 500)
+
+
+def validation_message(errors: list[dict]) -> str:
+    """Up to five pydantic errors as one line: "invalid input: field.path: what is wrong; …"."""
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "invalid input: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error_response(request, invalid(validation_message(list(exc.errors()))))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        code = {404: 7000, 405: 7001}.get(exc.status_code, 5004)
+        message = {404: "no route for that URI", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+        return error_response(request, ApiError(code, message, exc.status_code))
+
+    async def _known(request: Request, exc: Exception):
+        return error_response(request, as_api_error(exc))
+
+    # the expected kinds are registered one by one: Starlette sends a bare `Exception` handler to
+    # its outermost middleware, which logs a traceback after answering
+    for kind in (ApiError, RegistryError, AdapterError, QueueFull, StorageError, EngineFailure, ValueError, Exception):
+        app.add_exception_handler(kind, _known)

@@ -1,0 +1,101 @@
+"""Finetunes in the Workers AI dialect: create, list (own / public), get, delete, upload assets."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool as to_thread
+from starlette.datastructures import UploadFile
+
+from loraplex.adapters.registry import Finetune
+from loraplex.api.auth import authorize
+from loraplex.api.body import parse_body
+from loraplex.api.context import ApiContext
+from loraplex.api.errors import ApiError, envelope, invalid
+from loraplex.api.schemas import FinetuneCreate
+from loraplex.api.uploads import check_file_name, delete_unused_objects, store_asset
+
+router = APIRouter()
+PREFIX = "/accounts/{account_id}/ai/finetunes"
+
+
+def finetune_json(f: Finetune, detailed: bool = False) -> dict:
+    out = {"id": f.id, "name": f.name, "model": f.model, "description": f.description, "public": f.public,
+           "created_at": f.created_at, "modified_at": f.modified_at}
+    if detailed:
+        out["state"] = f.state
+        out["assets"] = [{"file_name": a.file_name, "size": a.size, "sha256": a.sha256} for a in f.assets.values()]
+    return out
+
+
+async def _context(request: Request, account_id: str) -> ApiContext:
+    await authorize(request, account_id)
+    return request.app.state.ctx
+
+
+@router.post(PREFIX)
+async def create_finetune(account_id: str, request: Request):
+    ctx = await _context(request, account_id)
+    body = await parse_body(request, FinetuneCreate)
+    ctx.check_model(body.model)
+    finetune = await to_thread(ctx.registry.create_finetune, account_id, body.name, body.model,
+                               body.description, body.public)
+    return envelope(finetune_json(finetune))
+
+
+@router.get(PREFIX)
+async def list_finetunes(account_id: str, request: Request):
+    ctx = await _context(request, account_id)
+    return envelope([finetune_json(f) for f in await to_thread(ctx.registry.list_finetunes, account_id)])
+
+
+@router.get(PREFIX + "/public")
+async def list_public_finetunes(account_id: str, request: Request):
+    ctx = await _context(request, account_id)
+    return envelope([finetune_json(f) for f in await to_thread(ctx.registry.list_public)])
+
+
+@router.get(PREFIX + "/{finetune_id}")
+async def get_finetune(account_id: str, finetune_id: str, request: Request):
+    ctx = await _context(request, account_id)
+    return envelope(finetune_json(await to_thread(ctx.registry.get_finetune, account_id, finetune_id), detailed=True))
+
+
+@router.delete(PREFIX + "/{finetune_id}")
+async def delete_finetune(account_id: str, finetune_id: str, request: Request):
+    """Deleted at once for new requests; requests already running with it finish first."""
+    ctx = await _context(request, account_id)
+    finetune = await to_thread(ctx.registry.delete_finetune, account_id, finetune_id)
+    await ctx.engine.forget_lora(finetune.id)
+    await to_thread(delete_unused_objects, ctx, finetune)
+    return envelope({"id": finetune.id})
+
+
+def _api_error_in(exc: BaseException) -> ApiError | None:
+    if isinstance(exc, ApiError):
+        return exc
+    for inner in exc.exceptions if isinstance(exc, BaseExceptionGroup) else ():
+        if found := _api_error_in(inner):
+            return found
+    return None
+
+
+@router.post(PREFIX + "/{finetune_id}/finetune-assets")
+async def upload_asset(account_id: str, finetune_id: str, request: Request):
+    """Multipart `file_name` + `file`, once per file. The body limit is enforced while it streams in."""
+    ctx = await _context(request, account_id)
+    finetune = await to_thread(ctx.registry.get_finetune, account_id, finetune_id)
+    if finetune.account_id != account_id:
+        raise ApiError(10000, "forbidden: only the owning account can modify this finetune", 403)
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as e:  # the body limit (possibly inside an exception group), or bad multipart framing
+        raise _api_error_in(e) or invalid(f"the body is not a valid multipart form ({str(e)[:200]})") from None
+    try:
+        file_name = check_file_name(form.get("file_name"))
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise invalid("`file` is required: the file's bytes as a multipart file part")
+        await to_thread(store_asset, ctx, account_id, finetune, file_name, upload.file)
+    finally:
+        await form.close()
+    return envelope({})

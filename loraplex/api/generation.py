@@ -1,0 +1,82 @@
+"""One generation request as both dialects serve it: started eagerly (so that a failure before
+the first token — an adapter that will not load, a full queue — is a proper HTTP error), then
+read whole or as text deltas for streaming. Records the request's metrics when it ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from loraplex.api.context import ApiContext
+from loraplex.api.errors import ApiError
+from loraplex.core import RequestOutput, SamplingParams
+
+
+class Generation:
+    """Use `await Generation.start(...)`; then `final()` or `deltas()`, and always `aclose()`
+    (closing an unfinished generation aborts the request and frees its KV blocks)."""
+
+    def __init__(self, ctx: ApiContext, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
+        self._ctx = ctx
+        self._outputs = ctx.engine.generate(prompt_token_ids, params, adapter)
+        self._started = time.perf_counter()
+        self._first_token_at: float | None = None
+        self._sent_chars = 0
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.output: RequestOutput | None = None
+
+    @classmethod
+    async def start(cls, ctx: ApiContext, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: str | None) -> Generation:
+        gen = cls(ctx, prompt_token_ids, params, adapter)
+        try:
+            await gen._advance()
+        except BaseException:
+            await gen.aclose()
+            raise
+        return gen
+
+    async def final(self) -> RequestOutput:
+        while not self.output.finished:
+            await self._advance()
+        return self.output
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """New text since the previous delta (non-empty), until the request finishes."""
+        while True:
+            text = self.output.text
+            if len(text) > self._sent_chars:
+                yield text[self._sent_chars:]
+                self._sent_chars = len(text)
+            if self.output.finished:
+                return
+            await self._advance()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+
+    def usage(self) -> dict:
+        completion = len(self.output.token_ids)
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.num_prompt_tokens + completion}
+
+    async def _advance(self) -> None:
+        out = await anext(self._outputs)
+        if out.finish_reason == "error":
+            code = out.error_code or 3040
+            raise ApiError(code, out.error or "generation failed", 503 if code == 3040 else None)
+        self.output = out
+        self._observe(out)
+
+    def _observe(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        metrics = self._ctx.metrics
+        if self._first_token_at is None and out.token_ids:
+            self._first_token_at = now
+            metrics.ttft.observe(now - self._started)
+        if out.finished:
+            n = len(out.token_ids)
+            metrics.prompt_tokens.inc(self.num_prompt_tokens)
+            metrics.generation_tokens.inc(n)
+            if n > 1:
+                metrics.tpot.observe((now - self._first_token_at) / (n - 1))

@@ -1,0 +1,138 @@
+"""The OpenAI dialect under /accounts/{a}/ai/v1: chat/completions, completions, models.
+
+A LoRA is chosen by a `lora` body field or by `model: "BASE:FINETUNE"`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool as to_thread
+
+from loraplex.api.auth import authorize
+from loraplex.api.body import parse_body
+from loraplex.api.context import ApiContext
+from loraplex.api.errors import invalid
+from loraplex.api.generation import Generation
+from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.api.streaming import DONE, sse, sse_response
+from loraplex.core import SamplingParams
+
+router = APIRouter()
+PREFIX = "/accounts/{account_id}/ai/v1"
+
+
+def split_model(ctx: ApiContext, model: str, lora: str | None) -> str | None:
+    """Check the base model; return the finetune named by `BASE:FINETUNE` or the `lora` field."""
+    if model not in ctx.served_names and ":" in model:
+        model, _, named = model.rpartition(":")
+        if lora is not None and lora != named:
+            raise invalid(f"the model names finetune {named!r} but `lora` is {lora!r}")
+        lora = named
+    ctx.check_model(model)
+    return lora
+
+
+def sampling_params(ctx: ApiContext, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    if max_tokens is not None:
+        ctx.check_max_tokens(max_tokens)
+    else:
+        max_tokens = max(1, ctx.max_model_len - prompt_len)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        stop=body.stop,
+    )
+
+
+async def _start(request: Request, account_id: str, schema):
+    ctx: ApiContext = request.app.state.ctx
+    await authorize(request, account_id)
+    body = await parse_body(request, schema)
+    adapter = await ctx.adapter_for(account_id, split_model(ctx, body.model, body.lora))
+    return ctx, body, adapter
+
+
+def _usage_chunk(base: dict, gen: Generation, body) -> list[bytes]:
+    if body.stream_options and body.stream_options.include_usage:
+        return [sse(base | {"choices": [], "usage": gen.usage()})]
+    return []
+
+
+@router.post(PREFIX + "/chat/completions")
+async def chat_completions(account_id: str, request: Request):
+    ctx, body, adapter = await _start(request, account_id, ChatCompletionRequest)
+    prompt_ids = ctx.encode_chat([m.as_dict() for m in body.messages])
+    params = sampling_params(ctx, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
+    gen = await Generation.start(ctx, prompt_ids, params, adapter)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    if body.stream:
+        chunk = base | {"object": "chat.completion.chunk"}
+
+        async def events():
+            yield sse(chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
+            async for delta in gen.deltas():
+                yield sse(chunk | {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
+            yield sse(chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": gen.output.finish_reason}]})
+            for event in _usage_chunk(chunk, gen, body):
+                yield event
+            yield DONE
+
+        return sse_response(gen, events())
+    try:
+        out = await gen.final()
+    finally:
+        await gen.aclose()
+    return base | {"object": "chat.completion", "usage": gen.usage(), "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
+         "logprobs": None}]}
+
+
+@router.post(PREFIX + "/completions")
+async def completions(account_id: str, request: Request):
+    ctx, body, adapter = await _start(request, account_id, CompletionRequest)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    prompt_ids = ctx.encode_prompt(prompt, raw=True)
+    gen = await Generation.start(ctx, prompt_ids, sampling_params(ctx, body, len(prompt_ids), body.max_tokens), adapter)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
+            "object": "text_completion"}
+    if body.stream:
+        async def events():
+            async for delta in gen.deltas():
+                yield sse(base | {"choices": [{"index": 0, "text": delta, "finish_reason": None, "logprobs": None}]})
+            yield sse(base | {"choices": [{"index": 0, "text": "", "finish_reason": gen.output.finish_reason,
+                                           "logprobs": None}]})
+            for event in _usage_chunk(base, gen, body):
+                yield event
+            yield DONE
+
+        return sse_response(gen, events())
+    try:
+        out = await gen.final()
+    finally:
+        await gen.aclose()
+    return base | {"usage": gen.usage(), "choices": [
+        {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}]}
+
+
+@router.get(PREFIX + "/models")
+async def list_models(account_id: str, request: Request):
+    """The base model, its alias, and every ready finetune this account may use, as BASE:FINETUNE."""
+    ctx: ApiContext = request.app.state.ctx
+    await authorize(request, account_id)
+    own = await to_thread(ctx.registry.list_finetunes, account_id)
+    public = await to_thread(ctx.registry.list_public)
+    ids = list(ctx.served_names)
+    seen = set()
+    for f in own + public:
+        if f.state == "ready" and f.model in ctx.served_names and f.id not in seen:
+            seen.add(f.id)
+            ids.append(f"{ctx.model_name}:{f.name if f.account_id == account_id else f.id}")
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraplex"} for i in ids]}

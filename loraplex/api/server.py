@@ -1,0 +1,76 @@
+"""Build a serving ApiContext from options, and run it with uvicorn.
+
+Layout of the data dir: `registry.sqlite` (accounts, tokens, finetunes), `objects/` (the default
+local object store), `uploads/` (staging), `models/` (the converted default model),
+`adapter-cache/` (per-engine download caches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.adapters.registry import Registry
+from loraplex.adapters.storage import open_store
+from loraplex.api.context import ApiContext, Limits
+from loraplex.api.metrics import Metrics
+from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.engine import LLMEngine
+
+DEFAULT_MODEL_NAME = "@cf/huggingface/smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    data_dir: Path
+    model: str = "default"
+    model_name: str | None = None  # default: DEFAULT_MODEL_NAME for "default", else the folder's name
+    storage: str | None = None  # object store URL; default: file://<data_dir>/objects
+    dtype: str = "auto"
+    device: str = "auto"
+    max_loras: int = 8
+    max_lora_rank: int = 8
+    max_model_len: int | None = None
+    kv_cache_memory: int | float | None = None
+    max_num_seqs: int = 128
+    max_pending: int = 256  # requests in flight before 429 / 3040
+    max_finetunes_per_account: int = 30
+    max_adapter_bytes: int = 100 * 2**20
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return DEFAULT_MODEL_NAME if self.model == "default" else Path(self.model).name
+
+
+def open_registry(data_dir: Path, max_finetunes_per_account: int = 30) -> Registry:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
+
+
+def build_context(opts: ServerOptions) -> ApiContext:
+    """Load the model and open the registry and store (slow: seconds). The engine thread is
+    started by the app's lifespan."""
+    store = open_store(opts.storage or (opts.data_dir / "objects").resolve().as_uri())
+    config = EngineConfig(
+        model=ModelConfig(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len),
+        cache=CacheConfig(kv_cache_memory=opts.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_seqs=opts.max_num_seqs),
+        lora=LoraConfig(max_loras=opts.max_loras, max_lora_rank=opts.max_lora_rank),
+    )
+    engine = LLMEngine(config, adapter_store=store)
+    async_engine = AsyncEngine(engine, max_pending=opts.max_pending)
+    return ApiContext(
+        engine=async_engine,
+        registry=open_registry(opts.data_dir, opts.max_finetunes_per_account),
+        store=store,
+        tokenizer=engine.tokenizer,
+        model_args=engine.model_args,
+        model_name=opts.served_name,
+        max_model_len=engine.max_model_len,
+        limits=Limits(max_adapter_bytes=opts.max_adapter_bytes, max_lora_rank=opts.max_lora_rank),
+        metrics=Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapter_cache.stats),
+        upload_dir=opts.data_dir / "uploads",
+    )

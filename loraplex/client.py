@@ -1,0 +1,67 @@
+"""The client commands (`loraplex finetunes create|list`, `loraplex run`), in wrangler's spirit:
+they talk to a loraplex server over its Workers AI API, as any tenant would."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+from loraplex.adapters.registry import Registry
+
+
+class ClientError(Exception):
+    """A refused call; the message is the server's (or says what is missing locally)."""
+
+
+class Client:
+    def __init__(self, url: str, account_id: str | None, token: str | None, timeout_s: float = 600):
+        if not account_id or not token:
+            raise ClientError("set LORAPLEX_ACCOUNT_ID and LORAPLEX_API_TOKEN (from `loraplex accounts create`)")
+        self._base = f"{url.rstrip('/')}/client/v4/accounts/{account_id}/ai"
+        self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+
+    def _call(self, method: str, path: str, **kwargs):
+        try:
+            response = self._http.request(method, self._base + path, **kwargs)
+        except httpx.HTTPError as e:
+            raise ClientError(f"cannot reach the server: {e}") from None
+        try:
+            body = response.json()
+        except ValueError:
+            raise ClientError(f"HTTP {response.status_code}: {response.text[:300]}") from None
+        if response.status_code >= 400 or not body.get("success", False):
+            errors = body.get("errors") or [{"code": "?", "message": response.text[:300]}]
+            raise ClientError("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors))
+        return body["result"]
+
+    def create_finetune(self, model: str, name: str, folder: Path, description: str = "", public: bool = False) -> dict:
+        """Refuses (before any call) unless both PEFT files are in `folder`."""
+        missing = [f for f in Registry.REQUIRED_FILES if not (folder / f).is_file()]
+        if missing:
+            raise ClientError(f"{folder} is missing {', '.join(missing)}: a finetune needs "
+                              + " and ".join(Registry.REQUIRED_FILES))
+        finetune = self._call("POST", "/finetunes", json={"model": model, "name": name, "description": description,
+                                                           "public": public})
+        for file_name in Registry.REQUIRED_FILES:
+            with open(folder / file_name, "rb") as f:
+                self._call("POST", f"/finetunes/{finetune['id']}/finetune-assets",
+                           data={"file_name": file_name}, files={"file": (file_name, f)})
+        return finetune
+
+    def list_finetunes(self) -> list[dict]:
+        return self._call("GET", "/finetunes")
+
+    def run(self, model: str, prompt: str, lora: str | None = None, max_tokens: int = 256, raw: bool = False) -> str:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "raw": raw}
+        if lora:
+            body["lora"] = lora
+        return self._call("POST", f"/run/{quote(model, safe='')}", json=body)["response"]
+
+
+def print_json(value) -> None:
+    json.dump(value, sys.stdout)
+    sys.stdout.write("\n")

@@ -1,0 +1,67 @@
+"""A loraplex server on loopback for the API tests: uvicorn in a thread of the test process, so
+the tests can also look at the engine's state (KV blocks, slots) directly."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from loraplex.api.app import create_app
+from loraplex.api.context import ApiContext
+from loraplex.api.server import ServerOptions, build_context
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    ctx: ApiContext
+    url: str
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    @classmethod
+    def start(cls, options: ServerOptions) -> LiveServer:
+        ctx = build_context(options)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return cls(ctx, f"http://127.0.0.1:{port}", server, thread)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+    def account(self, name: str) -> tuple[str, str]:
+        return self.ctx.registry.create_account(name)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until no request is queued or running and every KV block is free."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            s = self.ctx.engine.stats()
+            if s.waiting == s.running == 0 and s.kv_blocks_free == s.kv_blocks_total:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"the engine did not become idle: {self.ctx.engine.stats()}")
+
+
+def server_options(model_dir: Path, data_dir: Path, **overrides) -> ServerOptions:
+    defaults = dict(data_dir=data_dir, model=str(model_dir), model_name="@cf/test/tiny-llama", dtype="float32",
+                    device="cpu", max_loras=2, kv_cache_memory=32 << 20)
+    return ServerOptions(**(defaults | overrides))
