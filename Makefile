@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/loraplex serve --model default
+	$(BIN)/loraplex serve --model default --dev-account
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -393,3 +393,33 @@ def test_metrics(server, alice, alice_finetunes):
     slots = [line for line in text.splitlines() if line.startswith("loraplex_lora_slots_total")]
     assert slots == ["loraplex_lora_slots_total 2.0"]
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+
+
+# --- the CLI's client and operator commands ---------------------------------------------------
+
+def test_cli_commands(server, adapters, tmp_path, monkeypatch, capsys):
+    from loraplex.cli import main
+
+    assert main(["accounts", "create", "cli-user", "--data-dir", str(tmp_path)]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert set(created) == {"account_id", "token"}
+    from loraplex.api.server import open_registry
+
+    assert open_registry(tmp_path).authenticate(created["token"]) == created["account_id"]
+
+    account_id, token = server.account("cli")
+    monkeypatch.setenv("LORAPLEX_ACCOUNT_ID", account_id)
+    monkeypatch.setenv("LORAPLEX_API_TOKEN", token)
+    url = ["--url", server.url]
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")
+    assert main(["finetunes", "create", MODEL, "half", str(tmp_path / "half"), *url]) == 1
+    assert "adapter_model.safetensors" in capsys.readouterr().err
+    assert main(["finetunes", "create", MODEL, "mine", str(adapters["qv"]), *url]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "mine"
+    assert main(["finetunes", "list", *url]) == 0
+    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == ["mine"]
+    assert main(["run", MODEL, PROMPT, "--lora", "mine", "--raw", "--max-tokens", "4", *url]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["run", MODEL, PROMPT, "--lora", "nope", *url]) == 1
+    assert "3037" in capsys.readouterr().err
