@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from loraplex.api.app import create_app
 from loraplex.api.context import ApiContext
@@ -25,6 +26,7 @@ def free_port() -> int:
 @dataclass
 class LiveServer:
     ctx: ApiContext
+    app: FastAPI
     url: str
     _server: uvicorn.Server
     _thread: threading.Thread
@@ -32,8 +34,9 @@ class LiveServer:
     @classmethod
     def start(cls, options: ServerOptions) -> LiveServer:
         ctx = build_context(options)
+        app = create_app(ctx)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
@@ -41,7 +44,7 @@ class LiveServer:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
-        return cls(ctx, f"http://127.0.0.1:{port}", server, thread)
+        return cls(ctx, app, f"http://127.0.0.1:{port}", server, thread)
 
     def stop(self) -> None:
         self._server.should_exit = True

@@ -11,7 +11,7 @@ from loraplex.api.auth import authorize
 from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError, envelope, invalid
-from loraplex.api.schemas import FinetuneCreate
+from loraplex.api.schemas import ASSET_UPLOAD_BODY, FinetuneCreate, json_body
 from loraplex.api.uploads import check_file_name, delete_unused_objects, store_asset
 
 router = APIRouter()
@@ -32,7 +32,7 @@ async def _context(request: Request, account_id: str) -> ApiContext:
     return request.app.state.ctx
 
 
-@router.post(PREFIX)
+@router.post(PREFIX, openapi_extra=json_body(FinetuneCreate))
 async def create_finetune(account_id: str, request: Request):
     ctx = await _context(request, account_id)
     body = await parse_body(request, FinetuneCreate)
@@ -79,7 +79,7 @@ def _api_error_in(exc: BaseException) -> ApiError | None:
     return None
 
 
-@router.post(PREFIX + "/{finetune_id}/finetune-assets")
+@router.post(PREFIX + "/{finetune_id}/finetune-assets", openapi_extra=ASSET_UPLOAD_BODY)
 async def upload_asset(account_id: str, finetune_id: str, request: Request):
     """Multipart `file_name` + `file`, once per file. The body limit is enforced while it streams in."""
     ctx = await _context(request, account_id)

@@ -16,7 +16,7 @@ from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import invalid
 from loraplex.api.generation import Generation
-from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest, json_body
 from loraplex.api.streaming import DONE, sse, sse_response
 from loraplex.core import SamplingParams
 
@@ -65,7 +65,7 @@ def _usage_chunk(base: dict, gen: Generation, body) -> list[bytes]:
     return []
 
 
-@router.post(PREFIX + "/chat/completions")
+@router.post(PREFIX + "/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(account_id: str, request: Request):
     ctx, body, adapter = await _start(request, account_id, ChatCompletionRequest)
     prompt_ids = ctx.encode_chat([m.as_dict() for m in body.messages])
@@ -95,7 +95,7 @@ async def chat_completions(account_id: str, request: Request):
          "logprobs": None}]}
 
 
-@router.post(PREFIX + "/completions")
+@router.post(PREFIX + "/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(account_id: str, request: Request):
     ctx, body, adapter = await _start(request, account_id, CompletionRequest)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]

@@ -90,3 +90,32 @@ class FinetuneCreate(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     description: str = Field("", max_length=4096)
     public: bool = False
+
+
+def _inline_refs(schema: dict) -> dict:
+    """The schema with every local `$ref` into `$defs` replaced by its target (our models are
+    not recursive), so it can be embedded in an OpenAPI operation on its own."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def json_body(schema: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that parses its own JSON body with `schema`."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_refs(schema.model_json_schema())}}}}
+
+
+ASSET_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file_name", "file"],
+    "properties": {"file_name": {"type": "string", "enum": ["adapter_config.json", "adapter_model.safetensors"]},
+                   "file": {"type": "string", "format": "binary"}}}}}}}

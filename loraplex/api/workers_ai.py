@@ -14,7 +14,7 @@ from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import envelope
 from loraplex.api.generation import Generation
-from loraplex.api.schemas import RunRequest
+from loraplex.api.schemas import RunRequest, json_body
 from loraplex.api.streaming import DONE, sse, sse_response
 from loraplex.core import SamplingParams
 
@@ -34,7 +34,7 @@ def sampling_params(body: RunRequest) -> SamplingParams:
     )
 
 
-@router.post("/accounts/{account_id}/ai/run/{model_name:path}")
+@router.post("/accounts/{account_id}/ai/run/{model_name:path}", openapi_extra=json_body(RunRequest))
 async def run(account_id: str, model_name: str, request: Request):
     ctx: ApiContext = request.app.state.ctx
     await authorize(request, account_id)
