@@ -320,6 +320,17 @@ def test_upload_over_the_limit_is_refused_while_streaming(server, alice, monkeyp
         assert client.get(path.removesuffix("/finetune-assets")).json()["result"]["assets"] == []
 
 
+def test_json_body_over_the_limit(server, alice, monkeypatch):
+    account_id, token = alice
+    monkeypatch.setattr(server.ctx.limits, "max_json_body_bytes", 1024)
+    with http(server, token) as client:
+        path = f"/accounts/{account_id}/ai/run/{MODEL}"
+        assert_error(client.post(path, json={"prompt": "x" * 2048}), 413, 3006)
+        chunked = client.post(path, content=iter([b'{"prompt": "', b"x" * 2048, b'"}']))
+        assert_error(chunked, 413, 3006)
+        assert client.post(path, json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
 def test_queue_full_is_429(server, alice, monkeypatch):
     account_id, token = alice
     monkeypatch.setattr(server.ctx.engine, "max_pending", 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.api import finetunes, openai, workers_ai
@@ -17,6 +17,32 @@ from loraplex.api.errors import install_error_handlers
 from loraplex.api.limits import BodyLimitMiddleware
 
 API_PREFIX = "/client/v4"
+
+
+class RequestCounter:
+    """ASGI middleware: count(route template, status) once per HTTP request. (A plain ASGI
+    wrapper, not BaseHTTPMiddleware, whose task group would re-raise errors from `receive` —
+    such as a body over the limit — after the handler already answered them.)"""
+
+    def __init__(self, app, count):
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self.count(getattr(scope.get("route"), "path", "unmatched"), str(status))
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -35,19 +61,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
     for router in (workers_ai.router, finetunes.router, openai.router):
         app.include_router(router, prefix=API_PREFIX)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        ctx.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
     def body_limit(path: str) -> int:
         if path.endswith("/finetune-assets"):
             return ctx.limits.max_upload_body_bytes
         return ctx.limits.max_json_body_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(RequestCounter, count=lambda route, status: ctx.metrics.requests.labels(route, status).inc())
 
     @app.get("/healthz")
     async def healthz():

@@ -57,10 +57,20 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status)
 
 
-def as_api_error(exc: Exception) -> ApiError:
-    """The ApiError an exception from the layers below stands for."""
+def api_error_in(exc: BaseException) -> ApiError | None:
+    """The ApiError `exc` is or holds (anyio task groups wrap what is raised inside them)."""
     if isinstance(exc, ApiError):
         return exc
+    for inner in exc.exceptions if isinstance(exc, BaseExceptionGroup) else ():
+        if found := api_error_in(inner):
+            return found
+    return None
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """The ApiError an exception from the layers below stands for."""
+    if found := api_error_in(exc):
+        return found
     if isinstance(exc, RegistryError):
         return ApiError(exc.code, exc.message, exc.status)
     if isinstance(exc, AdapterError):

@@ -10,7 +10,7 @@ from loraplex.adapters.registry import Finetune
 from loraplex.api.auth import authorize
 from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
-from loraplex.api.errors import ApiError, envelope, invalid
+from loraplex.api.errors import ApiError, api_error_in, envelope, invalid
 from loraplex.api.schemas import ASSET_UPLOAD_BODY, FinetuneCreate, json_body
 from loraplex.api.uploads import check_file_name, delete_unused_objects, store_asset
 
@@ -70,15 +70,6 @@ async def delete_finetune(account_id: str, finetune_id: str, request: Request):
     return envelope({"id": finetune.id})
 
 
-def _api_error_in(exc: BaseException) -> ApiError | None:
-    if isinstance(exc, ApiError):
-        return exc
-    for inner in exc.exceptions if isinstance(exc, BaseExceptionGroup) else ():
-        if found := _api_error_in(inner):
-            return found
-    return None
-
-
 @router.post(PREFIX + "/{finetune_id}/finetune-assets", openapi_extra=ASSET_UPLOAD_BODY)
 async def upload_asset(account_id: str, finetune_id: str, request: Request):
     """Multipart `file_name` + `file`, once per file. The body limit is enforced while it streams in."""
@@ -89,7 +80,7 @@ async def upload_asset(account_id: str, finetune_id: str, request: Request):
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as e:  # the body limit (possibly inside an exception group), or bad multipart framing
-        raise _api_error_in(e) or invalid(f"the body is not a valid multipart form ({str(e)[:200]})") from None
+        raise api_error_in(e) or invalid(f"the body is not a valid multipart form ({str(e)[:200]})") from None
     try:
         file_name = check_file_name(form.get("file_name"))
         upload = form.get("file")
