@@ -12,7 +12,7 @@ def data_dir() -> Path:
 
 
 def attention_backend() -> str | None:
-    """LORAPLEX_ATTENTION: force an attention backend ("torch" or "cpu_inplace"); None = automatic."""
+    """LORAPLEX_ATTENTION: force a decode attention backend ("torch", "cpu_inplace" or "triton"); None = automatic."""
     return os.environ.get("LORAPLEX_ATTENTION") or None
 
 
