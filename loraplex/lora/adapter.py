@@ -5,6 +5,9 @@ safetensors header is checked by `safetensors_check` before the bytes reach the 
 library. Module targeting (`target_modules`, `exclude_modules`, `layers_to_transform` /
 `layers_pattern`) and `rank_pattern` / `alpha_pattern` lookups follow PEFT's matching rules, applied
 to module names as PEFT saves them (`model.layers.{i}.self_attn.q_proj`).
+
+Tenant files are hostile until checked: reads are capped by size (json.loads can take ~25 bytes of memory per
+byte of JSON), and every regex a config carries has a bounded backtracking cost (see `_paths`) before it runs.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
+from re import _constants as _sre, _parser as _sre_parser  # the stdlib's regex parse tree, for _paths
 
 import torch
 from safetensors.torch import load as _load_safetensors
@@ -40,7 +45,11 @@ _QUANT_PARTS = {"absmax", "quant_state", "quant_map", "nested_absmax", "nested_q
 # init_lora_weights values under which PEFT rewrites the *base* weights: unusable on the original base
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _TENSOR_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[\w\-]+)?\.weight")
-_MODULE_RE = re.compile(r"(?:model\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.\w+")
+# layer numbers as PEFT writes them: no leading zeros, ASCII digits only (int() accepts '٣' and 5000 digits)
+_MODULE_RE = re.compile(r"(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]{0,8})\.(?P<block>self_attn|mlp)\.\w+")
+_MAX_CONFIG_BYTES = 2**18  # PEFT writes ~1 KiB; rank_pattern and alpha_pattern for every module of 80 layers ~60 KiB
+_NAME_LEN = 64  # longer than any module name a config regex is matched against (base names, _MODULE_RE keys)
+_MAX_REGEX_PATHS = 100_000  # per module name, summed over a config's regexes: ~10 ms of re per name at worst
 
 
 class AdapterError(ValueError):
@@ -83,9 +92,13 @@ def _family(name) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+_SHORT = reprlib.Repr()  # renders only the first levels and items: repr() of a deep list costs depth**2
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+
+
 def _show(value) -> str:
-    """A config value for an error message, cut short."""
-    text = repr(value)
+    """A config value for an error message, cut short (before rendering: values come from tenant files)."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -107,12 +120,48 @@ def _positive(value, label: str, integer: bool):
     return value
 
 
-def _compile(pattern, label: str, template: str = "{}") -> None:
-    """Refuse a pattern that is not a string or does not compile inside PEFT's `template`."""
+def _paths(items) -> int:
+    """An upper bound, capped just past _MAX_REGEX_PATHS, on the backtracking paths (and steps) of a parsed regex
+    over a name of at most _NAME_LEN characters: a sequence multiplies, a branch adds, a repeat of a one-way body
+    costs its iteration count, of a k-way body k**iterations. So re's time on a module name is bounded whatever
+    the pattern; nested or stacked quantifiers (ReDoS: '(.|.)*x', '.*.*.*.*x', '((a{60}){60}){60}') and repeats
+    needing more iterations than a name has characters ('(?:){100000000}') exceed the cap."""
+    total = 1
+    for op, av in items:
+        if op == _sre.BRANCH:
+            n = sum(_paths(p) for p in av[1])
+        elif op == _sre.GROUPREF_EXISTS:
+            n = _paths(av[1]) + (_paths(av[2]) if av[2] else 1)
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            lo, hi, body = av
+            top, w = min(hi, _NAME_LEN), _paths(body)
+            if lo > top:
+                n = _MAX_REGEX_PATHS + 1
+            else:
+                n = top + 1 if w == 1 else sum(w**k for k in range(lo, top + 1))
+        elif op == _sre.ATOMIC_GROUP:
+            n = _paths(av)
+        elif op in (_sre.SUBPATTERN, _sre.ASSERT, _sre.ASSERT_NOT):
+            n = _paths(av[-1])
+        else:  # one character, an anchor, a backreference
+            n = 1
+        total = min(total * max(n, 1), _MAX_REGEX_PATHS + 1)
+    return total
+
+
+def _compile(pattern, label: str, template: str = "{}") -> int:
+    """Refuse a pattern that is not a string, does not compile inside PEFT's `template`, or could backtrack for too
+    long; returns its cost (see _paths)."""
     try:
-        re.compile(template.format(pattern))
-    except (re.error, TypeError, AttributeError) as e:
+        regex = template.format(pattern)
+        re.compile(regex)
+        paths = _paths(_sre_parser.parse(regex))
+    except (re.error, TypeError, AttributeError, OverflowError, RecursionError) as e:
         raise _invalid(f"adapter_config.json {label} has an invalid regex {_show(pattern)} ({e})") from None
+    if paths > _MAX_REGEX_PATHS:
+        raise _invalid(f"adapter_config.json {label} {_show(pattern)} is too costly a regex to match (nested, "
+                       "stacked or long repeats)")
+    return paths
 
 
 def _base_module_names(args: ModelArgs) -> list[str]:
@@ -152,12 +201,15 @@ def _check_config(cfg, args: ModelArgs) -> dict:
     _positive(cfg["lora_alpha"], "'lora_alpha'", integer=False)
     if not isinstance(cfg["use_rslora"], bool):
         raise _invalid(f"adapter_config.json 'use_rslora' must be true or false, got {_show(cfg['use_rslora'])}")
+    cost = 0  # backtracking paths per module name, over every regex below
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg[key], dict):
             raise _invalid(f"adapter_config.json '{key}' must be an object")
         for pattern in cfg[key]:
             label = f"'{key}' entry {_show(pattern)}"
-            _compile(pattern, label, r"(.*\.)?({})$")
+            cost += _compile(pattern, label, r"(.*\.)?({})$")
+            if cost > _MAX_REGEX_PATHS:
+                raise _too_many_regexes()
             _positive(cfg[key][pattern], label, integer=key == "rank_pattern")
     want = _family(args.model_type)
     for key in ("model_type", "base_model_name_or_path"):
@@ -165,16 +217,23 @@ def _check_config(cfg, args: ModelArgs) -> dict:
         if want and got and got != want:
             raise _invalid(f"adapter_config.json '{key}' is {_show(cfg[key])} ({got} family) but the base model is "
                            f"{args.model_type!r}")
-    _check_targets(cfg, args)
+    if cost + _check_targets(cfg, args) > _MAX_REGEX_PATHS:
+        raise _too_many_regexes()
     return cfg
 
 
-def _check_targets(cfg: dict, args: ModelArgs) -> None:
-    targets = cfg.get("target_modules")
+def _too_many_regexes() -> AdapterError:
+    return _invalid("adapter_config.json holds too many regexes (rank_pattern, alpha_pattern, target_modules, "
+                    "exclude_modules, layers_pattern) to match them in bounded time")
+
+
+def _check_targets(cfg: dict, args: ModelArgs) -> int:
+    """Validate the targeting keys; returns the cost of their regexes (see _paths)."""
+    targets, cost = cfg.get("target_modules"), 0
     if targets == "all-linear":
         cfg["target_modules"] = targets = list(TARGETS)
     if isinstance(targets, str):
-        _compile(targets, "'target_modules'")
+        cost += _compile(targets, "'target_modules'")
         for name in _base_module_names(args):
             if re.fullmatch(targets, name) and name.rsplit(".", 1)[-1] not in TARGETS:
                 raise _invalid(f"adapter_config.json 'target_modules' regex {_show(targets)} matches '{name}'; only "
@@ -195,10 +254,14 @@ def _check_targets(cfg: dict, args: ModelArgs) -> None:
     for p in patterns if isinstance(patterns, list) else [patterns]:
         if not isinstance(p, str):
             raise _invalid(f"adapter_config.json 'layers_pattern' has {_show(p)}, not a string")
-        _compile(p, "'layers_pattern'", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+        cost += _compile(p, "'layers_pattern'", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
     excluded = cfg.get("exclude_modules")
     if isinstance(excluded, str):
-        _compile(excluded, "'exclude_modules'")
+        cost += _compile(excluded, "'exclude_modules'")
+    elif excluded is not None and not (isinstance(excluded, list) and all(isinstance(e, str) for e in excluded)):
+        raise _invalid(f"adapter_config.json 'exclude_modules' must be a list of names or a regex, got "
+                       f"{_show(excluded)}")
+    return cost
 
 
 def _is_targeted(cfg: dict, key: str) -> bool:
@@ -241,24 +304,38 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
+def _read_file(file: Path, limit: int) -> bytes:
+    """The bytes of `file`, refused from its size alone when over `limit`. Reads what stat reported (plus one byte,
+    to notice growth), never `limit` bytes: a buffer sized by the limit would be allocated in full."""
+    size = file.stat().st_size
+    if size > limit:
+        raise _invalid(f"{file.name} is {size} bytes, over the limit of {limit}")
+    with open(file, "rb") as f:
+        data = f.read(size + 1)
+    if len(data) > size:
+        raise _invalid(f"{file.name} grew while it was read")
+    return data
+
+
+def _max_header_bytes(args: ModelArgs) -> int:
+    """The longest safetensors header an adapter for `args` may have: 256 KiB (metadata, long names) plus 512 bytes
+    per possible lora_A/lora_B tensor. Bounds what json.loads makes of it (up to ~25 bytes per byte)."""
+    return 2**18 + 2**9 * 2 * len(TARGETS) * args.num_layers
+
+
 def _read_config(folder: Path, args: ModelArgs) -> dict:
+    data = _read_file(folder / "adapter_config.json", _MAX_CONFIG_BYTES)
     try:
-        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
         raise _invalid(f"adapter_config.json is not valid JSON ({str(e)[:200]})") from None
     return _check_config(cfg, args)
 
 
-def _read_safetensors(file: Path, max_file_bytes: int) -> tuple[bytes, dict[str, TensorInfo]]:
-    size = file.stat().st_size
-    if size > max_file_bytes:
-        raise _invalid(f"adapter_model.safetensors is {size} bytes, over the limit of {max_file_bytes}")
-    with open(file, "rb") as f:
-        data = f.read(max_file_bytes + 1)
-    if len(data) > max_file_bytes:
-        raise _invalid(f"adapter_model.safetensors grew past the limit of {max_file_bytes} bytes while read")
+def _read_safetensors(file: Path, max_file_bytes: int, args: ModelArgs) -> tuple[bytes, dict[str, TensorInfo]]:
+    data = _read_file(file, max_file_bytes)
     try:
-        return data, check_header(data)
+        return data, check_header(data, max_header_bytes=_max_header_bytes(args))
     except SafetensorsFormatError as e:
         raise _invalid(f"adapter_model.safetensors is corrupt: {e}") from None
 
@@ -315,7 +392,7 @@ def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, 
         raise AdapterError(3039, f"{folder} has no adapter_model.safetensors")
     try:
         cfg = _read_config(folder, args)
-        data, infos = _read_safetensors(weights, max_file_bytes)
+        data, infos = _read_safetensors(weights, max_file_bytes, args)
     except OSError as e:
         raise AdapterError(3039, f"{folder}: adapter files cannot be read ({e.strerror or e})") from None
 

@@ -37,7 +37,8 @@ class TensorInfo(NamedTuple):
 
 
 def _is_uint(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    """A u64, as the format stores them: larger JSON integers would make sizes that overflow a float."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
 
 
 def _check_entry(name: str, entry) -> TensorInfo:
@@ -63,12 +64,13 @@ def _check_entry(name: str, entry) -> TensorInfo:
     return TensorInfo(dtype, tuple(shape), begin, end)
 
 
-def check_header(data: bytes | memoryview) -> dict[str, TensorInfo]:
+def check_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, TensorInfo]:
     """Parse and validate the header of the safetensors file held in `data`.
 
-    Checks: the length prefix fits the file and MAX_HEADER_BYTES; the header is a UTF-8 JSON object;
-    every tensor has a known dtype, non-negative integer shape and offsets, a byte size equal to
-    shape × dtype, and the tensors tile the data section exactly (no overlap, gap, or overrun).
+    Checks: the length prefix fits the file and `max_header_bytes` (json.loads may take ~25 bytes of memory
+    per header byte); the header is a UTF-8 JSON object; every tensor has a known dtype, u64 shape and
+    offsets, a byte size equal to shape × dtype, and the tensors tile the data section exactly (no overlap,
+    gap, or overrun).
     Returns name → TensorInfo (without "__metadata__"); raises SafetensorsFormatError otherwise.
     """
     if len(data) < 8:
@@ -76,8 +78,8 @@ def check_header(data: bytes | memoryview) -> dict[str, TensorInfo]:
     (n,) = struct.unpack("<Q", bytes(data[:8]))
     if n > len(data) - 8:
         raise SafetensorsFormatError(f"header length {n} exceeds the file size {len(data)} (truncated or corrupt)")
-    if n > MAX_HEADER_BYTES:
-        raise SafetensorsFormatError(f"header length {n} exceeds the cap of {MAX_HEADER_BYTES} bytes")
+    if n > max_header_bytes:
+        raise SafetensorsFormatError(f"header length {n} exceeds the cap of {max_header_bytes} bytes")
     try:
         header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
