@@ -645,3 +645,13 @@ def test_json_heavy_files_stay_within_memory(args, seeds, tmp_path, where, size)
     result = run_load(Workdir(tmp_path), args, TensorSpy(), cfg, weights)
     loads = where == "config" and len(cfg) <= adapter_module._MAX_CONFIG_BYTES  # an unknown key is ignored
     assert isinstance(result, LoraAdapter) == loads, result
+
+
+@pytest.mark.parametrize("layer", ["1" * 5000, "\u0661", "01", "0001"])  # 5000 digits once escaped as ValueError
+def test_layer_numbers_not_as_peft_writes_them(args, seeds, tmp_path, layer):
+    """A layer number int() takes but PEFT never writes (5000 digits, an Arabic-Indic one, leading zeros)."""
+    cfg, _, tensors = seeds["list"]
+    renamed = {name.replace("layers.1.", f"layers.{layer}."): t for name, t in tensors.items()}
+    result = run_load(Workdir(tmp_path), args, TensorSpy(), cfg, save_safetensors(renamed))
+    assert isinstance(result, AdapterError) and result.code == 5004, result
+    assert "does not name a module" in result.message or len(result.message) == 1000  # cut short: a long name
