@@ -1,0 +1,160 @@
+"""Smoke test of the serving benchmark harness (benchmarks/serving.py) against the naive peft baseline.
+
+The workload generators are checked exactly; the live part drives a tiny random Llama behind
+benchmarks/baselines/peft_server.py for a couple of seconds and checks the shape of what comes
+back, never its speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tiny_models import make_tiny_model
+
+SERVING_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
+
+
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("loraplex_bench_serving", SERVING_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+serving = _load_harness()
+
+
+def test_identical_popularity_uses_one_adapter():
+    assert set(serving.adapter_indices("identical", 50, 8, random.Random(0))) == {0}
+
+
+def test_distinct_popularity_cycles_through_all_adapters():
+    indices = serving.adapter_indices("distinct", 32, 8, random.Random(0))
+    assert indices[:8] == list(range(8))
+    assert Counter(indices) == {i: 4 for i in range(8)}
+
+
+def test_uniform_popularity_spreads_evenly():
+    counts = Counter(serving.adapter_indices("uniform", 8000, 8, random.Random(0)))
+    assert set(counts) == set(range(8))
+    assert all(800 < c < 1200 for c in counts.values())
+
+
+def test_zipf_popularity_follows_rank():
+    counts = Counter(serving.adapter_indices("zipf", 20000, 16, random.Random(0)))
+    shares = [counts[i] / 20000 for i in range(16)]
+    expected_top = 1 / sum(1 / (k + 1) ** 1.5 for k in range(16))  # ~0.42
+    assert abs(shares[0] - expected_top) < 0.02
+    assert shares[0] > shares[1] > shares[3] > shares[15]
+
+
+def test_unknown_popularity_is_refused():
+    with pytest.raises(ValueError):
+        serving.adapter_indices("bursty", 4, 2, random.Random(0))
+
+
+def test_poisson_arrivals_are_bounded_and_near_the_rate():
+    times = serving.poisson_arrivals(50.0, 20.0, 10_000, random.Random(0))
+    assert times == sorted(times) and 0 < times[0] and times[-1] < 20.0
+    assert 900 < len(times) < 1100
+    assert len(serving.poisson_arrivals(50.0, 20.0, 10, random.Random(0))) == 10
+
+
+def test_workload_is_the_same_across_popularity_cases_but_the_adapters():
+    spec = serving.WorkloadSpec(rate=5.0, duration_s=10.0, seed=3)
+    adapters = [f"a{i}" for i in range(4)]
+    zipf, identical, base = (serving.make_workload(spec, case, adapters) for case in ("zipf", "identical", serving.BASE_ONLY))
+    strip = [(r.send_at, r.prompt, r.max_tokens) for r in zipf]
+    assert strip == [(r.send_at, r.prompt, r.max_tokens) for r in identical] == [(r.send_at, r.prompt, r.max_tokens) for r in base]
+    assert {r.lora for r in identical} == {"a0"} and {r.lora for r in base} == {None}
+    assert zipf == serving.make_workload(spec, "zipf", adapters)  # seeded
+    for request in zipf:
+        assert 16 <= len(request.prompt.split()) <= 64 and 16 <= request.max_tokens <= 48
+
+
+def _fake_run(rate: float, knee: float = 3.0) -> dict:
+    p99 = 0.5 if rate <= knee else 5.0
+    return {"offered_rate": rate, "errors": 0, "unfinished": 0, "ttft_s": {"p99": p99}, "tpot_s": {"p99": 0.1}}
+
+
+def _holds(run: dict) -> bool:
+    return serving.holds_bounds(run, ttft_bound_s=2.0, tpot_bound_s=0.5)
+
+
+def test_sweep_goes_up_to_the_first_failure_and_bisects():
+    runs, held = serving.sweep(_fake_run, [1, 2, 4, 8], holds=_holds, refine=1)
+    assert [r["offered_rate"] for r in runs] == [1, 2, 4, round((2 * 4) ** 0.5, 3)]
+    assert held == 2.828
+
+
+def test_sweep_from_a_start_rate_goes_down_until_one_holds():
+    runs, held = serving.sweep(_fake_run, [1, 2, 4, 8], holds=_holds, refine=0, start_rate=8)
+    assert [r["offered_rate"] for r in runs] == [8, 4, 2] and held == 2
+    _, nothing = serving.sweep(lambda rate: _fake_run(rate, knee=0.1), [1, 2], holds=_holds, refine=1)
+    assert nothing == 0.0
+
+
+def test_a_run_holds_only_within_both_bounds_and_without_failures():
+    good = _fake_run(1.0)
+    assert serving.holds_bounds(good, ttft_bound_s=2.0, tpot_bound_s=0.5)
+    assert not serving.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=0.5)
+    assert serving.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=None)
+    assert not serving.holds_bounds(good | {"unfinished": 1}, ttft_bound_s=2.0)
+    assert not serving.holds_bounds(_fake_run(4.0), ttft_bound_s=2.0)
+
+
+def test_bound_is_surely_missed_once_over_one_percent_are_late():
+    results = [serving.RequestResult(sent_at=0.0, first_token_at=0.1) for _ in range(201)]
+    assert not serving.bound_surely_missed(results, 1.0, now=10.0)
+    results[0].first_token_at, results[1].first_token_at = 3.0, None  # one late, one still waiting
+    assert not serving.bound_surely_missed(results, 1.0, now=0.5)
+    results[2].first_token_at = 2.0
+    assert serving.bound_surely_missed(results, 1.0, now=10.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    model_dir = root / "model"
+    make_tiny_model("llama", model_dir)
+    adapters = serving.make_adapters(model_dir, root / "adapters", count=2, rank=4)
+    return root, model_dir, adapters
+
+
+def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
+    root, model_dir, adapters = tiny_setup
+    with serving.launch("peft-naive", model_dir, root / "adapters", adapters, tmp_path, max_batch=4) as endpoint:
+        serving.warm_up(endpoint, adapters)
+        spec = serving.WorkloadSpec(rate=4.0, duration_s=2.0, max_requests=12, prompt_words=(4, 8), max_tokens=(4, 8))
+        run = serving.measure(endpoint, "peft-naive", "uniform", spec, adapters, drain_s=20.0, progress=False)
+
+    assert run["requests"] >= 1 and run["completed"] == run["requests"]
+    assert run["errors"] == 0 and run["unfinished"] == 0, run["error_samples"]
+    for key in ("ttft_s", "tpot_s", "latency_s"):
+        p = run[key]
+        assert 0 < p["p50"] <= p["p90"] <= p["p99"], (key, p)
+    assert run["request_throughput"] > 0 and run["output_throughput"] > 0
+    assert 4 <= run["mean_output_tokens"] <= 8
+
+    capacities = [serving.capacity("peft-naive", "uniform", [run], sustainable_rate=4.0)]
+    report = {
+        "config": {"ttft_bound_s": 2.0, "popularity": ["uniform"]},
+        "runs": [run],
+        "capacities": capacities,
+        "goals": serving.goal_table(capacities, ["uniform"], grid=[1.0, 2.0, 4.0, 8.0]),
+    }
+    paths = serving.write_report(report, tmp_path / "out")
+    assert {p.name for p in paths} == {"serving.json", "serving_latency.png", "serving_throughput.png"}
+    saved = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert {"config", "runs", "capacities", "goals"} <= set(saved)
+    assert {"server", "popularity", "offered_rate", "completed", "errors", "request_throughput", "output_throughput",
+            "ttft_s", "tpot_s"} <= set(saved["runs"][0])
+    assert saved["goals"][0]["popularity"] == "uniform" and saved["goals"][0]["loraplex_vs_naive_rate"] is None
