@@ -265,6 +265,13 @@ def test_config_rank_disagrees_with_tensors(bad, llama_args):
     refused(bad, llama_args, 5004, "r=2")
 
 
+def test_layers_pattern_with_an_alternation(bad, llama_args):
+    """A top-level `|` in a tenant's layers_pattern stays inside its group (it once split the whole
+    expression, matched without a layer index and crashed)."""
+    edit_config(bad, layers_to_transform=[0], layers_pattern="layers|blocks")
+    refused(bad, llama_args, 5004, "layers.1.", "does not target")
+
+
 def test_tensor_not_targeted_by_config(bad, llama_args):
     edit_config(bad, target_modules=[t for t in TARGETS if t != "v_proj"])
     refused(bad, llama_args, 5004, "does not target", "v_proj")

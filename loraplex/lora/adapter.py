@@ -49,6 +49,9 @@ _TENSOR_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[
 _MODULE_RE = re.compile(r"(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]{0,8})\.(?P<block>self_attn|mlp)\.\w+")
 _MAX_CONFIG_BYTES = 2**18  # PEFT writes ~1 KiB; rank_pattern and alpha_pattern for every module of 80 layers ~60 KiB
 _NAME_LEN = 64  # longer than any module name a config regex is matched against (base names, _MODULE_RE keys)
+# a tenant's layers_pattern inside a group of its own: a top-level `|` in it must not split the
+# whole expression (one branch would match without the layer index)
+_LAYERS_PATTERN_TEMPLATE = r"(?:^|.*?\.)(?:{})\.(?P<idx>\d+)\."
 _MAX_REGEX_PATHS = 100_000  # per module name, summed over a config's regexes: ~10 ms of re per name at worst
 
 
@@ -254,7 +257,7 @@ def _check_targets(cfg: dict, args: ModelArgs) -> int:
     for p in patterns if isinstance(patterns, list) else [patterns]:
         if not isinstance(p, str):
             raise _invalid(f"adapter_config.json 'layers_pattern' has {_show(p)}, not a string")
-        cost += _compile(p, "'layers_pattern'", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+        cost += _compile(p, "'layers_pattern'", _LAYERS_PATTERN_TEMPLATE)
     excluded = cfg.get("exclude_modules")
     if isinstance(excluded, str):
         cost += _compile(excluded, "'exclude_modules'")
@@ -287,7 +290,7 @@ def _is_targeted(cfg: dict, key: str) -> bool:
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     for p in patterns:
-        match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+        match = re.match(_LAYERS_PATTERN_TEMPLATE.format(p), key)
         if match:
             break
     if match is None:
