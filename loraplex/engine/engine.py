@@ -3,7 +3,10 @@ cache's worker threads load adapters meanwhile)."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import logging
+import os
 import shutil
 import time
 import tempfile
@@ -11,7 +14,7 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -29,6 +32,8 @@ from loraplex.lora.slot_table import SlotTable
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 class EngineStats(NamedTuple):
     """A snapshot of the engine's queues and resources (for metrics)."""
@@ -41,6 +46,7 @@ class EngineStats(NamedTuple):
     lora_slots_occupied: int
     slot_loads: int  # host → slot copies finished so far
     slot_load_seconds: float  # their total duration
+    preemptions: int = 0  # sequences preempted so far for want of KV blocks (recomputed later)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -52,17 +58,36 @@ def resolve_model_dir(model: str) -> Path:
     return Path(model)
 
 
-def _private_cache_dir() -> Path:
+def _private_cache_dir() -> tuple[Path, BinaryIO]:
     """A disk-cache folder of this engine's own under the data dir: engines sharing a data dir
-    must not delete each other's downloads (the cache removes its folder on close)."""
+    must not delete each other's downloads (the cache removes its folder on close). The engine
+    holds an flock on the folder's `.lock` for its lifetime (the returned file); folders whose
+    lock nobody holds belonged to an engine that died without cleaning up (SIGKILL, power loss)
+    and are removed here, so crashes do not pile up copies of adapters."""
     root = env.data_dir() / "adapter-cache"
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="engine-", dir=root))
+    _remove_abandoned_cache_dirs(root)
+    folder = Path(tempfile.mkdtemp(prefix="engine-", dir=root))
+    lock = open(folder / ".lock.new", "wb")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(folder / ".lock.new", folder / ".lock")  # seen by others only once held
+    return folder, lock
 
 
-def _close_cache(cache: AdapterCache, folder: Path) -> None:
+def _remove_abandoned_cache_dirs(root: Path) -> None:
+    for lock_path in root.glob("engine-*/.lock"):
+        try:
+            with open(lock_path, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if held: its engine is alive
+                shutil.rmtree(lock_path.parent, ignore_errors=True)
+        except OSError:  # held (BlockingIOError), or removed meanwhile by another engine
+            continue
+
+
+def _close_cache(cache: AdapterCache, folder: Path, lock: BinaryIO) -> None:
     cache.close()
     shutil.rmtree(folder, ignore_errors=True)
+    lock.close()
 
 
 class LLMEngine:
@@ -77,7 +102,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         lora = config.lora
-        cache_dir = _private_cache_dir()
+        cache_dir, cache_lock = _private_cache_dir()
         self._wakeup = threading.Event()  # set by the cache's workers when an adapter is ready or failed
         self.adapter_cache = AdapterCache(
             self.model_args,
@@ -89,7 +114,7 @@ class LLMEngine:
             on_change=lambda name: self._wakeup.set(),
             pin_memory=self.device.type == "cuda",
         )
-        weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir)
+        weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir, cache_lock)
         self.lora_names: set[str] = set()
         # host→slot copies run on this thread, off the engine step; finished ones are taken
         # up by the engine thread at the start of the next step
@@ -231,6 +256,7 @@ class LLMEngine:
             lora_slots_occupied=slots.num_occupied,
             slot_loads=self._slot_loads[0],
             slot_load_seconds=self._slot_loads[1],
+            preemptions=self.scheduler.num_preemptions,
         )
 
     def _load_slot(self, slot: int, adapter: LoraAdapter) -> None:
@@ -269,6 +295,7 @@ class LLMEngine:
             if copy.exception() is None:
                 self.scheduler.slot_table.loaded(name)
             else:
+                log.warning("copying adapter %r into its slot failed: %r", name, copy.exception())
                 self.scheduler.slot_table.abandon(name)
                 self._copy_errors[name] = copy.exception()
 
@@ -285,10 +312,14 @@ class LLMEngine:
             if error is None:
                 continue
             seq.finish_reason = "error"
-            seq.error = f"LoRA adapter '{seq.lora}' could not be loaded: {error}"
-            # adapter validation → its own code (5004, 3039…); a store or copy failure → 3040,
-            # "temporarily out of capacity": the same request may succeed later
-            seq.error_code = error.code if isinstance(error, AdapterError) else 3040
+            # adapter validation → its own code (5004, 3039…) and message; a store or copy failure
+            # → 3040, "temporarily out of capacity": the same request may succeed later. Its
+            # details (store URL, bucket, object keys) go to the log only, never to the tenant.
+            if isinstance(error, AdapterError):
+                seq.error, seq.error_code = f"LoRA adapter '{seq.lora}' could not be loaded: {error}", error.code
+            else:
+                seq.error = f"LoRA adapter '{seq.lora}' could not be loaded ({type(error).__name__}); retry later"
+                seq.error_code = 3040
             self._finish(seq)
             failed.append(seq.to_output())
         self._copy_errors.clear()

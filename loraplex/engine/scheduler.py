@@ -56,6 +56,7 @@ class Scheduler:
         self.adapter_ready = adapter_ready
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0  # sequences preempted so far (their cache dropped, recomputed later)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -138,6 +139,7 @@ class Scheduler:
         """Drop the sequence's cache; it recomputes prompt + output when readmitted first."""
         self.running.remove(seq)
         self._drop_resources(seq)
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
