@@ -24,8 +24,8 @@ flight and every KV block free.
     python benchmarks/soak.py [--model default|HF_FOLDER] [--steady 300] [--clients 6] [--max-pending 8]
         [--burst 40] [--kv-cache-memory BYTES (0: the server's default)] [--out benchmarks/out]
 
-Writes soak.json and soak_rss.png to --out and prints a table. tests/test_soak.py runs a short
-version on a tiny random model and also compares every output with the offline LLM.
+Writes soak.json, soak_rss.csv and soak_rss.png to --out and prints a table. tests/test_soak.py
+runs a short version on a tiny random model and also compares every output with the offline LLM.
 """
 
 from __future__ import annotations
@@ -499,11 +499,21 @@ def main(argv: list[str] | None = None) -> int:
             recovery_s=args.recovery)
         result = run_soak(config)
     result["command"] = "python benchmarks/soak.py " + " ".join(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "soak_rss.png")
+    write_outputs(result, args.out)
     print_table(result)
     return 0
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """soak.json (everything but the RSS samples), soak_rss.csv (seconds, MiB, phase; one row per
+    second) and soak_rss.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {key: value for key, value in result.items() if key != "rss_samples"}
+    (out / "soak.json").write_text(json.dumps(summary, indent=1) + "\n")
+    rows = ["seconds,rss_mib,phase"] + [f"{t:.2f},{rss / (1 << 20):.1f},{phase}"
+                                        for t, rss, phase in result["rss_samples"][::4]]
+    (out / "soak_rss.csv").write_text("\n".join(rows) + "\n")
+    plot(result, out / "soak_rss.png")
 
 
 if __name__ == "__main__":
