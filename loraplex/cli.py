@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
         dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_model_len=args.max_model_len, max_pending=args.max_pending,
+        max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
         max_finetunes_per_account=args.max_finetunes_per_account,
     )
     if args.dev_account:
@@ -112,6 +112,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bytes_or_fraction(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value > 1 else value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
     serve.add_argument("--max-lora-rank", type=int, default=8)
     serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--kv-cache-memory", type=_bytes_or_fraction, default=None,
+                       help="KV cache: bytes, or a fraction (0, 1] of free memory (default: 0.25 of host, 0.9 of GPU)")
     serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
     serve.add_argument("--max-finetunes-per-account", type=int, default=30)
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")

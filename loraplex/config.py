@@ -49,6 +49,7 @@ class LoraConfig:
     host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory (pinned ones may exceed it)
     disk_cache_bytes: int = 4 << 30  # adapter files downloaded from the store, kept on local disk
     storage_url: str | None = None  # object store of tenants' adapters: file:///… or s3://bucket/prefix
+    retry_failed_after_s: float = 5.0  # an adapter whose load failed is tried again after this long
 
     def __post_init__(self) -> None:
         _require_positive(self, "max_loras", "max_lora_rank")
@@ -62,3 +63,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    data_dir: str | None = None  # the default model and the adapter download cache; None: LORAPLEX_DATA_DIR

@@ -95,9 +95,6 @@ def test_resident_memory_flat_after_the_warmup(result):
     assert rss["soak_growth"] <= RSS_TOLERANCE, rss  # steady, overload and recovery
 
 
-@pytest.mark.xfail(strict=True, reason="known issue (kvcache/block_manager.py): the free list is FIFO, so a "
-                                       "server touches every page of its KV cache in turn and, on CPU, its RSS "
-                                       "grows to the whole KV budget (docs/RELIABILITY.md)")
 def test_freed_kv_blocks_are_reused_before_untouched_ones():
     from types import SimpleNamespace
 

@@ -14,8 +14,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from loraplex.adapters.registry import RegistryError
 from loraplex.adapters.storage import StorageError
@@ -108,6 +109,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _known(request: Request, exc: Exception):
         return error_response(request, as_api_error(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        return Response(status_code=499)  # nobody reads it: the client left before its body was read
 
     # the expected kinds are registered one by one: Starlette sends a bare `Exception` handler to
     # its outermost middleware, which logs a traceback after answering

@@ -7,6 +7,7 @@ local object store), `uploads/` (staging), `models/` (the converted default mode
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class ServerOptions:
     max_pending: int = 256  # requests in flight before 429 / 3040
     max_finetunes_per_account: int = 30
     max_adapter_bytes: int = 100 * 2**20
+    retry_failed_adapter_after_s: float = 5.0
 
     @property
     def served_name(self) -> str:
@@ -52,13 +54,17 @@ def open_registry(data_dir: Path, max_finetunes_per_account: int = 30) -> Regist
 
 def build_context(opts: ServerOptions) -> ApiContext:
     """Load the model and open the registry and store (slow: seconds). The engine thread is
-    started by the app's lifespan."""
+    started by the app's lifespan. Uploads a previous process was staging when it died are
+    removed (one API process per data dir)."""
+    shutil.rmtree(opts.data_dir / "uploads", ignore_errors=True)
     store = open_store(opts.storage or (opts.data_dir / "objects").resolve().as_uri())
     config = EngineConfig(
         model=ModelConfig(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len),
         cache=CacheConfig(kv_cache_memory=opts.kv_cache_memory),
         scheduler=SchedulerConfig(max_num_seqs=opts.max_num_seqs),
-        lora=LoraConfig(max_loras=opts.max_loras, max_lora_rank=opts.max_lora_rank),
+        lora=LoraConfig(max_loras=opts.max_loras, max_lora_rank=opts.max_lora_rank,
+                        retry_failed_after_s=opts.retry_failed_adapter_after_s),
+        data_dir=str(opts.data_dir),
     )
     engine = LLMEngine(config, adapter_store=store)
     async_engine = AsyncEngine(engine, max_pending=opts.max_pending)

@@ -49,22 +49,22 @@ class EngineStats(NamedTuple):
     preemptions: int = 0  # sequences preempted so far for want of KV blocks (recomputed later)
 
 
-def resolve_model_dir(model: str) -> Path:
+def resolve_model_dir(model: str, data_dir: Path) -> Path:
     """"default" → the embedded SmolLM2-135M-Instruct, converted once into the data dir."""
     if model == "default":
         from loraplex.models.default_model import ensure_default_model
 
-        return ensure_default_model(env.data_dir())
+        return ensure_default_model(data_dir)
     return Path(model)
 
 
-def _private_cache_dir() -> tuple[Path, BinaryIO]:
+def _private_cache_dir(data_dir: Path) -> tuple[Path, BinaryIO]:
     """A disk-cache folder of this engine's own under the data dir: engines sharing a data dir
     must not delete each other's downloads (the cache removes its folder on close). The engine
     holds an flock on the folder's `.lock` for its lifetime (the returned file); folders whose
     lock nobody holds belonged to an engine that died without cleaning up (SIGKILL, power loss)
     and are removed here, so crashes do not pile up copies of adapters."""
-    root = env.data_dir() / "adapter-cache"
+    root = data_dir / "adapter-cache"
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_cache_dirs(root)
     folder = Path(tempfile.mkdtemp(prefix="engine-", dir=root))
@@ -94,7 +94,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, adapter_store: ObjectStore | None = None):
         """adapter_store: where remote adapters live; default: opened from lora.storage_url."""
         self.config = config
-        model_dir = resolve_model_dir(config.model.model)
+        data_dir = Path(config.data_dir) if config.data_dir else env.data_dir()
+        model_dir = resolve_model_dir(config.model.model, data_dir)
         model, self.model_args, self.dtype, self.device = load_model(model_dir, config.model.dtype, config.model.device)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         limit = self.model_args.max_position_embeddings
@@ -102,7 +103,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         lora = config.lora
-        cache_dir, cache_lock = _private_cache_dir()
+        cache_dir, cache_lock = _private_cache_dir(data_dir)
         self._wakeup = threading.Event()  # set by the cache's workers when an adapter is ready or failed
         self.adapter_cache = AdapterCache(
             self.model_args,
@@ -113,6 +114,7 @@ class LLMEngine:
             host_budget_bytes=lora.host_cache_bytes,
             on_change=lambda name: self._wakeup.set(),
             pin_memory=self.device.type == "cuda",
+            retry_errored_after_s=lora.retry_failed_after_s,
         )
         weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir, cache_lock)
         self.lora_names: set[str] = set()

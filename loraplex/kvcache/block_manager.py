@@ -6,7 +6,6 @@ engine step is its only caller.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 
@@ -21,7 +20,9 @@ class BlockManager:
             raise ValueError("the KV cache budget holds no block: raise kv_cache_memory")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # a stack: the most recently freed blocks are reused first, so a server only ever touches
+        # its peak working set of the cache (on CPU, pages are committed on first write)
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
 
     @property
     def num_free_blocks(self) -> int:
@@ -43,10 +44,10 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self._free):
             raise RuntimeError(f"allocate: {needed} blocks needed, {len(self._free)} free")
-        seq.block_table.extend(self._free.popleft() for _ in range(needed))
+        seq.block_table.extend(self._free.pop() for _ in range(needed))
 
     def free(self, seq: HoldsBlocks) -> None:
         """Return all of `seq`'s blocks; its cached tokens are gone (num_computed_tokens = 0)."""
-        self._free.extend(seq.block_table)
+        self._free.extend(reversed(seq.block_table))
         seq.block_table.clear()
         seq.num_computed_tokens = 0
