@@ -9,14 +9,13 @@ other tests are unaffected), and compiled on CUDA in the `cuda`-marked test.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from triton_interpreter import load_interpreted
 from loraplex.lora import ops
 from loraplex.lora.ops import cpu_ops, torch_ops
 
@@ -26,27 +25,10 @@ POPULARITY = ("distinct", "uniform", "zipf", "identical")
 LENGTHS = {"decode": [1] * 12, "mixed": [1, 17, 1, 1, 33, 5, 1, 1, 24, 1, 2, 1]}
 
 
-def _load_interpreted_triton_ops():
-    """A separate copy of triton_ops whose @triton.jit kernels are InterpretedFunctions."""
-    path = Path(torch_ops.__file__).with_name("triton_ops.py")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit when the module is executed
-    try:
-        spec = importlib.util.spec_from_file_location("loraplex.lora.ops._triton_ops_interpreted", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
-
-
 @pytest.fixture(scope="module")
 def interp():
     pytest.importorskip("triton")
-    mod = _load_interpreted_triton_ops()
+    mod = load_interpreted(Path(torch_ops.__file__).with_name("triton_ops.py"), "loraplex.lora.ops._triton_ops_interpreted")
     assert type(mod._shrink_kernel).__name__ == "InterpretedFunction"
     return mod
 

@@ -15,14 +15,13 @@ bf16 and float16 in the `cuda`-marked test, against float64 on the same rounded 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from triton_interpreter import load_interpreted
 from loraplex.kvcache import attention
 from loraplex.kvcache.attention import AttentionBatch, PrefillSegment, decode_backend, paged_attention
 
@@ -30,27 +29,10 @@ HAS_CUDA = torch.cuda.is_available()
 NUM_KV_HEADS = 2
 
 
-def _load_interpreted_triton_attention():
-    """A separate copy of triton_attention whose @triton.jit kernels are InterpretedFunctions."""
-    path = Path(attention.__file__).with_name("triton_attention.py")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit when the module is executed
-    try:
-        spec = importlib.util.spec_from_file_location("loraplex.kvcache._triton_attention_interpreted", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
-
-
 @pytest.fixture(scope="module")
 def interp():
     pytest.importorskip("triton")
-    mod = _load_interpreted_triton_attention()
+    mod = load_interpreted(Path(attention.__file__).with_name("triton_attention.py"), "loraplex.kvcache._triton_attention_interpreted")
     assert type(mod._decode_kernel).__name__ == "InterpretedFunction"
     return mod
 

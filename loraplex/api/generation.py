@@ -13,7 +13,7 @@ from loraplex.core import RequestOutput, SamplingParams
 
 
 class Generation:
-    """Use `await Generation.start(...)`; then `final()` or `deltas()`, and always `aclose()`
+    """Use `await Generation.start(...)`; then `complete()`, or `deltas()` and `aclose()`
     (closing an unfinished generation aborts the request and frees its KV blocks)."""
 
     def __init__(self, ctx: ApiContext, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
@@ -36,10 +36,14 @@ class Generation:
             raise
         return gen
 
-    async def final(self) -> RequestOutput:
-        while not self.output.finished:
-            await self._advance()
-        return self.output
+    async def complete(self) -> RequestOutput:
+        """Run to the end (closing the generation, also on failure); the final output."""
+        try:
+            while not self.output.finished:
+                await self._advance()
+            return self.output
+        finally:
+            await self.aclose()
 
     async def deltas(self) -> AsyncIterator[str]:
         """New text since the previous delta (non-empty), until the request finishes."""

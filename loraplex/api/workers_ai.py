@@ -55,10 +55,7 @@ async def run(account_id: str, model_name: str, request: Request):
             yield DONE
 
         return sse_response(gen, events())
-    try:
-        out = await gen.final()
-    finally:
-        await gen.aclose()
+    out = await gen.complete()
     return envelope({"response": out.text, "usage": gen.usage()})
 
 
