@@ -69,6 +69,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from loraplex.client import wait_until_healthy
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 PEFT_SERVER = BENCH_DIR / "baselines" / "peft_server.py"
@@ -623,18 +625,7 @@ def server_process(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=thread_env(threads))
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited with {proc.returncode}:\n{log_tail(log_path)}")
-            try:
-                if httpx.get(f"{base_url}/healthz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[0]} not ready after {ready_timeout_s:.0f} s:\n{log_tail(log_path)}")
-            time.sleep(0.25)
+        wait_until_healthy(base_url, proc, ready_timeout_s, log_path)
         yield base_url
     finally:
         proc.terminate()

@@ -1,9 +1,8 @@
 """Soak: one loraplex server under steady streaming load, then past its capacity, then steady
 again. Nothing may be lost, refusals must be clean, and the server's memory must stay flat.
 
-The server runs in a subprocess on a free loopback port (`python benchmarks/soak.py serve …`: the
-same app as `loraplex serve`, plus the KV-cache size), with --adapters random PEFT adapters
-uploaded through the finetunes API. Closed-loop clients (httpx, asyncio) stream greedy requests
+The server runs in a subprocess on a free loopback port (`loraplex serve … --kv-cache-memory`),
+with --adapters random PEFT adapters uploaded through the finetunes API. Closed-loop clients (httpx, asyncio) stream greedy requests
 round the fixed job list (prompt × adapter, the base model included):
 
 1. warm-up (--warmup s): bursts as in 3., then --clients clients, so that the server's pools,
@@ -47,6 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+from loraplex.client import wait_until_healthy
 
 BENCH_DIR = Path(__file__).resolve().parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,26 +96,6 @@ class Outcome:
 
 # --- the server process ------------------------------------------------------------------------
 
-def serve_main(argv: list[str]) -> None:
-    """`soak.py serve`: the app of `loraplex serve`, with the KV-cache size as an option."""
-    import uvicorn
-
-    from loraplex.api.app import create_app
-    from loraplex.api.server import ServerOptions, build_context
-
-    parser = argparse.ArgumentParser(prog="soak.py serve")
-    for name in ("--model", "--model-name", "--data-dir", "--dtype"):
-        parser.add_argument(name, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--max-pending", type=int, required=True)
-    parser.add_argument("--kv-cache-memory", type=int, default=0)
-    args = parser.parse_args(argv)
-    options = ServerOptions(data_dir=Path(args.data_dir), model=args.model, model_name=args.model_name,
-                            dtype=args.dtype, max_pending=args.max_pending,
-                            kv_cache_memory=args.kv_cache_memory or None)
-    uvicorn.run(create_app(build_context(options)), host="127.0.0.1", port=args.port, log_level="warning")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,9 +106,11 @@ def free_port() -> int:
 def server_process(config: SoakConfig):
     """Start the server, wait for /healthz; yields (base url, pid); stops it at the end."""
     port = free_port()
-    command = [sys.executable, __file__, "serve", "--model", config.model, "--model-name", MODEL_NAME,
+    command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", config.model, "--model-name", MODEL_NAME,
                "--data-dir", str(config.data_dir), "--dtype", config.dtype, "--port", str(port),
-               "--max-pending", str(config.max_pending), "--kv-cache-memory", str(config.kv_cache_memory or 0)]
+               "--max-pending", str(config.max_pending), "--log-level", "warning"]
+    if config.kv_cache_memory:  # else the server's default budget
+        command += ["--kv-cache-memory", str(config.kv_cache_memory)]
     log_path = config.data_dir / "server.log"
     config.data_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -135,7 +118,7 @@ def server_process(config: SoakConfig):
                                 env=os.environ | {"LORAPLEX_DATA_DIR": str(config.data_dir)})
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc, log_path)
+        wait_until_healthy(url, proc, 300, log_path)
         yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -144,20 +127,6 @@ def server_process(config: SoakConfig):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the server did not answer in {timeout_s} s")
 
 
 def create_tenant(data_dir: Path) -> tuple[str, str]:
@@ -465,9 +434,6 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
-        serve_main(argv[1:])
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--adapters", type=int, default=4)

@@ -4,7 +4,9 @@ they talk to a loraplex server over its Workers AI API, as any tenant would."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -60,6 +62,29 @@ class Client:
         if lora:
             body["lora"] = lora
         return self._call("POST", f"/run/{quote(model, safe='')}", json=body)["response"]
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 60.0,
+                       log_path: Path | None = None) -> None:
+    """Poll `url`/healthz until it answers 200. RuntimeError, with the tail of `log_path`, when the
+    server process `proc` exits first or `timeout_s` passes."""
+
+    def failure(what: str) -> RuntimeError:
+        tail = log_path.read_text(errors="replace")[-3000:] if log_path is not None and log_path.exists() else ""
+        return RuntimeError(f"the server at {url} {what}" + (f":\n{tail}" if tail else ""))
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise failure(f"exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise failure(f"did not answer within {timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 def print_json(value) -> None:

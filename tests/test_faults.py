@@ -31,6 +31,7 @@ from api_server import LiveServer, free_port, server_options
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.registry import SCHEMA_VERSION, Registry, RegistryError
 from loraplex.core import RequestOutput
+from loraplex.client import wait_until_healthy
 from tiny_models import make_peft_adapter, make_tiny_model
 
 MODEL = "@cf/test/tiny-llama"
@@ -417,16 +418,7 @@ class ServeProcess:
                     "--log-level", "warning"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"loraplex serve did not answer: {self.log_tail()}")
+        wait_until_healthy(self.url, self.proc, timeout_s, self.log)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from triton_interpreter import load_interpreted
+from module_loading import load_interpreted
 from loraplex.lora import ops
 from loraplex.lora.ops import cpu_ops, torch_ops
 

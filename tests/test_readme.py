@@ -10,13 +10,12 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from api_server import free_port
+from loraplex.client import wait_until_healthy
 from tiny_models import make_peft_adapter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,15 +71,7 @@ def test_quickstart(user_dir):
             if line.startswith("serving "):
                 break
         assert set(printed) == {"LORAPLEX_ACCOUNT_ID", "LORAPLEX_API_TOKEN"}
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(f"http://127.0.0.1:{port}", server, 120)
 
         script = ["set -euo pipefail"]
         for i, (kind, code) in enumerate(quickstart_blocks()):

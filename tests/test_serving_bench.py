@@ -7,29 +7,20 @@ back, never its speed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from module_loading import load_module
 from tiny_models import make_tiny_model
 
 SERVING_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("loraplex_bench_serving", SERVING_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-serving = _load_harness()
+serving = load_module(SERVING_PY, "loraplex_bench_serving")
 
 
 def test_identical_popularity_uses_one_adapter():

@@ -4,13 +4,12 @@ to the offline LLM's, and the server's resident memory flat across the steady ph
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from loraplex import LLM, SamplingParams
+from module_loading import load_module
 from tiny_models import make_peft_adapter, make_tiny_model
 
 SOAK_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
@@ -18,15 +17,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 RSS_TOLERANCE = 0.05  # after the warm-up: the last third's median RSS at most 5% over the first third's
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("loraplex_bench_soak", SOAK_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_harness()
+soak = load_module(SOAK_PY, "loraplex_bench_soak")
 
 
 @pytest.fixture(scope="module")

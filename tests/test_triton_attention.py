@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from triton_interpreter import load_interpreted
+from module_loading import load_interpreted
 from loraplex.kvcache import attention
 from loraplex.kvcache.attention import AttentionBatch, PrefillSegment, decode_backend, paged_attention
 
