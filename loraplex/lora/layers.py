@@ -1,7 +1,7 @@
 """`apply_lora(model, slots)`: wraps the model's packed linears so that each adds its LoRA delta.
 
-The base GEMM runs once for every token; then one SGMV shrink (all slices of a fused linear at
-once) and one SGMV expand per slice add the delta of each token's adapter. Tokens arrive grouped
+The base GEMM runs once for every token; then `sgmv_lora` (one SGMV shrink for all slices of a
+fused linear at once, one SGMV expand per slice) adds the delta of each token's adapter. Tokens arrive grouped
 into per-adapter segments (the model runner orders them); base-only segments cost no LoRA math.
 """
 
@@ -49,12 +49,8 @@ class LoraLinear(nn.Module):
         batch = self.runtime.batch
         if batch is None or self.packed not in batch.seg_slots:
             return y
-        seg_slots = batch.seg_slots[self.packed]
-        rank = self.runtime.slots.rank
-        shrunk = torch.empty(x.shape[0], self.weights.a.shape[1], dtype=torch.float32, device=x.device)
-        self.runtime.ops.sgmv_shrink(x, self.weights.a, batch.seg_starts, seg_slots, shrunk)
-        for i, (b, offset) in enumerate(zip(self.weights.b, self.weights.offsets)):
-            self.runtime.ops.sgmv_expand(shrunk[:, i * rank : (i + 1) * rank], b, batch.seg_starts, seg_slots, y, offset)
+        w = self.weights
+        self.runtime.ops.sgmv_lora(x, w.a, w.b, w.offsets, batch.seg_starts, batch.seg_slots[self.packed], y)
         return y
 
 

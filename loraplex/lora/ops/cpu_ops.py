@@ -5,6 +5,8 @@ step with many adapters has many segments, and one GEMM call per segment per pro
 layer costs more in call overhead than in arithmetic (prefill included: measured in
 benchmarks/RESULTS.md). These kernels take the whole batch in one call, parallel over tokens;
 tokens of a segment are adjacent, so their adapter's A and B stay in cache while it runs.
+`sgmv_lora` does a packed linear's shrink and every slice's expand in one call: in small decode
+batches the Python and dispatch cost of separate calls outweighed their arithmetic.
 """
 
 from __future__ import annotations
@@ -62,6 +64,35 @@ def _expand(h, lora_b_t, token_slots, y, offset):  # pragma: no cover - jitted
                 y_row[n] += coef * b_row[n]
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _shrink_expand(x, lora_a, lora_b_t, offsets, token_slots, y):  # pragma: no cover - jitted
+    """y[t, offsets[i]:offsets[i]+N_i] += (lora_a[w, i*R:(i+1)*R] @ x[t]) @ lora_b_t[i][w] for every
+    slice i and every token t whose slot w >= 0. lora_b_t: a tuple of [S, R, N_i] (B transposed)."""
+    stacked_rank, dim = lora_a.shape[1], lora_a.shape[2]
+    rank = lora_b_t[0].shape[1]
+    for t in numba.prange(x.shape[0]):
+        w = token_slots[t]
+        if w < 0:
+            continue
+        x_row = x[t]
+        h = np.empty(stacked_rank, dtype=np.float32)
+        for r in range(stacked_rank):
+            a_row = lora_a[w, r]
+            acc = np.float32(0.0)
+            for d in range(dim):
+                acc += a_row[d] * x_row[d]
+            h[r] = acc
+        for i in range(len(lora_b_t)):
+            b_t = lora_b_t[i]
+            n_out = b_t.shape[2]
+            y_row = y[t, offsets[i] : offsets[i] + n_out]
+            for r in range(rank):
+                coef = h[i * rank + r]
+                b_row = b_t[w, r]
+                for n in range(n_out):
+                    y_row[n] += coef * b_row[n]
+
+
 def _use_kernel(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
@@ -83,6 +114,30 @@ def _slots_per_token(seg_starts: Tensor, seg_slots: Tensor, num_tokens: int) -> 
     return slots
 
 
+# id(lora_b) → (lora_a, lora_b, numpy views of A and of each B transposed): a packed linear's slot
+# weights are the same tensors every step, so their views are made once. Only zero-copy views are
+# cached (LoraSlots' storage), so later writes into the slots show through; the entries hold the
+# keys' objects, so an id cannot be reused while it is cached.
+_weight_views: dict[int, tuple[Tensor, list[Tensor], tuple[np.ndarray, tuple[np.ndarray, ...]]]] = {}
+_MAX_WEIGHT_VIEWS = 4096
+
+
+def _kernel_weights(lora_a: Tensor, lora_b: list[Tensor]) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+    """(A, B transposed per slice) as numpy arrays for `_shrink_expand`; None if not float32 on CPU."""
+    hit = _weight_views.get(id(lora_b))
+    if hit is not None and hit[0] is lora_a and hit[1] is lora_b:
+        return hit[2]
+    if not _use_kernel(lora_a, *lora_b):
+        return None
+    b_t = [b.transpose(1, 2) for b in lora_b]
+    views = (lora_a.numpy(), tuple(b.contiguous().numpy() for b in b_t))
+    if lora_a.is_contiguous() and all(b.is_contiguous() for b in b_t):
+        if len(_weight_views) >= _MAX_WEIGHT_VIEWS:
+            _weight_views.clear()
+        _weight_views[id(lora_b)] = (lora_a, lora_b, views)
+    return views
+
+
 def sgmv_shrink(x: Tensor, lora_a: Tensor, seg_starts: Tensor, seg_slots: Tensor, out: Tensor) -> None:
     """See `torch_ops.sgmv_shrink`."""
     torch_ops.check_shrink(x, lora_a, out)
@@ -100,3 +155,14 @@ def sgmv_expand(h: Tensor, lora_b: Tensor, seg_starts: Tensor, seg_slots: Tensor
     token_slots = _slots_per_token(seg_starts, seg_slots, h.shape[0])
     lora_b_t = lora_b.transpose(1, 2).contiguous()  # free for LoraSlots' [S, R, N] storage
     _expand(h.numpy(), lora_b_t.numpy(), token_slots, y.numpy(), offset)
+
+
+def sgmv_lora(x, lora_a, lora_b, offsets, seg_starts, seg_slots, y) -> None:
+    """See `torch_ops.sgmv_lora`: one kernel call for the shrink and every slice's expand."""
+    torch_ops.check_lora(x, lora_a, lora_b, offsets, y)
+    weights = _kernel_weights(lora_a, lora_b)
+    if weights is None or not _use_kernel(x, y):
+        return torch_ops.sgmv_lora(x, lora_a, lora_b, offsets, seg_starts, seg_slots, y)
+    token_slots = _slots_per_token(seg_starts, seg_slots, x.shape[0])
+    a, b_t = weights
+    _shrink_expand(x.numpy(), a, b_t, tuple(offsets), token_slots, y.numpy())

@@ -1,10 +1,13 @@
 """Reference SGMV ops in plain PyTorch; also the production path on CPU.
 
 Both ops loop over the (few) segments of a batch and run one GEMM per segment with an
-adapter. The Triton backend (`triton_ops.py`) keeps exactly these signatures and semantics.
+adapter; `sgmv_lora` is one LoRA linear's whole delta (a shrink, then an expand per slice). The
+other backends (`cpu_ops.py`, `triton_ops.py`) keep exactly these signatures and semantics.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +45,19 @@ def check_expand(h: Tensor, lora_b: Tensor, y: Tensor, offset: int) -> None:
         raise ValueError(f"sgmv_expand shapes disagree: h {tuple(h.shape)}, lora_b {tuple(lora_b.shape)}, y {tuple(y.shape)}, offset {offset}")
     if h.dtype != torch.float32:
         raise TypeError(f"sgmv_expand: h must be float32, got {h.dtype}")
+
+
+def check_lora(x: Tensor, lora_a: Tensor, lora_b: Sequence[Tensor], offsets: Sequence[int], y: Tensor) -> None:
+    if not lora_b or len(lora_b) != len(offsets):
+        raise ValueError(f"sgmv_lora wants one offset per B slice, got {len(lora_b)} slices, {len(offsets)} offsets")
+    rank = lora_b[0].shape[-1]
+    if (x.dim() != 2 or lora_a.dim() != 3 or y.dim() != 2 or lora_a.shape[2] != x.shape[1]
+            or lora_a.shape[1] != len(lora_b) * rank or y.shape[0] != x.shape[0]):
+        raise ValueError(f"sgmv_lora shapes disagree: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, "
+                         f"{len(lora_b)} slices of rank {rank}, y {tuple(y.shape)}")
+    for b, offset in zip(lora_b, offsets):
+        if b.dim() != 3 or b.shape[0] != lora_a.shape[0] or b.shape[2] != rank or not 0 <= offset <= y.shape[1] - b.shape[1]:
+            raise ValueError(f"sgmv_lora: slice B {tuple(b.shape)} at offset {offset} does not fit y {tuple(y.shape)}")
 
 
 def sgmv_shrink(x: Tensor, lora_a: Tensor, seg_starts: Tensor, seg_slots: Tensor, out: Tensor) -> None:
@@ -99,3 +115,41 @@ def sgmv_expand(h: Tensor, lora_b: Tensor, seg_starts: Tensor, seg_slots: Tensor
             ys.addmm_(h[s:e], lora_b[w].t())
         else:
             ys.add_(torch.mm(h[s:e], lora_b[w].t().float()))
+
+
+def sgmv_lora(
+    x: Tensor, lora_a: Tensor, lora_b: Sequence[Tensor], offsets: Sequence[int],
+    seg_starts: Tensor, seg_slots: Tensor, y: Tensor,
+) -> None:
+    """One packed LoRA linear's whole delta: a shrink through the slices' stacked A, then one
+    expand per slice into its columns of y.
+
+    Semantics:
+        R = lora_b[0].shape[2]
+        h = empty(T, len(lora_b) * R, float32)
+        sgmv_shrink(x, lora_a, seg_starts, seg_slots, h)
+        for i, (b, offset) in enumerate(zip(lora_b, offsets)):
+            sgmv_expand(h[:, i * R : (i + 1) * R], b, seg_starts, seg_slots, y, offset)
+
+    Shapes:
+        x          [T, IN]              model dtype
+        lora_a     [S, n * R, IN]       the n slices' A stacked along the rank axis
+        lora_b[i]  [S, N_i, R]          slice i's B (scaling folded in)
+        offsets[i] int                  first column of slice i in y
+        seg_starts [G + 1], seg_slots [G]   as in sgmv_shrink
+        y          [T, OUT]             model dtype, updated in place
+    """
+    shrink_then_expand(sgmv_shrink, sgmv_expand, x, lora_a, lora_b, offsets, seg_starts, seg_slots, y)
+
+
+def shrink_then_expand(
+    shrink: Callable, expand: Callable, x: Tensor, lora_a: Tensor, lora_b: Sequence[Tensor],
+    offsets: Sequence[int], seg_starts: Tensor, seg_slots: Tensor, y: Tensor,
+) -> None:
+    """`sgmv_lora` composed from a backend's `shrink` and `expand` (see its Semantics)."""
+    check_lora(x, lora_a, lora_b, offsets, y)
+    rank = lora_b[0].shape[2]
+    h = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    shrink(x, lora_a, seg_starts, seg_slots, h)
+    for i, (b, offset) in enumerate(zip(lora_b, offsets)):
+        expand(h[:, i * rank : (i + 1) * rank], b, seg_starts, seg_slots, y, offset)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .torch_ops import check_expand, check_shrink
+from .torch_ops import check_expand, check_shrink, shrink_then_expand
 
 BLOCK_M = 16  # tokens per tile (tl.dot wants every tile dim >= 16)
 MAX_LANES = 64  # token lanes per segment on the grid
@@ -165,3 +165,8 @@ def sgmv_expand(h: Tensor, lora_b: Tensor, seg_starts: Tensor, seg_slots: Tensor
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
     )
+
+
+def sgmv_lora(x, lora_a, lora_b, offsets, seg_starts, seg_slots, y) -> None:
+    """See `torch_ops.sgmv_lora`: this backend's shrink, then its expand per slice."""
+    shrink_then_expand(sgmv_shrink, sgmv_expand, x, lora_a, lora_b, offsets, seg_starts, seg_slots, y)

@@ -1,0 +1,127 @@
+"""`sgmv_lora` (a packed linear's whole LoRA delta in one op) against a float64 per-token loop.
+
+Weights are laid out as LoraSlots keeps them: A of the slices stacked along the rank axis, each
+B a transposed view of [S, R, N] storage, mixed ranks zero-padded, base-only segments mixed in,
+y wider than the slices (columns outside them must stay untouched).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex.lora.ops import cpu_ops, torch_ops
+from test_lora_ops import HAS_CUDA, LENGTHS, POPULARITY, base_rows, interp, make_batch  # noqa: F401
+
+SLICES = (64, 32, 32)  # q/k/v-like output widths
+N_IN, RANK, LEFT, RIGHT = 96, 8, 5, 7  # y has LEFT + sum(SLICES) + RIGHT columns
+
+
+def make_lora_weights(num_slots: int, gen: torch.Generator, dtype=torch.float32):
+    """(lora_a [S, 3R, IN], lora_b [S, N_i, R] views of [S, R, N_i] storage); slot w uses rank 1 + w % R."""
+    a = torch.randn(num_slots, len(SLICES) * RANK, N_IN, generator=gen) / N_IN**0.5
+    b_storage = [torch.randn(num_slots, RANK, n, generator=gen) / RANK**0.5 for n in SLICES]
+    for w in range(num_slots):
+        r = 1 + w % RANK
+        for i, b in enumerate(b_storage):
+            a[w, i * RANK + r : (i + 1) * RANK] = 0
+            b[w, r:] = 0
+    return a.to(dtype), [b.to(dtype).transpose(1, 2) for b in b_storage]
+
+
+def ref_lora(x, a, bs, offsets, seg_starts, seg_slots, y):
+    ref = y.double().clone()
+    starts = seg_starts.tolist()
+    for g, w in enumerate(seg_slots.tolist()):
+        for t in range(starts[g], starts[g + 1]):
+            if w < 0:
+                continue
+            for i, (b, offset) in enumerate(zip(bs, offsets)):
+                h = a[w, i * RANK : (i + 1) * RANK].double() @ x[t].double()
+                ref[t, offset : offset + b.shape[1]] += b[w].double() @ h
+    return ref
+
+
+def lora_case(mod, pop, lengths, *, seed=0, dtype=torch.float32, device="cpu", tol=1e-5):
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    num_slots = len(lengths) if pop == "distinct" else 6
+    seg_starts, seg_slots, t = make_batch(pop, lengths, num_slots, rng)
+    a, bs = make_lora_weights(num_slots, gen, dtype)
+    offsets = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
+    x = torch.randn(t, N_IN, generator=gen).to(dtype)
+    y0 = torch.randn(t, LEFT + sum(SLICES) + RIGHT, generator=gen).to(dtype)
+    y = y0.to(device, copy=True)
+    mod.sgmv_lora(x.to(device), a.to(device), [b.to(device) for b in bs], offsets,
+                  seg_starts.to(device), seg_slots.to(device), y)
+    ref = ref_lora(x, a, bs, offsets, seg_starts, seg_slots, y0)
+    torch.testing.assert_close(y.cpu().double(), ref, atol=tol, rtol=tol)
+    rows = base_rows(seg_starts, seg_slots)
+    assert rows and torch.equal(y.cpu()[rows], y0[rows])
+    assert torch.equal(y.cpu()[:, :LEFT], y0[:, :LEFT]) and torch.equal(y.cpu()[:, -RIGHT:], y0[:, -RIGHT:])
+
+
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("pop", POPULARITY)
+@pytest.mark.parametrize("mod", [torch_ops, cpu_ops], ids=["torch", "cpu"])
+def test_sgmv_lora_fp32(mod, pop, lengths):
+    lora_case(mod, pop, LENGTHS[lengths], seed=hash((pop, lengths)) % 1000)
+
+
+def test_cpu_sgmv_lora_hands_bf16_to_the_reference():
+    # shrink accumulates in fp32 and expand rounds once to bf16 per slice
+    lora_case(cpu_ops, "zipf", LENGTHS["mixed"], dtype=torch.bfloat16, seed=3, tol=2e-2)
+
+
+def test_cpu_sgmv_lora_sees_slot_writes_between_calls():
+    """The CPU op keeps numpy views of the slot weights across calls: a slot loaded in place after
+    the first call (as LoraSlots.load does) must be what the second call uses; with B passed as a
+    non-contiguous copy-needing layout, nothing stale may be reused either."""
+    gen = torch.Generator().manual_seed(4)
+    seg_starts, seg_slots = torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)
+    offsets = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
+    x = torch.randn(5, N_IN, generator=gen)
+    a, slot_bs = make_lora_weights(2, gen)
+    plain_bs = [b.contiguous() for b in slot_bs]  # [S, N, R] storage: its transpose is not contiguous
+    for bs in (slot_bs, plain_bs):
+        for _ in range(2):
+            y0 = torch.randn(5, LEFT + sum(SLICES) + RIGHT, generator=gen)
+            y = y0.clone()
+            cpu_ops.sgmv_lora(x, a, bs, offsets, seg_starts, seg_slots, y)
+            torch.testing.assert_close(y.double(), ref_lora(x, a, bs, offsets, seg_starts, seg_slots, y0), atol=1e-5, rtol=1e-5)
+            a[1].normal_(generator=gen)  # "load" new weights into slot 1, in place
+            for b in bs:
+                b[1].normal_(generator=gen)
+
+
+def test_sgmv_lora_shape_errors():
+    a, bs = make_lora_weights(2, torch.Generator().manual_seed(0))
+    x, y = torch.randn(3, N_IN), torch.zeros(3, sum(SLICES))
+    starts, slots = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    offsets = [0, 64, 96]
+    bad = {
+        "offsets count": (x, a, bs, offsets[:2], y),
+        "stacked rank": (x, a[:, : 2 * RANK], bs, offsets, y),
+        "input width": (x[:, :-1], a, bs, offsets, y),
+        "slice past y": (x, a, bs, [0, 64, 97], y),
+        "token count": (x[:2], a, bs, offsets, y),
+    }
+    for mod in (torch_ops, cpu_ops):
+        for name, (xx, aa, bb, oo, yy) in bad.items():
+            with pytest.raises(ValueError):
+                mod.sgmv_lora(xx, aa, bb, oo, starts, slots, yy)
+            assert (y == 0).all(), name
+
+
+@pytest.mark.parametrize("pop", ["distinct", "zipf"])
+def test_triton_interpreted_sgmv_lora(interp, pop):  # noqa: F811
+    lora_case(interp, pop, LENGTHS["mixed"], seed=21)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_triton_cuda_sgmv_lora_bf16():
+    from loraplex.lora.ops import triton_ops
+
+    for i, pop in enumerate(POPULARITY):
+        lora_case(triton_ops, pop, [1] * 40 + [300, 77, 16], seed=300 + i, dtype=torch.bfloat16, device="cuda", tol=2e-2)
