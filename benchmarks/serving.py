@@ -28,16 +28,19 @@ A run "holds" when it has no errors, nothing unfinished, p99 TTFT <= --ttft-boun
 --tpot-bound. The TPOT bound is there because a continuous-batching server keeps admitting new
 requests (so TTFT stays low) while every stream slows down; without it an overloaded server could
 pass a short run (--tpot-bound 0 turns it off). Per (server, popularity) the sustainable rate is
-found on the --rates grid: the first case starts at --start-rate, later cases at the rate the
-previous case sustained; it goes up while runs hold and down while they fail until bracketed, then
---refine geometric bisection steps. Peak throughput is the most output tokens/s any run delivered.
+found on the --rates grid: loraplex runs first, its first case starting at --start-rate, later
+cases at the rate the previous case sustained; it goes up while runs hold and down while they fail
+until bracketed, then --refine geometric bisection steps. A baseline's sweep starts at, and never
+goes below, the grid rate at or under loraplex's rate / (2 × the goal ratio): if it fails there,
+loraplex beats it by at least twice the goal, and slower runs would only take longer (the ratio
+is then reported as a lower bound). Peak throughput is the most output tokens/s any run delivered.
 
 Goals (the table at the end, per popularity case): loraplex sustains >= 5x the rate of peft-naive
 and >= 2x that of peft-batched under the same bounds, and delivers >= 0.85x the peak throughput of
 its own base-only runs.
 
     python benchmarks/serving.py [--model default|HF_FOLDER]
-        [--servers peft-naive,peft-batched,loraplex,loraplex-base] [--popularity distinct,uniform,zipf,identical]
+        [--servers loraplex,loraplex-base,peft-batched,peft-naive] [--popularity distinct,uniform,zipf,identical]
         [--rates 0.125,0.25,0.5,1,2,4,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
         [--out benchmarks/out]
 
@@ -77,7 +80,7 @@ PEFT_SERVER = BENCH_DIR / "baselines" / "peft_server.py"
 MODEL_NAME = "bench-model"  # the model name in the route; every server accepts it
 POPULARITY_CASES = ["distinct", "uniform", "zipf", "identical"]
 BASE_ONLY = "base"  # the popularity label of runs without adapters
-SERVERS = ["peft-naive", "peft-batched", "loraplex", "loraplex-base"]
+SERVERS = ["loraplex", "loraplex-base", "peft-batched", "peft-naive"]
 SERVER_PROCESS = {"peft-naive": "peft-naive", "peft-batched": "peft-batched", "loraplex": "loraplex", "loraplex-base": "loraplex"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ZIPF_EXPONENT = 1.5
@@ -399,25 +402,38 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def rate_ratio(rate: float | None, baseline_rate: float | None, grid: list[float]) -> tuple[float | None, bool]:
-    """(rate / baseline_rate, whether that is only a lower bound). A baseline that held at no rate
-    of the grid is counted as sustaining the lowest (its true rate is lower); a `rate` at the top of
-    the grid may be higher still. Either way the ratio is only a lower bound."""
-    if not rate or baseline_rate is None:
+def rate_ratio(rate: float | None, baseline: dict | None, grid_top: float) -> tuple[float | None, bool]:
+    """(rate / the baseline's sustainable rate, whether that is only a lower bound). A baseline that
+    held at no rate it was run at is counted as sustaining the lowest of them (its true rate is
+    lower); a `rate` at the top of the grid may be higher still. Either way the ratio is only a
+    lower bound."""
+    if not rate or baseline is None:
         return None, False
-    if baseline_rate == 0:
-        return rate / min(grid), True
-    return rate / baseline_rate, rate >= max(grid)
+    if baseline["sustainable_rate"] == 0:
+        return rate / baseline["lowest_rate"], True
+    return rate / baseline["sustainable_rate"], rate >= grid_top
 
 
+BASELINE_GOALS = {"peft-naive": 5.0, "peft-batched": 2.0}  # loraplex's sustainable rate ≥ this × theirs
 GOALS = {  # goal name: (ratio key, minimum)
-    "vs_naive>=5x": ("loraplex_vs_naive_rate", 5.0),
-    "vs_batched>=2x": ("loraplex_vs_batched_rate", 2.0),
+    "vs_naive>=5x": ("loraplex_vs_naive_rate", BASELINE_GOALS["peft-naive"]),
+    "vs_batched>=2x": ("loraplex_vs_batched_rate", BASELINE_GOALS["peft-batched"]),
     "vs_base>=0.85x": ("loraplex_vs_base_throughput", 0.85),
 }
 
 
-def goal_table(capacities: list[dict], popularity_cases: list[str], grid: list[float]) -> list[dict]:
+def baseline_floor(server: str, loraplex_rate: float | None, grid: list[float]) -> float:
+    """The lowest grid rate a baseline's sweep runs at: the highest grid rate at or below loraplex's
+    sustainable rate / (2 × the goal ratio). A baseline failing there is still beaten by twice
+    the goal; slower rates would only make its runs longer (each sends at least --min-requests).
+    Without a loraplex figure (or for loraplex itself): the lowest grid rate."""
+    goal = BASELINE_GOALS.get(server)
+    if goal is None or not loraplex_rate:
+        return min(grid)
+    return max([rate for rate in grid if rate <= loraplex_rate / (2 * goal)], default=min(grid))
+
+
+def goal_table(capacities: list[dict], popularity_cases: list[str], grid_top: float) -> list[dict]:
     """Per popularity case: loraplex's sustainable rate against each baseline's, its peak throughput
     against base-only's, and whether each goal is met (None where a side was not measured).
     `lower_bounds` names the ratios that are only lower bounds (see `rate_ratio`)."""
@@ -429,7 +445,7 @@ def goal_table(capacities: list[dict], popularity_cases: list[str], grid: list[f
 
     rows = []
     for case in popularity_cases:
-        rates = {server: get(server, BASE_ONLY if server == "loraplex-base" else case, "sustainable_rate") for server in SERVERS}
+        entries = {server: by_key.get((server, BASE_ONLY if server == "loraplex-base" else case)) for server in SERVERS}
         row, lower_bounds = {"popularity": case}, []
         for key, numerator, denominator in (
             ("loraplex_vs_naive_rate", "loraplex", "peft-naive"),
@@ -437,7 +453,8 @@ def goal_table(capacities: list[dict], popularity_cases: list[str], grid: list[f
             ("loraplex_vs_base_rate", "loraplex", "loraplex-base"),
             ("batched_vs_naive_rate", "peft-batched", "peft-naive"),
         ):
-            row[key], is_lower_bound = rate_ratio(rates[numerator], rates[denominator], grid)
+            rate = get(numerator, case, "sustainable_rate")
+            row[key], is_lower_bound = rate_ratio(rate, entries[denominator], grid_top)
             if is_lower_bound:
                 lower_bounds.append(key)
         row["loraplex_vs_base_throughput"] = ratio(
@@ -457,6 +474,7 @@ def capacity(server: str, popularity: str, runs: list[dict], sustainable_rate: f
         "server": server,
         "popularity": popularity,
         "sustainable_rate": sustainable_rate,
+        "lowest_rate": min((r["offered_rate"] for r in runs), default=None),
         "peak_output_throughput": max((r["output_throughput"] for r in runs), default=0.0),
         "peak_request_throughput": max((r["request_throughput"] for r in runs), default=0.0),
     }
@@ -507,7 +525,7 @@ def print_summary(report: dict) -> None:
         met = " ".join({True: "yes", False: "NO", None: "-"}[v] for v in row["goals_met"].values())
         print(f"{row['popularity']:<9} " + " ".join(f"{c:>13}" for c in cells) + f"  {met}")
     print("(lp: loraplex; '+': held at the top of the grid, so at least this rate;")
-    print(" '>': a lower bound, as the baseline held at no rate of the grid or loraplex at the top)")
+    print(" '>': a lower bound, as the baseline held at no rate it was run at, or loraplex held at the top)")
 
 
 def plot(report: dict, out: Path) -> list[Path]:
@@ -788,11 +806,19 @@ class Options:
     progress: bool = True
 
 
-def sweep_cases(opts: Options, endpoint: Endpoint, server: str, adapters: list[str]) -> tuple[list[dict], list[dict]]:
-    """Every popularity case of one server (base-only: one case); each sweep after the first
-    starts at the rate the previous case sustained. Returns (runs, capacities)."""
+def sweep_cases(
+    opts: Options, endpoint: Endpoint, server: str, adapters: list[str], loraplex_rates: dict[str, float],
+) -> tuple[list[dict], list[dict]]:
+    """Every popularity case of one server (base-only: one case). loraplex's sweeps start at
+    --start-rate, then at the rate the previous case sustained; a baseline's start at its floor
+    (`baseline_floor`, from `loraplex_rates`, loraplex's sustainable rate per case) and go up
+    from there. Returns (runs, capacities)."""
     runs, capacities, start_rate = [], [], opts.start_rate
     for case in [BASE_ONLY] if server == "loraplex-base" else opts.popularity:
+        rates = opts.rates
+        if server in BASELINE_GOALS:
+            start_rate = baseline_floor(server, loraplex_rates.get(case), opts.rates)
+            rates = [rate for rate in opts.rates if rate >= start_rate]
 
         def run_at(rate: float) -> dict:
             spec = WorkloadSpec(rate, opts.duration_s, opts.max_requests, opts.min_requests, seed=opts.seed)
@@ -801,7 +827,7 @@ def sweep_cases(opts: Options, endpoint: Endpoint, server: str, adapters: list[s
             return run
 
         holds = partial(holds_bounds, ttft_bound_s=opts.ttft_bound_s, tpot_bound_s=opts.tpot_bound_s)
-        swept, held = sweep(run_at, opts.rates, holds, opts.refine, start_rate)
+        swept, held = sweep(run_at, rates, holds, opts.refine, start_rate)
         runs += swept
         capacities.append(capacity(server, case, swept, held))
         start_rate = held or opts.start_rate
@@ -809,13 +835,16 @@ def sweep_cases(opts: Options, endpoint: Endpoint, server: str, adapters: list[s
 
 
 def benchmark(opts: Options, work: Path) -> dict:
-    """Every selected server over every popularity case, swept over rates. A server process that
-    fails to start or to serve is reported under "failures" and the others still run."""
+    """Every selected server over every popularity case, swept over rates; loraplex first, as
+    the baselines' sweeps start from its rates. A server process that fails to start or to serve
+    is reported under "failures" and the others still run."""
     adapters_dir = work / "adapters"
     adapters = make_adapters(opts.model_dir, adapters_dir, opts.num_adapters, opts.rank, opts.seed)
     runs, capacities, failures = [], [], []
     print(RUN_HEADER, flush=True)
-    for process in dict.fromkeys(SERVER_PROCESS[s] for s in opts.servers):
+    processes = sorted(dict.fromkeys(SERVER_PROCESS[s] for s in opts.servers), key=lambda process: process != "loraplex")
+    for process in processes:
+        loraplex_rates = {c["popularity"]: c["sustainable_rate"] for c in capacities if c["server"] == "loraplex"}
         try:
             launched = launch(
                 process, opts.model_dir, adapters_dir, adapters, work, opts.max_batch, opts.rank, opts.threads
@@ -823,7 +852,7 @@ def benchmark(opts: Options, work: Path) -> dict:
             with launched as endpoint:
                 warm_up(endpoint, adapters)
                 for server in [s for s in opts.servers if SERVER_PROCESS[s] == process]:
-                    server_runs, server_capacities = sweep_cases(opts, endpoint, server, adapters)
+                    server_runs, server_capacities = sweep_cases(opts, endpoint, server, adapters, loraplex_rates)
                     runs += server_runs
                     capacities += server_capacities
         except (RuntimeError, httpx.HTTPError) as exc:
@@ -833,7 +862,7 @@ def benchmark(opts: Options, work: Path) -> dict:
     del config["progress"]
     workload = {"prompt_words": list(WorkloadSpec.prompt_words), "max_tokens": list(WorkloadSpec.max_tokens)}
     config |= workload | {"zipf_exponent": ZIPF_EXPONENT}
-    goals = goal_table(capacities, opts.popularity, opts.rates)
+    goals = goal_table(capacities, opts.popularity, max(opts.rates))
     return {"config": config, "runs": runs, "capacities": capacities, "goals": goals, "failures": failures}
 
 
@@ -851,7 +880,7 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--popularity", default=",".join(POPULARITY_CASES))
     parser.add_argument("--rates", default="0.125,0.25,0.5,1,2,4,8", help="offered loads to sweep, req/s")
-    parser.add_argument("--start-rate", type=float, default=1.0, help="the first case's sweep starts here")
+    parser.add_argument("--start-rate", type=float, default=4.0, help="loraplex's first sweep starts here")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run")
     parser.add_argument("--min-requests", type=int, default=6, help="low rates run longer to send this many")
     parser.add_argument("--max-requests", type=int, default=400, help="at most this many requests per run")

@@ -93,6 +93,35 @@ def test_sweep_from_a_start_rate_goes_down_until_one_holds():
     assert nothing == 0.0
 
 
+def test_baseline_sweeps_start_at_twice_the_goal_below_loraplex():
+    grid = [0.125, 0.25, 0.5, 1, 2, 4, 8]
+    assert serving.baseline_floor("peft-naive", 5.66, grid) == 0.5  # 5.66 / (2 * 5) = 0.566
+    assert serving.baseline_floor("peft-batched", 5.66, grid) == 1  # 5.66 / (2 * 2) = 1.415
+    assert serving.baseline_floor("peft-naive", 0.5, grid) == 0.125  # under the grid: its lowest
+    assert serving.baseline_floor("peft-naive", None, grid) == 0.125  # loraplex not measured
+    assert serving.baseline_floor("loraplex-base", 5.66, grid) == 0.125
+
+
+def test_goal_table_ratios_and_their_lower_bounds():
+    def cap(server, case, rate, lowest, peak=100.0):
+        return {"server": server, "popularity": case, "sustainable_rate": rate, "lowest_rate": lowest,
+                "peak_output_throughput": peak, "peak_request_throughput": 1.0}
+
+    capacities = [
+        cap("loraplex", "zipf", 4.0, 4.0, peak=90.0), cap("loraplex-base", "base", 4.0, 4.0),
+        cap("peft-naive", "zipf", 0.0, 0.5),  # held nowhere from its floor up: true rate < 0.5
+        cap("peft-batched", "zipf", 1.0, 1.0),
+    ]
+    (row,) = serving.goal_table(capacities, ["zipf"], grid_top=8.0)
+    assert row["loraplex_vs_naive_rate"] == 8.0 and "loraplex_vs_naive_rate" in row["lower_bounds"]
+    assert row["loraplex_vs_batched_rate"] == 4.0 and "loraplex_vs_batched_rate" not in row["lower_bounds"]
+    assert row["loraplex_vs_base_throughput"] == 0.9
+    assert row["goals_met"] == {"vs_naive>=5x": True, "vs_batched>=2x": True, "vs_base>=0.85x": True}
+    capacities[2] = cap("peft-naive", "zipf", 0.0, 1.0)  # a lower bound under the goal says nothing
+    (row,) = serving.goal_table(capacities, ["zipf"], grid_top=8.0)
+    assert row["loraplex_vs_naive_rate"] == 4.0 and row["goals_met"]["vs_naive>=5x"] is None
+
+
 def test_a_run_holds_only_within_both_bounds_and_without_failures():
     good = _fake_run(1.0)
     assert serving.holds_bounds(good, ttft_bound_s=2.0, tpot_bound_s=0.5)
@@ -140,7 +169,7 @@ def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
         "config": {"ttft_bound_s": 2.0, "popularity": ["uniform"]},
         "runs": [run],
         "capacities": capacities,
-        "goals": serving.goal_table(capacities, ["uniform"], grid=[1.0, 2.0, 4.0, 8.0]),
+        "goals": serving.goal_table(capacities, ["uniform"], grid_top=8.0),
     }
     paths = serving.write_report(report, tmp_path / "out")
     assert {p.name for p in paths} == {"serving.json", "serving_latency.png", "serving_throughput.png"}
