@@ -488,14 +488,14 @@ def run_line(run: dict) -> str:
     ttft, tpot = run["ttft_s"], run["tpot_s"]
     return (
         f"{run['server']:<14} {run['popularity']:<9} {run['offered_rate']:>6.3g} {run['completed']:>4}/{run['requests']:<4}"
-        f" {run['errors'] + run['unfinished']:>4} {run['request_throughput']:>6.2f} {run['output_throughput']:>7.1f}"
+        f" {run['errors']:>4} {run['unfinished']:>4} {run['request_throughput']:>6.2f} {run['output_throughput']:>7.1f}"
         f" {_fmt(ttft['p50'])} {_fmt(ttft['p90'])} {_fmt(ttft['p99'])}"
         f"  {_fmt(tpot['p50'], 3)} {_fmt(tpot['p99'], 3)}"
     )
 
 
 RUN_HEADER = (
-    f"{'server':<14} {'pop':<9} {'rate':>6} {'done':>9} {'err':>4} {'req/s':>6} {'tok/s':>7}"
+    f"{'server':<14} {'pop':<9} {'rate':>6} {'done':>9} {'err':>4} {'cut':>4} {'req/s':>6} {'tok/s':>7}"
     " TTFT p50/p90/p99 s  TPOT p50/p99 s"
 )
 

@@ -55,18 +55,25 @@ try:
 """, flush=True)
 
 
+def _server_options(args: argparse.Namespace):
+    from loraplex.api.server import ServerOptions
+
+    return ServerOptions(
+        data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
+        dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
+        max_finetunes_per_account=args.max_finetunes_per_account, adapter_host_cache_bytes=args.adapter_host_cache,
+        adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loraplex.api.app import create_app
-    from loraplex.api.server import ServerOptions, build_context
+    from loraplex.api.server import build_context
 
-    options = ServerOptions(
-        data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
-        dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
-        max_finetunes_per_account=args.max_finetunes_per_account,
-    )
+    options = _server_options(args)
     if args.dev_account:
         _print_dev_help(*_dev_account(args.data_dir), args.host, args.port, options.served_name)
     app = create_app(build_context(options))
@@ -117,6 +124,24 @@ def _bytes_or_fraction(text: str) -> int | float:
     return int(value) if value > 1 else value
 
 
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _byte_size(text: str) -> int:
+    """'1073741824', '512MiB', '2GB' → bytes."""
+    number = text.rstrip("KMGIBkmgib")
+    unit = text[len(number):].strip().upper()
+    if unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a byte count, optionally with one of {', '.join(u for u in _BYTE_UNITS if u)}")
+    try:
+        value = float(number) * _BYTE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=_bytes_or_fraction, default=None,
                        help="KV cache: bytes, or a fraction (0, 1] of free memory (default: 0.25 of host, 0.9 of GPU)")
     serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
+    serve.add_argument("--adapter-host-cache", type=_byte_size, default=1 << 30,
+                       help="bytes of parsed adapters kept in host memory, e.g. 2GiB (default 1GiB)")
+    serve.add_argument("--adapter-disk-cache", type=_byte_size, default=4 << 30,
+                       help="bytes of downloaded adapter files kept on local disk (default 4GiB)")
+    serve.add_argument("--adapter-workers", type=int, default=2, help="threads downloading and parsing adapters")
     serve.add_argument("--max-finetunes-per-account", type=int, default=30)
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")

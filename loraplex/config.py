@@ -50,9 +50,10 @@ class LoraConfig:
     disk_cache_bytes: int = 4 << 30  # adapter files downloaded from the store, kept on local disk
     storage_url: str | None = None  # object store of tenants' adapters: file:///… or s3://bucket/prefix
     retry_failed_after_s: float = 5.0  # an adapter whose load failed is tried again after this long
+    cache_workers: int = 2  # threads that download and parse adapters (off the engine step)
 
     def __post_init__(self) -> None:
-        _require_positive(self, "max_loras", "max_lora_rank")
+        _require_positive(self, "max_loras", "max_lora_rank", "cache_workers")
         if self.max_lora_rank > 64:
             raise ValueError(f"max_lora_rank is at most 64, got {self.max_lora_rank}")
 

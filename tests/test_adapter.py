@@ -133,6 +133,43 @@ def test_half_precision_tensors(bad, llama_args, dtype):
     torch.testing.assert_close(b, rounded[Q_B] * 2.0, rtol=0, atol=0)  # alpha 8 / r 4
 
 
+def write_unaligned_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A valid safetensors file whose data section starts at an odd offset (the format allows any
+    header length; safetensors itself pads to 8)."""
+    header, offset, blobs = {}, 0, []
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    for name, t in tensors.items():
+        blob = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header).encode()
+    text += b" " * ((3 - len(text)) % 4 or 4)  # 8 + len(text) is odd
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_mixed_dtypes_at_unaligned_offsets(bad, llama_args):
+    tensors = {k: v.clone() for k, v in load_file(bad / WEIGHTS).items()}  # not views of the file rewritten below
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    mixed = {k: v.to(dtypes[i % 3]) for i, (k, v) in enumerate(sorted(tensors.items()))}
+    write_unaligned_safetensors(bad / WEIGHTS, mixed)
+    assert (8 + int.from_bytes((bad / WEIGHTS).read_bytes()[:8], "little")) % 2 == 1
+    adapter = load_adapter(bad, llama_args)
+    a, b = adapter.modules[0, "q_proj"]
+    torch.testing.assert_close(a, mixed[Q_A].float(), rtol=0, atol=0)
+    torch.testing.assert_close(b, mixed[Q_B].float() * 2.0, rtol=0, atol=0)  # alpha 8 / r 4
+    (a16, b16) = [t.to(torch.float16) for t in (tensors[Q_A], tensors[Q_B])]
+    write_unaligned_safetensors(bad / WEIGHTS, {k: v.to(torch.float16) for k, v in tensors.items()})
+    a, b = load_adapter(bad, llama_args).modules[0, "q_proj"]  # one dtype: the whole section converted at once
+    torch.testing.assert_close(a, a16.float(), rtol=0, atol=0)
+    torch.testing.assert_close(b, b16.float() * 2.0, rtol=0, atol=0)
+
+
+def test_nan_is_named_in_a_file_of_one_dtype(bad, llama_args):
+    edit_tensors(bad, lambda t: t[Q_B].view(-1).__setitem__(3, float("nan")))
+    refused(bad, llama_args, 5004, Q_B, "NaN", "scaled by 2")
+
+
 # ---------------------------------------------------------------- missing files (3039)
 
 def test_missing_folder(tmp_path, llama_args):

@@ -255,6 +255,23 @@ def test_host_eviction_respects_pins(store, folders, make_cache, sizes):
     assert sum(slow.calls.values()) == fetched and cache.stats()["disk_hits"] == 1
 
 
+def test_downloaded_files_removed_underneath_are_fetched_again(store, folders, make_cache, sizes, tmp_path):
+    counting = WrappedStore(store)
+    cache = make_cache(counting, host_budget_bytes=sizes[0])
+    cache.register("a", upload(store, folders[0]))
+    cache.register("b", upload(store, folders[1]))
+    cache.load_now("a")
+    cache.load_now("b")  # evicts a from host: ON_DISK, its files in the cache's folder
+    assert cache.state("a") is S.ON_DISK
+    downloads = [p for p in (tmp_path / "disk").iterdir() if p.name.startswith("a-")]
+    assert len(downloads) == 1
+    shutil.rmtree(downloads[0])  # a temp cleaner, an operator …
+    assert cache.load_now("a").name == "a"
+    assert cache.state("a") is S.IN_HOST and counting.calls[upload(store, folders[0]).weights_key] == 2
+    files = lambda folder: sum((folder / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))  # noqa: E731
+    assert cache.stats()["disk_bytes"] == files(folders[0]) + files(folders[1])  # the lost folder un-counted
+
+
 def test_hot_adapter_survives_a_scan_of_cold_ones(store, folders, make_cache, sizes):
     cache = make_cache(store, host_budget_bytes=3 * sizes[0])
     names = ["hot"] + [f"cold{i}" for i in range(6)]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 
 import httpx
@@ -407,6 +409,24 @@ def test_metrics(server, alice, alice_finetunes):
 
 
 # --- the CLI's client and operator commands ---------------------------------------------------
+
+def test_serve_flags_reach_the_engine_config(tmp_path):
+    from loraplex.api.server import engine_config
+    from loraplex.cli import _byte_size, _parser, _server_options
+
+    args = _parser().parse_args(["serve", "--data-dir", str(tmp_path), "--adapter-host-cache", "512MiB",
+                                 "--adapter-disk-cache", "2GB", "--adapter-workers", "3", "--max-loras", "4"])
+    lora = engine_config(_server_options(args)).lora
+    assert (lora.host_cache_bytes, lora.disk_cache_bytes, lora.cache_workers, lora.max_loras) == (2**29, 2 * 10**9, 3, 4)
+    assert _byte_size("1.5GiB") == 3 * 2**29 and _byte_size("123") == 123
+    for bad in ("lots", "5XB", "-1", "GiB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _byte_size(bad)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--adapter-host-cache", "a lot"])
+    with pytest.raises(ValueError, match="cache_workers"):
+        engine_config(_server_options(_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--adapter-workers", "0"])))
+
 
 def test_cli_commands(server, adapters, tmp_path, monkeypatch, capsys):
     from loraplex.cli import main

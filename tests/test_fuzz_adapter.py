@@ -130,21 +130,22 @@ class Workdir:
 
 
 class TensorSpy:
-    """Wraps the adapter module's safetensors loader to record how far its tensors outgrow the bytes given."""
+    """Wraps the adapter module's tensor decoding to record how far its float32 buffers outgrow twice
+    the bytes given (16-bit data doubles; nothing may grow more)."""
 
     def __init__(self):
-        self.excess = 0  # largest (tensor bytes - data bytes) seen since reset
+        self.excess = 0  # largest (float32 buffer bytes - 2 x file bytes) seen since reset
 
     @contextlib.contextmanager
     def installed(self):
-        real = adapter_module._load_safetensors
+        real = adapter_module._float32_tensors
 
-        def spy(data):
-            tensors = real(data)
-            self.excess = max(self.excess, sum(t.nbytes for t in tensors.values()) - (len(data) - 8))
-            return tensors
+        def spy(data, infos):
+            tensors, buffers = real(data, infos)
+            self.excess = max(self.excess, sum(t.nbytes for t in buffers) - 2 * (len(data) - 8))
+            return tensors, buffers
 
-        with mock.patch.object(adapter_module, "_load_safetensors", spy):
+        with mock.patch.object(adapter_module, "_float32_tensors", spy):
             yield self
 
 
@@ -187,7 +188,7 @@ def run_load(work: Workdir, args, spy: TensorSpy, config: bytes | None, weights:
         tracemalloc.stop()
     assert cpu < TIME_LIMIT_S and elapsed < 10 * TIME_LIMIT_S, f"load took {cpu:.2f} s of CPU, {elapsed:.2f} s"
     assert peak <= 4 * size + 8 * MiB, f"peak Python allocation {peak} bytes for {size} bytes of files"
-    assert spy.excess <= 0, f"tensors {spy.excess} bytes larger than the file's data section"
+    assert spy.excess <= 0, f"float32 tensors {spy.excess} bytes larger than twice the file's data section"
     if isinstance(result, AdapterError):
         check_error(result)
         assert (result.code == 3039) == (config is None or weights is None), (result.code, result.message)

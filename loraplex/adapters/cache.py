@@ -8,6 +8,7 @@ everything below them. Each registered name moves through `AdapterState`:
     DOWNLOADING / LOADING ──failure──▶ ERRORED ──prefetch, once retry_errored_after_s passed──▶ …
     IN_HOST ──host eviction──▶ ON_DISK (its files still there) or REMOTE
     ON_DISK ──disk eviction──▶ REMOTE   (an IN_HOST adapter stays IN_HOST; only its files go)
+    LOADING ──its downloaded files gone from disk──▶ DOWNLOADING   (fetched again)
 
 Contracts:
 
@@ -365,12 +366,31 @@ class AdapterCache:
 
     def _work(self, e: _Entry, folder: Path | None) -> LoraAdapter:
         try:
+            if folder is not None and self._lost_download(e, folder):
+                folder = None
             if folder is None:
                 folder = self._fetch(e)
             return self._parse(e, folder)
         except Exception as exc:
             self._fail(e, exc)
             raise
+
+    def _lost_download(self, e: _Entry, folder: Path) -> bool:
+        """Whether `folder`, downloaded by the cache, lost its files (removed under it, e.g. by a
+        temp cleaner); then it is forgotten and the job downloads again. A LocalSource folder is
+        the caller's: its missing files are an error, left to the parser to report."""
+        if all((folder / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+            return False
+        with self._lock:
+            if not (e.owned and e.folder == folder):
+                return False
+            self._drop_files_locked(e)
+            if self._is_current(e):
+                e.state = AdapterState.DOWNLOADING
+                self._stats["fetches_started"] += 1
+        log.warning("adapter %r: its downloaded files are gone from %s; downloading again", e.name, folder)
+        _remove([folder])
+        return True
 
     def _fetch(self, e: _Entry) -> Path:
         """REMOTE → disk: both objects into a fresh folder (the store verifies their hashes)."""

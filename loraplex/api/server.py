@@ -39,6 +39,9 @@ class ServerOptions:
     max_finetunes_per_account: int = 30
     max_adapter_bytes: int = 100 * 2**20
     retry_failed_adapter_after_s: float = 5.0
+    adapter_host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory
+    adapter_disk_cache_bytes: int = 4 << 30  # downloaded adapter files kept on local disk
+    adapter_workers: int = 2  # threads downloading and parsing adapters
 
     @property
     def served_name(self) -> str:
@@ -52,21 +55,26 @@ def open_registry(data_dir: Path, max_finetunes_per_account: int = 30) -> Regist
     return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
 
 
+def engine_config(opts: ServerOptions) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len),
+        cache=CacheConfig(kv_cache_memory=opts.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_seqs=opts.max_num_seqs),
+        lora=LoraConfig(max_loras=opts.max_loras, max_lora_rank=opts.max_lora_rank,
+                        retry_failed_after_s=opts.retry_failed_adapter_after_s,
+                        host_cache_bytes=opts.adapter_host_cache_bytes, disk_cache_bytes=opts.adapter_disk_cache_bytes,
+                        cache_workers=opts.adapter_workers),
+        data_dir=str(opts.data_dir),
+    )
+
+
 def build_context(opts: ServerOptions) -> ApiContext:
     """Load the model and open the registry and store (slow: seconds). The engine thread is
     started by the app's lifespan. Uploads a previous process was staging when it died are
     removed (one API process per data dir)."""
     shutil.rmtree(opts.data_dir / "uploads", ignore_errors=True)
     store = open_store(opts.storage or (opts.data_dir / "objects").resolve().as_uri())
-    config = EngineConfig(
-        model=ModelConfig(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len),
-        cache=CacheConfig(kv_cache_memory=opts.kv_cache_memory),
-        scheduler=SchedulerConfig(max_num_seqs=opts.max_num_seqs),
-        lora=LoraConfig(max_loras=opts.max_loras, max_lora_rank=opts.max_lora_rank,
-                        retry_failed_after_s=opts.retry_failed_adapter_after_s),
-        data_dir=str(opts.data_dir),
-    )
-    engine = LLMEngine(config, adapter_store=store)
+    engine = LLMEngine(engine_config(opts), adapter_store=store)
     async_engine = AsyncEngine(engine, max_pending=opts.max_pending)
     return ApiContext(
         engine=async_engine,

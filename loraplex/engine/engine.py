@@ -115,6 +115,7 @@ class LLMEngine:
             on_change=lambda name: self._wakeup.set(),
             pin_memory=self.device.type == "cuda",
             retry_errored_after_s=lora.retry_failed_after_s,
+            workers=lora.cache_workers,
         )
         weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir, cache_lock)
         self.lora_names: set[str] = set()

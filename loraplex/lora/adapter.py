@@ -21,7 +21,6 @@ from pathlib import Path
 from re import _constants as _sre, _parser as _sre_parser  # the stdlib's regex parse tree, for _paths
 
 import torch
-from safetensors.torch import load as _load_safetensors
 
 from loraplex.lora.safetensors_check import SafetensorsFormatError, TensorInfo, check_header
 from loraplex.models.hf_config import ModelArgs
@@ -30,7 +29,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _FAMILIES = ("llama", "mistral", "gemma", "qwen")
-_FLOAT_DTYPES = ("F32", "F16", "BF16")
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # config flags whose truthy value changes the forward pass in ways plain LoRA cannot serve
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)", "lora_bias": "a bias on lora_B (lora_bias)",
@@ -307,16 +306,19 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def _read_file(file: Path, limit: int) -> bytes:
+def _read_file(file: Path, limit: int) -> bytearray:
     """The bytes of `file`, refused from its size alone when over `limit`. Reads what stat reported (plus one byte,
-    to notice growth), never `limit` bytes: a buffer sized by the limit would be allocated in full."""
+    to notice growth), never `limit` bytes: a buffer sized by the limit would be allocated in full. A bytearray,
+    so that tensors can be made over it without a copy."""
     size = file.stat().st_size
     if size > limit:
         raise _invalid(f"{file.name} is {size} bytes, over the limit of {limit}")
+    data = bytearray(size + 1)
     with open(file, "rb") as f:
-        data = f.read(size + 1)
-    if len(data) > size:
+        read = f.readinto(data)
+    if read > size:
         raise _invalid(f"{file.name} grew while it was read")
+    del data[read:]
     return data
 
 
@@ -335,12 +337,39 @@ def _read_config(folder: Path, args: ModelArgs) -> dict:
     return _check_config(cfg, args)
 
 
-def _read_safetensors(file: Path, max_file_bytes: int, args: ModelArgs) -> tuple[bytes, dict[str, TensorInfo]]:
+def _read_safetensors(file: Path, max_file_bytes: int, args: ModelArgs) -> tuple[bytearray, dict[str, TensorInfo]]:
     data = _read_file(file, max_file_bytes)
     try:
         return data, check_header(data, max_header_bytes=_max_header_bytes(args))
     except SafetensorsFormatError as e:
         raise _invalid(f"adapter_model.safetensors is corrupt: {e}") from None
+
+
+def _float32_tensors(data: bytearray, infos: dict[str, TensorInfo]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Every tensor of a safetensors file whose header `check_header` accepted, as float32, and the
+    buffers they are views of (checking those covers every tensor). When the
+    file holds a single dtype (the usual case) its whole data section is converted in one operation
+    and each tensor is a view of the result: a few large operations instead of hundreds of small
+    ones, so a parse on a worker thread barely holds the GIL the engine step needs. F32 data is
+    used in place (`data` is ours)."""
+    start = 8 + int.from_bytes(data[:8], "little")
+    section = torch.frombuffer(data, dtype=torch.uint8)[start:] if len(data) > start else torch.empty(0, dtype=torch.uint8)
+    if start % 4:  # keep every element aligned
+        section = section.clone()
+    dtypes = {info.dtype for info in infos.values()}
+    if len(dtypes) == 1:
+        dtype = _FLOAT_DTYPES[dtypes.pop()]
+        whole = section.view(dtype).to(torch.float32)
+        size = dtype.itemsize
+        return {name: whole[info.begin // size : info.end // size].view(info.shape) for name, info in infos.items()}, [whole]
+    tensors = {}
+    for name, info in infos.items():
+        chunk = section[info.begin : info.end]
+        dtype = _FLOAT_DTYPES[info.dtype]
+        if info.begin % dtype.itemsize:
+            chunk = chunk.clone()
+        tensors[name] = chunk.view(dtype).to(torch.float32).view(info.shape)
+    return tensors, list(tensors.values())
 
 
 def _parse_name(name: str, info: TensorInfo, cfg: dict, args: ModelArgs) -> tuple[int, str, str, str]:
@@ -428,18 +457,19 @@ def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, 
         ranks[layer, target] = r
 
     try:
-        tensors = _load_safetensors(data)
+        tensors, buffers = _float32_tensors(data, infos)
     except Exception as e:  # header already checked; anything left is corruption
         raise _invalid(f"adapter_model.safetensors could not be read: {e}") from None
-    modules = {}
+    modules, scalings = {}, {}
     for (layer, target), slot in sorted(pairs.items()):
         key, r = keys[layer, target], ranks[layer, target]
         alpha = _pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"])
-        scaling = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
-        a = tensors[slot["A"][0]].to(torch.float32).contiguous()
-        b = (tensors[slot["B"][0]].to(torch.float32) * scaling).contiguous()
-        for (tensor_name, _), t, note in ((slot["A"], a, ""), (slot["B"], b, f" once scaled by {scaling:g}")):
-            if not _all_finite(t):
-                raise _invalid(f"tensor '{tensor_name}' holds NaN or Inf values{note}")
+        scalings[slot["B"][0]] = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+        a, b = tensors[slot["A"][0]], tensors[slot["B"][0]].mul_(scalings[slot["B"][0]])
         modules[layer, target] = (a, b)
+    if not all(_all_finite(t) for t in buffers):
+        for tensor_name, t in tensors.items():
+            if not _all_finite(t):
+                note = f" once scaled by {scalings[tensor_name]:g}" if tensor_name in scalings else ""
+                raise _invalid(f"tensor '{tensor_name}' holds NaN or Inf values{note}")
     return LoraAdapter(name=name or folder.name, path=str(folder), rank=max(ranks.values()), modules=modules)
