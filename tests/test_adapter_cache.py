@@ -272,6 +272,33 @@ def test_downloaded_files_removed_underneath_are_fetched_again(store, folders, m
     assert cache.stats()["disk_bytes"] == files(folders[0]) + files(folders[1])  # the lost folder un-counted
 
 
+def test_pinned_adapters_hold_back_new_loads_not_the_budget(store, folders, make_cache, sizes):
+    """Requests queued for many cold adapters pin each one: loads start only while the pinned host
+    copies take less than the budget (plus the jobs in flight), the rest wait in request order."""
+    counting = WrappedStore(store)
+    cache = make_cache(counting, host_budget_bytes=sizes[0], workers=1)
+    names = ["a", "b", "c", "d"]
+    for i, name in enumerate(names):
+        cache.register(name, upload(store, folders[i + 1]))
+        cache.pin(name)  # a request is queued for it
+        cache.prefetch(name)
+    wait_state(cache, "a", S.IN_HOST)
+    time.sleep(0.1)  # nothing else may start: a (pinned) fills the budget
+    assert [cache.state(n) for n in names] == [S.IN_HOST, S.REMOTE, S.REMOTE, S.REMOTE]
+    assert cache.stats()["loads_deferred"] == 3 and cache.stats()["host_bytes"] == sizes[0]
+    assert cache.prefetch("d") is S.REMOTE and cache.stats()["loads_deferred"] == 3  # already queued
+    cache.unpin("d")  # d's request went away: it keeps its place, there is still no room
+    cache.unpin("a")  # a's request finished: the oldest waiting adapter loads, a is evicted for it
+    wait_state(cache, "b", S.IN_HOST)
+    assert cache.state("a") is S.ON_DISK and cache.state("c") is cache.state("d") is S.REMOTE
+    for name in ("b", "c"):
+        cache.unpin(name)
+    wait_state(cache, "c", S.IN_HOST)
+    wait_state(cache, "d", S.IN_HOST)  # unpinned d loads once c is no longer pinned
+    assert cache.stats()["host_bytes"] == sizes[0] and cache.state("c") is S.ON_DISK
+    assert sum(counting.calls.values()) == 2 * 4  # each adapter fetched once
+
+
 def test_hot_adapter_survives_a_scan_of_cold_ones(store, folders, make_cache, sizes):
     cache = make_cache(store, host_budget_bytes=3 * sizes[0])
     names = ["hot"] + [f"cold{i}" for i in range(6)]

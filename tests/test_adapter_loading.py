@@ -133,6 +133,7 @@ def test_200_adapters_through_8_slots_match_each_alone(base_dir, tmp_path, monke
         alone = llm.generate([prompts[i] for i in mine], GREEDY, lora=name)
         assert [o.token_ids for o in alone] == [outs[i].token_ids for i in mine], name
     assert stats["host_evictions"] > 0 and stats["disk_evictions"] > 0  # every tier rotated
+    assert stats["loads_deferred"] > 0  # queued adapters waited for room instead of all loading at once
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
 

@@ -35,8 +35,12 @@ Contracts:
   twice goes before anything referenced twice, oldest first, so a burst of one-off cold adapters
   evicts each other, not a hot one. Both tiers rank by the same history.
 - Pins: a pinned adapter (reference count > 0) and its downloaded files are never evicted, and
-  neither is anything with a job in flight or the entry being inserted; so pinned entries may
-  keep a tier over its budget until they are unpinned (unpinning runs eviction again).
+  neither is anything with a job in flight or the entry being inserted.
+- Admission: at most `workers` jobs are in flight, and a new one starts only while the pinned
+  adapters in host memory take less than the host budget; other prefetches wait in a FIFO and
+  start, in request order, as jobs finish and pins are dropped. So requests queued for many
+  cold adapters cannot pull them all into memory: the host tier exceeds its budget by at most
+  the jobs in flight. `load_now` does not wait its turn.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _COUNTERS = ("host_hits", "host_misses", "disk_hits", "disk_misses", "fetches_started", "objects_fetched",
              "bytes_fetched", "download_seconds", "loads", "parse_seconds", "errors", "retries",
-             "host_evictions", "disk_evictions")
+             "host_evictions", "disk_evictions", "loads_deferred")
 
 
 class AdapterState(str, Enum):
@@ -106,6 +110,7 @@ class _Entry:
     job: Future | None = None
     refs: deque = field(default_factory=lambda: deque(maxlen=2))  # logical times of the last 2 references
     arrived: int = -1           # logical time it last entered a tier
+    deferred: bool = False      # waiting in the cache's FIFO for room to load
 
 
 def _value(e: _Entry) -> tuple[int, int]:
@@ -142,6 +147,8 @@ class AdapterCache:
         self._disk_budget, self._host_budget = disk_budget_bytes, host_budget_bytes
         self._retry_after, self._on_change = retry_errored_after_s, on_change
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-cache")
+        self._workers, self._in_flight = workers, 0
+        self._deferred: deque[_Entry] = deque()  # prefetched adapters waiting for room to load
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._host_bytes = self._disk_bytes = 0
@@ -176,6 +183,7 @@ class AdapterCache:
             if old is not None:
                 entry.pins = old.pins
                 doomed = self._forget_locked(old)
+                self._admit_deferred_locked()
         self._remove_later(doomed)
 
     def unregister(self, name: str) -> None:
@@ -183,6 +191,7 @@ class AdapterCache:
         with self._lock:
             old = self._entries.pop(name, None)
             doomed = self._forget_locked(old) if old is not None else []
+            self._admit_deferred_locked()
         self._remove_later(doomed)
 
     # -- requests --------------------------------------------------------------------------------
@@ -245,6 +254,7 @@ class AdapterCache:
                 return
             self._evict_host_locked(keep=None)
             doomed = self._evict_disk_locked(keep=None)
+            self._admit_deferred_locked()
         self._remove_later(doomed)
 
     def stats(self) -> dict:
@@ -284,8 +294,8 @@ class AdapterCache:
             raise KeyError(f"adapter {name!r} is not registered") from None
 
     def _start_locked(self, e: _Entry, force: bool) -> None:
-        """Submit the job that brings `e` to IN_HOST, unless it is there, on its way, or ERRORED
-        too recently (and not `force`)."""
+        """Submit the job that brings `e` to IN_HOST, unless it is there, on its way, ERRORED too
+        recently (and not `force`), or has to wait for room (see Admission; not with `force`)."""
         if self._closed:
             raise RuntimeError("AdapterCache is closed")
         if e.state is AdapterState.IN_HOST:
@@ -293,9 +303,37 @@ class AdapterCache:
             return
         if e.state in (AdapterState.DOWNLOADING, AdapterState.LOADING):
             return
-        if e.state is AdapterState.ERRORED:
-            if not force and time.monotonic() - e.failed_at < self._retry_after:
+        if not force:
+            if e.state is AdapterState.ERRORED and time.monotonic() - e.failed_at < self._retry_after:
                 return
+            if e.deferred:
+                return
+            if not self._has_room_locked():
+                e.deferred = True
+                self._deferred.append(e)
+                self._stats["loads_deferred"] += 1
+                return
+        self._submit_locked(e)
+
+    def _has_room_locked(self) -> bool:
+        """A free worker, and pinned host copies under the host budget (unpinned ones are evicted to make room)."""
+        if self._in_flight >= self._workers:
+            return False
+        pinned = sum(x.adapter.size_bytes for x in self._entries.values() if x.pins and x.state is AdapterState.IN_HOST)
+        return pinned < self._host_budget
+
+    def _admit_deferred_locked(self) -> None:
+        """Start deferred loads, oldest first, while there is room."""
+        while self._deferred and not self._closed and self._has_room_locked():
+            e = self._deferred.popleft()
+            if e.deferred and self._is_current(e) and e.state in (AdapterState.REMOTE, AdapterState.ON_DISK,
+                                                                    AdapterState.ERRORED):
+                self._submit_locked(e)
+            e.deferred = False
+
+    def _submit_locked(self, e: _Entry) -> None:
+        e.deferred = False
+        if e.state is AdapterState.ERRORED:
             self._stats["retries"] += 1
             e.error = None
             e.state = AdapterState.ON_DISK if e.folder is not None else AdapterState.REMOTE
@@ -307,6 +345,7 @@ class AdapterCache:
             self._stats["disk_misses"] += 1
             self._stats["fetches_started"] += 1
             e.state = AdapterState.DOWNLOADING
+        self._in_flight += 1
         e.job = self._pool.submit(self._work, e, e.folder if e.state is AdapterState.LOADING else None)
 
     def _is_current(self, e: _Entry) -> bool:
@@ -374,6 +413,10 @@ class AdapterCache:
         except Exception as exc:
             self._fail(e, exc)
             raise
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._admit_deferred_locked()
 
     def _lost_download(self, e: _Entry, folder: Path) -> bool:
         """Whether `folder`, downloaded by the cache, lost its files (removed under it, e.g. by a
