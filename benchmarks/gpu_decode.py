@@ -258,6 +258,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode steps launched eagerly, to compare")
     parser.add_argument("--out", default="benchmarks/out")
     return parser.parse_args()
 
@@ -285,11 +286,13 @@ def main() -> None:
         llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type,
                   max_loras=work.adapters, max_lora_rank=work.rank, max_num_seqs=max(work.batches),
                   max_num_batched_tokens=4096, kv_cache_memory=None if device.type == "cuda" else 64 << 20,
-                  host_cache_bytes=4 * work.adapters * adapter_bytes(shape, work.rank) + (64 << 20))  # all stay parsed
+                  host_cache_bytes=4 * work.adapters * adapter_bytes(shape, work.rank) + (64 << 20),  # all stay parsed
+                  cuda_graphs=not args.no_cuda_graphs)
         adapters = [llm.engine.add_lora(f"adapter-{i}", path) for i, path in enumerate(adapter_dirs)]
         loaded_s = time.perf_counter() - started - written_s
         print(f"{shape} {dtype} on {device}: wrote in {written_s:.1f} s, loaded in {loaded_s:.1f} s; "
-              f"attention backend {llm.engine.runner.decode_backend}")
+              f"attention backend {llm.engine.runner.decode_backend}, "
+              f"CUDA graphs {'on' if llm.engine.runner.decode_graphs else 'off'}")
         print(f"{'batch':>5} {'lora dec tok/s':>14} {'base dec tok/s':>14} {'ratio':>6} {'lora e2e':>9} {'base e2e':>9}")
         rng, rows = random.Random(0), []
         names = [f"adapter-{i}" for i in range(work.adapters)]

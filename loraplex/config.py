@@ -11,6 +11,7 @@ class ModelConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
     device: str = "auto"  # cpu | cuda | auto
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA, with a graph-safe decode attention)
 
 
 def _require_positive(config, *names: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from loraplex import env
 from loraplex.config import EngineConfig
 from loraplex.core import RequestOutput, SamplingParams
+from loraplex.engine.decode_graphs import GRAPH_SAFE_DECODE_BACKENDS
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -90,6 +91,9 @@ def _close_cache(cache: AdapterCache, folder: Path, lock: BinaryIO) -> None:
     lock.close()
 
 
+MAX_GRAPH_BATCH = 256  # decode steps of more sequences run eagerly (their launch cost is amortised anyway)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, adapter_store: ObjectStore | None = None):
         """adapter_store: where remote adapters live; default: opened from lora.storage_url."""
@@ -102,6 +106,8 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or limit, limit)
         self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        if config.model.cuda_graphs and self.device.type == "cuda" and self.runner.decode_backend in GRAPH_SAFE_DECODE_BACKENDS:
+            self.runner.enable_decode_graphs(min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         lora = config.lora
         cache_dir, cache_lock = _private_cache_dir(data_dir)
         self._wakeup = threading.Event()  # set by the cache's workers when an adapter is ready or failed

@@ -97,20 +97,26 @@ def _use_kernel(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
-# seg_slots tensor → (seg_starts, seg_slots, per-token slots): every layer of a step passes the
-# same few segment tensors, so their per-token expansion is computed once per step. The entries
-# hold references to the keys' tensors, so an id cannot be reused while it is cached.
-_token_slot_cache: dict[int, tuple[Tensor, Tensor, np.ndarray]] = {}
+# id(seg_slots) → (seg_starts, seg_slots, their version counters, per-token slots): every layer of
+# a step passes the same few segment tensors, so their per-token expansion is computed once per
+# step. The version counters (bumped by every in-place write, views included) catch buffers that
+# are refilled for the next step (CUDA-graph-style static inputs); the entries hold the keys'
+# tensors, so an id cannot be reused while it is cached.
+_token_slot_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int], np.ndarray]] = {}
+_MAX_TOKEN_SLOT_ENTRIES = 64
 
 
 def _slots_per_token(seg_starts: Tensor, seg_slots: Tensor, num_tokens: int) -> np.ndarray:
+    if seg_starts.is_inference() or seg_slots.is_inference():  # no version counter: never cached
+        return _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
+    versions = (seg_starts._version, seg_slots._version)
     hit = _token_slot_cache.get(id(seg_slots))
-    if hit is not None and hit[0] is seg_starts and hit[1] is seg_slots:
-        return hit[2]
-    if any(entry[0] is not seg_starts for entry in _token_slot_cache.values()):
-        _token_slot_cache.clear()  # a new step
+    if hit is not None and hit[0] is seg_starts and hit[1] is seg_slots and hit[2] == versions:
+        return hit[3]
+    if len(_token_slot_cache) >= _MAX_TOKEN_SLOT_ENTRIES:
+        _token_slot_cache.clear()
     slots = _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
-    _token_slot_cache[id(seg_slots)] = (seg_starts, seg_slots, slots)
+    _token_slot_cache[id(seg_slots)] = (seg_starts, seg_slots, versions, slots)
     return slots
 
 
