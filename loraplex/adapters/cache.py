@@ -316,7 +316,8 @@ class AdapterCache:
         self._submit_locked(e)
 
     def _has_room_locked(self) -> bool:
-        """A free worker, and pinned host copies under the host budget (unpinned ones are evicted to make room)."""
+        """A free worker, and pinned host copies under the host budget (unpinned ones make way when
+        the new adapter lands)."""
         if self._in_flight >= self._workers:
             return False
         pinned = sum(x.adapter.size_bytes for x in self._entries.values() if x.pins and x.state is AdapterState.IN_HOST)
@@ -326,10 +327,10 @@ class AdapterCache:
         """Start deferred loads, oldest first, while there is room."""
         while self._deferred and not self._closed and self._has_room_locked():
             e = self._deferred.popleft()
-            if e.deferred and self._is_current(e) and e.state in (AdapterState.REMOTE, AdapterState.ON_DISK,
-                                                                    AdapterState.ERRORED):
+            waiting, e.deferred = e.deferred, False  # not waiting: started meanwhile by load_now
+            if waiting and self._is_current(e) and e.state in (AdapterState.REMOTE, AdapterState.ON_DISK,
+                                                               AdapterState.ERRORED):
                 self._submit_locked(e)
-            e.deferred = False
 
     def _submit_locked(self, e: _Entry) -> None:
         e.deferred = False
