@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import json
+import time
 
 import httpx
 import pytest
@@ -391,6 +392,26 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(server, alice, alice_finet
         # leaving the block closed the connection mid-stream
     server.wait_idle()
     assert server.ctx.engine.num_in_flight == 0
+
+
+def test_client_gone_before_a_non_streamed_reply_aborts_it(server, alice, alice_finetunes, monkeypatch):
+    account_id, token = alice
+    engine = server.ctx.engine.engine
+    aborted, abort = [], engine.abort
+    monkeypatch.setattr(engine, "abort", lambda request_id: aborted.append(request_id) or abort(request_id))
+    body = {"prompt": PROMPT, "raw": True, "max_tokens": 400, "temperature": 0, "lora": "qv"}
+    routes = [(f"/accounts/{account_id}/ai/run/{MODEL}", body),
+              (f"/accounts/{account_id}/ai/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 400,
+                                                             "temperature": 0, "lora": "qv"})]
+    for i, (route, payload) in enumerate(routes):
+        with http(server, token) as client:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up while the reply is computed
+                client.post(route, json=payload, timeout=httpx.Timeout(5.0, read=0.3))
+        deadline = time.monotonic() + 5
+        while len(aborted) <= i and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(aborted) == i + 1, "the request ran on after its client had gone"
+        server.wait_idle()
 
 
 def test_metrics(server, alice, alice_finetunes):

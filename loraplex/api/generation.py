@@ -4,8 +4,11 @@ read whole or as text deltas for streaming. Records the request's metrics when i
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+
+from starlette.requests import ClientDisconnect, Request
 
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError
@@ -36,14 +39,29 @@ class Generation:
             raise
         return gen
 
-    async def complete(self) -> RequestOutput:
-        """Run to the end (closing the generation, also on failure); the final output."""
+    async def complete(self, request: Request | None = None) -> RequestOutput:
+        """Run to the end (closing the generation, also on failure); the final output. If the
+        client of `request` disconnects first, the request is aborted (its KV blocks freed at
+        once) and ClientDisconnect raised."""
         try:
-            while not self.output.finished:
-                await self._advance()
-            return self.output
+            if request is None:
+                return await self._run_to_end()
+            run = asyncio.ensure_future(self._run_to_end())
+            done, pending = await asyncio.wait({run, asyncio.ensure_future(_disconnected(request))},
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)  # unwound before aclose()
+            if run in done:
+                return run.result()
+            raise ClientDisconnect()
         finally:
             await self.aclose()
+
+    async def _run_to_end(self) -> RequestOutput:
+        while not self.output.finished:
+            await self._advance()
+        return self.output
 
     async def deltas(self) -> AsyncIterator[str]:
         """New text since the previous delta (non-empty), until the request finishes."""
@@ -84,3 +102,10 @@ class Generation:
             metrics.generation_tokens.inc(n)
             if n > 1:
                 metrics.tpot.observe((now - self._first_token_at) / (n - 1))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away. Reads ASGI messages past the (already read) body: the
+    next one is the disconnect, or nothing until the response is sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

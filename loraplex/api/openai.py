@@ -86,7 +86,7 @@ async def chat_completions(account_id: str, request: Request):
             yield DONE
 
         return sse_response(gen, events())
-    out = await gen.complete()
+    out = await gen.complete(request)
     return base | {"object": "chat.completion", "usage": gen.usage(), "choices": [
         {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
          "logprobs": None}]}
@@ -111,7 +111,7 @@ async def completions(account_id: str, request: Request):
             yield DONE
 
         return sse_response(gen, events())
-    out = await gen.complete()
+    out = await gen.complete(request)
     return base | {"usage": gen.usage(), "choices": [
         {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}]}
 

@@ -55,7 +55,7 @@ async def run(account_id: str, model_name: str, request: Request):
             yield DONE
 
         return sse_response(gen, events())
-    out = await gen.complete()
+    out = await gen.complete(request)
     return envelope({"response": out.text, "usage": gen.usage()})
 
 
