@@ -46,7 +46,7 @@ its own base-only runs.
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
 case) and serving_throughput.png (sustainable rate and peak throughput per case) to --out. The
-defaults take about 15-20 minutes on 2 CPUs. On a shared machine, --threads 1 avoids the collapse of
+defaults take about 9-10 minutes on 2 CPUs. On a shared machine, --threads 1 avoids the collapse of
 two OpenMP threads per process when other processes compete for the cores.
 """
 
