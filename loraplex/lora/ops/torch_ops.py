@@ -1,4 +1,4 @@
-"""Reference SGMV ops in plain PyTorch; also the production path on CPU.
+"""Reference SGMV ops in plain PyTorch (also the fallback of the other backends for inputs they do not take).
 
 Both ops loop over the (few) segments of a batch and run one GEMM per segment with an
 adapter; `sgmv_lora` is one LoRA linear's whole delta (a shrink, then an expand per slice). The
