@@ -287,16 +287,32 @@ def test_pinned_adapters_hold_back_new_loads_not_the_budget(store, folders, make
     assert [cache.state(n) for n in names] == [S.IN_HOST, S.REMOTE, S.REMOTE, S.REMOTE]
     assert cache.stats()["loads_deferred"] == 3 and cache.stats()["host_bytes"] == sizes[0]
     assert cache.prefetch("d") is S.REMOTE and cache.stats()["loads_deferred"] == 3  # already queued
-    cache.unpin("d")  # d's request went away: it keeps its place, there is still no room
+    cache.unpin("d")  # d's request went away: d leaves the queue
     cache.unpin("a")  # a's request finished: the oldest waiting adapter loads, a is evicted for it
     wait_state(cache, "b", S.IN_HOST)
     assert cache.state("a") is S.ON_DISK and cache.state("c") is cache.state("d") is S.REMOTE
     for name in ("b", "c"):
         cache.unpin(name)
     wait_state(cache, "c", S.IN_HOST)
-    wait_state(cache, "d", S.IN_HOST)  # unpinned d loads once c is no longer pinned
+    time.sleep(0.1)
+    assert cache.state("d") is S.REMOTE  # nobody wants it any more
+    assert cache.prefetch("d") is S.DOWNLOADING  # a new request: room now (nothing pinned)
+    wait_state(cache, "d", S.IN_HOST)
     assert cache.stats()["host_bytes"] == sizes[0] and cache.state("c") is S.ON_DISK
     assert sum(counting.calls.values()) == 2 * 4  # each adapter fetched once
+
+
+def test_a_zero_host_budget_still_loads_one_pinned_adapter_at_a_time(store, folders, make_cache):
+    cache = make_cache(store, host_budget_bytes=0, workers=2)
+    for i, name in enumerate("ab"):
+        cache.register(name, upload(store, folders[i + 1]))
+        cache.pin(name)
+    cache.prefetch("a")
+    wait_state(cache, "a", S.IN_HOST)
+    assert cache.prefetch("b") is S.REMOTE  # a (pinned) is over the budget already
+    cache.unpin("a")
+    wait_state(cache, "b", S.IN_HOST)
+    assert cache.state("a") is S.ON_DISK
 
 
 def test_hot_adapter_survives_a_scan_of_cold_ones(store, folders, make_cache, sizes):

@@ -113,6 +113,31 @@ def test_sgmv_lora_shape_errors():
             assert (y == 0).all(), name
 
 
+def test_cpu_ops_refuse_a_slot_past_the_weights():
+    a, bs = make_lora_weights(2, torch.Generator().manual_seed(0))
+    x, y = torch.randn(3, N_IN), torch.zeros(3, sum(SLICES))
+    starts, slots = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([2], dtype=torch.int32)  # slots 0, 1 exist
+    with pytest.raises(ValueError, match="slot 2"):
+        cpu_ops.sgmv_lora(x, a, bs, [0, 64, 96], starts, slots, y)
+    with pytest.raises(ValueError, match="slot 2"):
+        cpu_ops.sgmv_shrink(x, a, starts, slots, torch.empty(3, a.shape[1]))
+    assert (y == 0).all()
+
+
+def test_cpu_weight_views_do_not_outlive_their_weights():
+    import gc
+
+    a, bs = make_lora_weights(2, torch.Generator().manual_seed(1))
+    y = torch.zeros(3, sum(SLICES))
+    cpu_ops.sgmv_lora(torch.randn(3, N_IN), a, bs, [0, 64, 96], torch.tensor([0, 3], dtype=torch.int32),
+                      torch.tensor([1], dtype=torch.int32), y)
+    assert id(a) in cpu_ops._weight_views
+    key = id(a)
+    del a, bs
+    gc.collect()
+    assert key not in cpu_ops._weight_views  # an engine's slots are freed with it
+
+
 @pytest.mark.parametrize("pop", ["distinct", "zipf"])
 def test_triton_interpreted_sgmv_lora(interp, pop):  # noqa: F811
     lora_case(interp, pop, LENGTHS["mixed"], seed=21)

@@ -37,10 +37,11 @@ Contracts:
 - Pins: a pinned adapter (reference count > 0) and its downloaded files are never evicted, and
   neither is anything with a job in flight or the entry being inserted.
 - Admission: at most `workers` jobs are in flight, and a new one starts only while the pinned
-  adapters in host memory take less than the host budget; other prefetches wait in a FIFO and
-  start, in request order, as jobs finish and pins are dropped. So requests queued for many
-  cold adapters cannot pull them all into memory: the host tier exceeds its budget by at most
-  the jobs in flight. `load_now` does not wait its turn.
+  adapters in host memory take less than the host budget (or none is pinned); other prefetches
+  wait in a FIFO and start, in request order, as jobs finish and pins are dropped. So requests
+  queued for many cold adapters cannot pull them all into memory: the host tier exceeds its
+  budget by at most the jobs in flight. A waiting adapter whose last pin is dropped leaves the
+  queue (its requests are gone). `load_now` does not wait its turn.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class _Entry:
     job: Future | None = None
     refs: deque = field(default_factory=lambda: deque(maxlen=2))  # logical times of the last 2 references
     arrived: int = -1           # logical time it last entered a tier
-    deferred: bool = False      # waiting in the cache's FIFO for room to load
+    deferred: int | None = None  # its ticket while waiting in the cache's FIFO for room to load
 
 
 def _value(e: _Entry) -> tuple[int, int]:
@@ -148,7 +149,8 @@ class AdapterCache:
         self._retry_after, self._on_change = retry_errored_after_s, on_change
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-cache")
         self._workers, self._in_flight = workers, 0
-        self._deferred: deque[_Entry] = deque()  # prefetched adapters waiting for room to load
+        self._deferred: deque[tuple[int, _Entry]] = deque()  # (ticket, entry) waiting for room to load
+        self._tickets = itertools.count()
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._host_bytes = self._disk_bytes = 0
@@ -252,6 +254,7 @@ class AdapterCache:
             e.pins -= 1
             if e.pins:
                 return
+            e.deferred = None  # the requests that wanted it are gone: it leaves the load queue
             self._evict_host_locked(keep=None)
             doomed = self._evict_disk_locked(keep=None)
             self._admit_deferred_locked()
@@ -306,11 +309,11 @@ class AdapterCache:
         if not force:
             if e.state is AdapterState.ERRORED and time.monotonic() - e.failed_at < self._retry_after:
                 return
-            if e.deferred:
+            if e.deferred is not None:
                 return
             if not self._has_room_locked():
-                e.deferred = True
-                self._deferred.append(e)
+                e.deferred = next(self._tickets)
+                self._deferred.append((e.deferred, e))
                 self._stats["loads_deferred"] += 1
                 return
         self._submit_locked(e)
@@ -321,19 +324,20 @@ class AdapterCache:
         if self._in_flight >= self._workers:
             return False
         pinned = sum(x.adapter.size_bytes for x in self._entries.values() if x.pins and x.state is AdapterState.IN_HOST)
-        return pinned < self._host_budget
+        return pinned == 0 or pinned < self._host_budget
 
     def _admit_deferred_locked(self) -> None:
         """Start deferred loads, oldest first, while there is room."""
         while self._deferred and not self._closed and self._has_room_locked():
-            e = self._deferred.popleft()
-            waiting, e.deferred = e.deferred, False  # not waiting: started meanwhile by load_now
-            if waiting and self._is_current(e) and e.state in (AdapterState.REMOTE, AdapterState.ON_DISK,
-                                                               AdapterState.ERRORED):
+            ticket, e = self._deferred.popleft()
+            if e.deferred != ticket:  # started meanwhile (load_now), dropped, or queued again later
+                continue
+            e.deferred = None
+            if self._is_current(e) and e.state in (AdapterState.REMOTE, AdapterState.ON_DISK, AdapterState.ERRORED):
                 self._submit_locked(e)
 
     def _submit_locked(self, e: _Entry) -> None:
-        e.deferred = False
+        e.deferred = None
         if e.state is AdapterState.ERRORED:
             self._stats["retries"] += 1
             e.error = None
@@ -426,12 +430,11 @@ class AdapterCache:
         if all((folder / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
             return False
         with self._lock:
-            if not (e.owned and e.folder == folder):
-                return False
+            if not (e.owned and e.folder == folder and self._is_current(e)):
+                return False  # the parser reports the missing files (a replaced entry publishes nothing)
             self._drop_files_locked(e)
-            if self._is_current(e):
-                e.state = AdapterState.DOWNLOADING
-                self._stats["fetches_started"] += 1
+            e.state = AdapterState.DOWNLOADING
+            self._stats["fetches_started"] += 1
         log.warning("adapter %r: its downloaded files are gone from %s; downloading again", e.name, folder)
         _remove([folder])
         return True

@@ -43,19 +43,21 @@ class Generation:
         """Run to the end (closing the generation, also on failure); the final output. If the
         client of `request` disconnects first, the request is aborted (its KV blocks freed at
         once) and ClientDisconnect raised."""
+        tasks: list[asyncio.Future] = []
         try:
             if request is None:
                 return await self._run_to_end()
-            run = asyncio.ensure_future(self._run_to_end())
-            done, pending = await asyncio.wait({run, asyncio.ensure_future(_disconnected(request))},
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)  # unwound before aclose()
-            if run in done:
+            run, gone = asyncio.ensure_future(self._run_to_end()), asyncio.ensure_future(_disconnected(request))
+            tasks = [run, gone]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
                 return run.result()
+            gone.result()  # what the watcher raised, if it failed
             raise ClientDisconnect()
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # both unwound before aclose()
             await self.aclose()
 
     async def _run_to_end(self) -> RequestOutput:

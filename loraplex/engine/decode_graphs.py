@@ -16,6 +16,7 @@ Owned by the model runner; used from the engine thread only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,7 +105,8 @@ class DecodeGraphs:
 
         def forward() -> torch.Tensor:
             self._lora.batch = lora
-            return self._forward(self._input_ids[:bucket], self._positions[:bucket], batch)
+            # a fresh AttentionBatch over the same buffers: it caches per-step values (decode_slots)
+            return self._forward(self._input_ids[:bucket], self._positions[:bucket], dataclasses.replace(batch))
 
         if not self._capture:
             return forward
@@ -114,7 +116,8 @@ class DecodeGraphs:
             forward()  # warm-up: kernels compiled and tuned before the capture
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the slot-copy thread and the cache's workers keep using CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             hidden = forward()
 
         def replay() -> torch.Tensor:

@@ -11,6 +11,8 @@ batches the Python and dispatch cost of separate calls outweighed their arithmet
 
 from __future__ import annotations
 
+import weakref
+
 import numba
 import numpy as np
 import torch
@@ -106,41 +108,50 @@ _token_slot_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int], np.ndarray]]
 _MAX_TOKEN_SLOT_ENTRIES = 64
 
 
-def _slots_per_token(seg_starts: Tensor, seg_slots: Tensor, num_tokens: int) -> np.ndarray:
+def _slots_per_token(seg_starts: Tensor, seg_slots: Tensor, num_tokens: int, num_slots: int) -> np.ndarray:
+    """Each token's slot (-1: none), checked to lie below `num_slots`: the kernels index
+    without bounds checks."""
     if seg_starts.is_inference() or seg_slots.is_inference():  # no version counter: never cached
-        return _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
-    versions = (seg_starts._version, seg_slots._version)
-    hit = _token_slot_cache.get(id(seg_slots))
-    if hit is not None and hit[0] is seg_starts and hit[1] is seg_slots and hit[2] == versions:
-        return hit[3]
-    if len(_token_slot_cache) >= _MAX_TOKEN_SLOT_ENTRIES:
-        _token_slot_cache.clear()
-    slots = _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
-    _token_slot_cache[id(seg_slots)] = (seg_starts, seg_slots, versions, slots)
+        slots = _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
+    else:
+        versions = (seg_starts._version, seg_slots._version)
+        hit = _token_slot_cache.get(id(seg_slots))
+        if hit is not None and hit[0] is seg_starts and hit[1] is seg_slots and hit[2] == versions:
+            slots = hit[3]
+        else:
+            if len(_token_slot_cache) >= _MAX_TOKEN_SLOT_ENTRIES:
+                _token_slot_cache.clear()
+            slots = _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
+            _token_slot_cache[id(seg_slots)] = (seg_starts, seg_slots, versions, slots)
+    if len(slots) != num_tokens:
+        raise ValueError(f"the segments were expanded for {len(slots)} tokens, not {num_tokens}")
+    if num_tokens and slots.max() >= num_slots:
+        raise ValueError(f"a segment names slot {slots.max()}; there are {num_slots}")
     return slots
 
 
-# id(lora_b) → (lora_a, lora_b, numpy views of A and of each B transposed): a packed linear's slot
-# weights are the same tensors every step, so their views are made once. Only zero-copy views are
-# cached (LoraSlots' storage), so later writes into the slots show through; the entries hold the
-# keys' objects, so an id cannot be reused while it is cached.
-_weight_views: dict[int, tuple[Tensor, list[Tensor], tuple[np.ndarray, tuple[np.ndarray, ...]]]] = {}
-_MAX_WEIGHT_VIEWS = 4096
+# id(lora_a) → (weak reference to lora_a, to each B, numpy views of A and of each B transposed): a
+# packed linear's slot weights are the same tensors every step, so their views are made once.
+# Only zero-copy views are cached (LoraSlots' storage), so later writes into the slots show
+# through. The views' base is an alias tensor, not lora_a: when lora_a dies (its engine is gone)
+# the entry is dropped and the memory freed.
+_weight_views: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...], tuple[np.ndarray, tuple[np.ndarray, ...]]]] = {}
 
 
 def _kernel_weights(lora_a: Tensor, lora_b: list[Tensor]) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
     """(A, B transposed per slice) as numpy arrays for `_shrink_expand`; None if not float32 on CPU."""
-    hit = _weight_views.get(id(lora_b))
-    if hit is not None and hit[0] is lora_a and hit[1] is lora_b:
+    hit = _weight_views.get(id(lora_a))
+    if (hit is not None and hit[0]() is lora_a and len(hit[1]) == len(lora_b)
+            and all(ref() is b for ref, b in zip(hit[1], lora_b))):
         return hit[2]
     if not _use_kernel(lora_a, *lora_b):
         return None
     b_t = [b.transpose(1, 2) for b in lora_b]
-    views = (lora_a.numpy(), tuple(b.contiguous().numpy() for b in b_t))
+    views = (lora_a.view(lora_a.shape).numpy(), tuple(b.contiguous().numpy() for b in b_t))
     if lora_a.is_contiguous() and all(b.is_contiguous() for b in b_t):
-        if len(_weight_views) >= _MAX_WEIGHT_VIEWS:
-            _weight_views.clear()
-        _weight_views[id(lora_b)] = (lora_a, lora_b, views)
+        key = id(lora_a)
+        forget = lambda _ref, key=key: _weight_views.pop(key, None)  # noqa: E731
+        _weight_views[key] = (weakref.ref(lora_a, forget), tuple(weakref.ref(b) for b in lora_b), views)
     return views
 
 
@@ -149,7 +160,7 @@ def sgmv_shrink(x: Tensor, lora_a: Tensor, seg_starts: Tensor, seg_slots: Tensor
     torch_ops.check_shrink(x, lora_a, out)
     if not _use_kernel(x, lora_a, out):
         return torch_ops.sgmv_shrink(x, lora_a, seg_starts, seg_slots, out)
-    token_slots = _slots_per_token(seg_starts, seg_slots, x.shape[0])
+    token_slots = _slots_per_token(seg_starts, seg_slots, x.shape[0], lora_a.shape[0])
     _shrink(x.numpy(), lora_a.numpy(), token_slots, out.numpy())
 
 
@@ -158,7 +169,7 @@ def sgmv_expand(h: Tensor, lora_b: Tensor, seg_starts: Tensor, seg_slots: Tensor
     torch_ops.check_expand(h, lora_b, y, offset)
     if not _use_kernel(h, lora_b, y):
         return torch_ops.sgmv_expand(h, lora_b, seg_starts, seg_slots, y, offset)
-    token_slots = _slots_per_token(seg_starts, seg_slots, h.shape[0])
+    token_slots = _slots_per_token(seg_starts, seg_slots, h.shape[0], lora_b.shape[0])
     lora_b_t = lora_b.transpose(1, 2).contiguous()  # free for LoraSlots' [S, R, N] storage
     _expand(h.numpy(), lora_b_t.numpy(), token_slots, y.numpy(), offset)
 
@@ -169,6 +180,6 @@ def sgmv_lora(x, lora_a, lora_b, offsets, seg_starts, seg_slots, y) -> None:
     weights = _kernel_weights(lora_a, lora_b)
     if weights is None or not _use_kernel(x, y):
         return torch_ops.sgmv_lora(x, lora_a, lora_b, offsets, seg_starts, seg_slots, y)
-    token_slots = _slots_per_token(seg_starts, seg_slots, x.shape[0])
+    token_slots = _slots_per_token(seg_starts, seg_slots, x.shape[0], lora_a.shape[0])
     a, b_t = weights
     _shrink_expand(x.numpy(), a, b_t, tuple(offsets), token_slots, y.numpy())
