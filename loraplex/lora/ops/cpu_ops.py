@@ -99,12 +99,12 @@ def _use_kernel(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
-# id(seg_slots) → (seg_starts, seg_slots, their version counters, per-token slots): every layer of
+# id(seg_slots) → (seg_starts, seg_slots, their version counters, per-token slots, the largest): every layer of
 # a step passes the same few segment tensors, so their per-token expansion is computed once per
 # step. The version counters (bumped by every in-place write, views included) catch buffers that
 # are refilled for the next step (CUDA-graph-style static inputs); the entries hold the keys'
 # tensors, so an id cannot be reused while it is cached.
-_token_slot_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int], np.ndarray]] = {}
+_token_slot_cache: dict[int, tuple[Tensor, Tensor, tuple[int, int], np.ndarray, int]] = {}
 _MAX_TOKEN_SLOT_ENTRIES = 64
 
 
@@ -113,21 +113,25 @@ def _slots_per_token(seg_starts: Tensor, seg_slots: Tensor, num_tokens: int, num
     without bounds checks."""
     if seg_starts.is_inference() or seg_slots.is_inference():  # no version counter: never cached
         slots = _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
+        top = _top(slots)
     else:
         versions = (seg_starts._version, seg_slots._version)
         hit = _token_slot_cache.get(id(seg_slots))
-        if hit is not None and hit[0] is seg_starts and hit[1] is seg_slots and hit[2] == versions:
-            slots = hit[3]
-        else:
+        if hit is None or hit[0] is not seg_starts or hit[1] is not seg_slots or hit[2] != versions:
             if len(_token_slot_cache) >= _MAX_TOKEN_SLOT_ENTRIES:
                 _token_slot_cache.clear()
             slots = _token_slots(seg_starts.numpy(), seg_slots.numpy(), num_tokens)
-            _token_slot_cache[id(seg_slots)] = (seg_starts, seg_slots, versions, slots)
+            hit = _token_slot_cache[id(seg_slots)] = (seg_starts, seg_slots, versions, slots, _top(slots))
+        slots, top = hit[3], hit[4]
     if len(slots) != num_tokens:
         raise ValueError(f"the segments were expanded for {len(slots)} tokens, not {num_tokens}")
-    if num_tokens and slots.max() >= num_slots:
-        raise ValueError(f"a segment names slot {slots.max()}; there are {num_slots}")
+    if top >= num_slots:
+        raise ValueError(f"a segment names slot {top}; there are {num_slots}")
     return slots
+
+
+def _top(slots: np.ndarray) -> int:
+    return int(slots.max()) if len(slots) else -1
 
 
 # id(lora_a) → (weak reference to lora_a, to each B, numpy views of A and of each B transposed): a
