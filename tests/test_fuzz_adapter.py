@@ -138,14 +138,14 @@ class TensorSpy:
 
     @contextlib.contextmanager
     def installed(self):
-        real = adapter_module._float32_tensors
+        real = adapter_module._float32_arrays
 
         def spy(data, infos):
             tensors, buffers = real(data, infos)
             self.excess = max(self.excess, sum(t.nbytes for t in buffers) - 2 * (len(data) - 8))
             return tensors, buffers
 
-        with mock.patch.object(adapter_module, "_float32_tensors", spy):
+        with mock.patch.object(adapter_module, "_float32_arrays", spy):
             yield self
 
 
