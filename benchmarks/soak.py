@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import httpx
 
-from loraplex.client import wait_until_healthy
+from loraplex.client import stop_process, wait_until_healthy
 
 BENCH_DIR = Path(__file__).resolve().parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -121,12 +120,7 @@ def server_process(config: SoakConfig):
         wait_until_healthy(url, proc, 300, log_path)
         yield url, proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
 
 def create_tenant(data_dir: Path) -> tuple[str, str]:

@@ -64,6 +64,18 @@ class Client:
         return self._call("POST", f"/run/{quote(model, safe='')}", json=body)["response"]
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM `proc` if it still runs, wait up to `timeout_s`, then SIGKILL; returns once it is reaped."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_until_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 60.0,
                        log_path: Path | None = None) -> None:
     """Poll `url`/healthz until it answers 200. RuntimeError, with the tail of `log_path`, when the

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters import storage
+from loraplex.client import stop_process
 from loraplex.adapters.storage import (
     IntegrityError,
     InvalidKey,
@@ -78,13 +79,7 @@ class RcloneS3:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         self.proc = None
 
 
