@@ -1,4 +1,4 @@
-"""Smoke test of the serving benchmark harness (benchmarks/serving.py) against the naive peft baseline.
+"""Smoke test of the serving benchmark harness (benchmarks/serving*.py) against the naive peft baseline.
 
 The workload generators are checked exactly; the live part drives a tiny random Llama behind
 benchmarks/baselines/peft_server.py for a couple of seconds and checks the shape of what comes
@@ -8,6 +8,7 @@ back, never its speed.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -20,27 +21,30 @@ from tiny_models import make_tiny_model
 SERVING_PY = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
 
 
-serving = load_module(SERVING_PY, "loraplex_bench_serving")
+serving = load_module(SERVING_PY, "loraplex_bench_serving")  # puts benchmarks/ on sys.path for these:
+import serving_load as load  # noqa: E402
+import serving_report as reporting  # noqa: E402
+import serving_sweep as sweeps  # noqa: E402
 
 
 def test_identical_popularity_uses_one_adapter():
-    assert set(serving.adapter_indices("identical", 50, 8, random.Random(0))) == {0}
+    assert set(load.adapter_indices("identical", 50, 8, random.Random(0))) == {0}
 
 
 def test_distinct_popularity_cycles_through_all_adapters():
-    indices = serving.adapter_indices("distinct", 32, 8, random.Random(0))
+    indices = load.adapter_indices("distinct", 32, 8, random.Random(0))
     assert indices[:8] == list(range(8))
     assert Counter(indices) == {i: 4 for i in range(8)}
 
 
 def test_uniform_popularity_spreads_evenly():
-    counts = Counter(serving.adapter_indices("uniform", 8000, 8, random.Random(0)))
+    counts = Counter(load.adapter_indices("uniform", 8000, 8, random.Random(0)))
     assert set(counts) == set(range(8))
     assert all(800 < c < 1200 for c in counts.values())
 
 
 def test_zipf_popularity_follows_rank():
-    counts = Counter(serving.adapter_indices("zipf", 20000, 16, random.Random(0)))
+    counts = Counter(load.adapter_indices("zipf", 20000, 16, random.Random(0)))
     shares = [counts[i] / 20000 for i in range(16)]
     expected_top = 1 / sum(1 / (k + 1) ** 1.5 for k in range(16))  # ~0.42
     assert abs(shares[0] - expected_top) < 0.02
@@ -49,24 +53,24 @@ def test_zipf_popularity_follows_rank():
 
 def test_unknown_popularity_is_refused():
     with pytest.raises(ValueError):
-        serving.adapter_indices("bursty", 4, 2, random.Random(0))
+        load.adapter_indices("bursty", 4, 2, random.Random(0))
 
 
 def test_poisson_arrivals_are_bounded_and_near_the_rate():
-    times = serving.poisson_arrivals(50.0, 20.0, 10_000, random.Random(0))
+    times = load.poisson_arrivals(50.0, 20.0, 10_000, random.Random(0))
     assert times == sorted(times) and 0 < times[0] and times[-1] < 20.0
     assert 900 < len(times) < 1100
-    assert len(serving.poisson_arrivals(50.0, 20.0, 10, random.Random(0))) == 10
+    assert len(load.poisson_arrivals(50.0, 20.0, 10, random.Random(0))) == 10
 
 
 def test_workload_is_the_same_across_popularity_cases_but_the_adapters():
-    spec = serving.WorkloadSpec(rate=5.0, duration_s=10.0, seed=3)
+    spec = load.WorkloadSpec(rate=5.0, duration_s=10.0, seed=3)
     adapters = [f"a{i}" for i in range(4)]
-    zipf, identical, base = (serving.make_workload(spec, case, adapters) for case in ("zipf", "identical", serving.BASE_ONLY))
+    zipf, identical, base = (load.make_workload(spec, case, adapters) for case in ("zipf", "identical", load.BASE_ONLY))
     strip = [(r.send_at, r.prompt, r.max_tokens) for r in zipf]
     assert strip == [(r.send_at, r.prompt, r.max_tokens) for r in identical] == [(r.send_at, r.prompt, r.max_tokens) for r in base]
     assert {r.lora for r in identical} == {"a0"} and {r.lora for r in base} == {None}
-    assert zipf == serving.make_workload(spec, "zipf", adapters)  # seeded
+    assert zipf == load.make_workload(spec, "zipf", adapters)  # seeded
     for request in zipf:
         assert 16 <= len(request.prompt.split()) <= 64 and 16 <= request.max_tokens <= 48
 
@@ -77,29 +81,87 @@ def _fake_run(rate: float, knee: float = 3.0) -> dict:
 
 
 def _holds(run: dict) -> bool:
-    return serving.holds_bounds(run, ttft_bound_s=2.0, tpot_bound_s=0.5)
+    return sweeps.holds_bounds(run, ttft_bound_s=2.0, tpot_bound_s=0.5)
 
 
 def test_sweep_goes_up_to_the_first_failure_and_bisects():
-    runs, held = serving.sweep(_fake_run, [1, 2, 4, 8], holds=_holds, refine=1)
+    runs, held = sweeps.sweep(_fake_run, [1, 2, 4, 8], holds=_holds, refine=1)
     assert [r["offered_rate"] for r in runs] == [1, 2, 4, round((2 * 4) ** 0.5, 3)]
     assert held == 2.828
 
 
 def test_sweep_from_a_start_rate_goes_down_until_one_holds():
-    runs, held = serving.sweep(_fake_run, [1, 2, 4, 8], holds=_holds, refine=0, start_rate=8)
+    runs, held = sweeps.sweep(_fake_run, [1, 2, 4, 8], holds=_holds, refine=0, start_rate=8)
     assert [r["offered_rate"] for r in runs] == [8, 4, 2] and held == 2
-    _, nothing = serving.sweep(lambda rate: _fake_run(rate, knee=0.1), [1, 2], holds=_holds, refine=1)
+    _, nothing = sweeps.sweep(lambda rate: _fake_run(rate, knee=0.1), [1, 2], holds=_holds, refine=1)
     assert nothing == 0.0
+
+
+def test_baseline_bisection_stops_once_the_goal_verdict_is_settled():
+    settled = sweeps.goal_settled("peft-naive", 5.66)  # goal 5x
+    runs, held = sweeps.sweep(lambda rate: _fake_run(rate, knee=0.6), [0.5, 1, 2], holds=_holds, refine=3, settled=settled)
+    assert [r["offered_rate"] for r in runs] == [0.5, 1] and held == 0.5  # 5.66 / 1 >= 5: met whatever lies between
+    runs, held = sweeps.sweep(lambda rate: _fake_run(rate, knee=1.5), [1, 2, 4], holds=_holds, refine=3, settled=settled)
+    # 5.66 / 2 < 5 <= 5.66 / 1: open, so 1.414 is run; it holds and 5.66 / 1.414 < 5: missed whatever lies above
+    assert [r["offered_rate"] for r in runs] == [1, 2, 1.414] and held == 1.414
+    runs, _ = sweeps.sweep(lambda rate: _fake_run(rate, knee=1.5), [1, 2, 4], holds=_holds, refine=3)
+    assert len(runs) == 5  # without `settled` all three steps
+    assert sweeps.goal_settled("loraplex", 5.66) is None and sweeps.goal_settled("peft-naive", None) is None
+
+
+def _run(server: str, popularity: str, rate: float | None, tok_s: float, **tags) -> dict:
+    return {
+        "server": server, "popularity": popularity, "offered_rate": rate, "requests": 10, "completed": 10, "errors": 0,
+        "unfinished": 0, "request_throughput": tok_s / 30, "output_throughput": tok_s,
+        "ttft_s": {"p50": 0.5, "p90": 0.8, "p99": 1.0}, "tpot_s": {"p50": 0.1, "p99": 0.2}, **tags,
+    }
+
+
+def _burst(server: str, case: str, pair_round: int, tok_s: float) -> dict:
+    popularity = load.BASE_ONLY if server == "loraplex-base" else case
+    return _run(server, popularity, None, tok_s, pair_case=case, pair_round=pair_round)
+
+
+def test_paired_bursts_give_the_median_of_the_pair_ratios():
+    runs = [
+        _run("loraplex-base", "base", 8.0, 500.0),  # a sweep run, not in a pair: ignored
+        _burst("loraplex", "zipf", 0, 90.0), _burst("loraplex-base", "zipf", 0, 100.0),
+        _burst("loraplex-base", "zipf", 1, 160.0), _burst("loraplex", "zipf", 1, 96.0),  # one fast base-only burst
+        _burst("loraplex", "zipf", 2, 95.0), _burst("loraplex-base", "zipf", 2, 100.0),
+        _burst("loraplex", "uniform", 0, 80.0),  # its base-only burst is missing
+    ]
+    peaks = reporting.paired_peaks(runs)
+    assert peaks["zipf"]["pairs"] == [
+        {"loraplex": 90.0, "base": 100.0, "ratio": 0.9}, {"base": 160.0, "loraplex": 96.0, "ratio": 0.6},
+        {"loraplex": 95.0, "base": 100.0, "ratio": 0.95},
+    ]
+    assert peaks["zipf"]["ratio"] == 0.9
+    assert peaks["uniform"] == {"pairs": [{"loraplex": 80.0}], "ratio": None}
+    capacities = [
+        {"server": "loraplex", "popularity": case, "sustainable_rate": 4.0, "lowest_rate": 4.0,
+         "peak_output_throughput": 99.0, "peak_request_throughput": 1.0}
+        for case in ("zipf", "identical")
+    ] + [{"server": "loraplex-base", "popularity": "base", "sustainable_rate": 4.0, "lowest_rate": 4.0,
+          "peak_output_throughput": 100.0, "peak_request_throughput": 1.0}]
+    zipf, identical = reporting.goal_table(capacities, ["zipf", "identical"], 8.0, peaks)
+    assert zipf["loraplex_vs_base_throughput"] == 0.9 and zipf["goals_met"]["vs_base>=0.85x"]
+    assert identical["loraplex_vs_base_throughput"] == 0.99  # no pairs: the sweeps' peaks
+    assert " burst " in reporting.run_line(runs[1])
+
+
+def test_a_burst_sends_everything_at_once():
+    assert load.poisson_arrivals(math.inf, 0.0, 5, random.Random(0)) == [0.0] * 5
+    burst = load.make_workload(load.WorkloadSpec(math.inf, 0.0, max_requests=6), "zipf", ["a", "b"])
+    assert [r.send_at for r in burst] == [0.0] * 6 and {r.lora for r in burst} <= {"a", "b"}
 
 
 def test_baseline_sweeps_start_at_twice_the_goal_below_loraplex():
     grid = [0.125, 0.25, 0.5, 1, 2, 4, 8]
-    assert serving.baseline_floor("peft-naive", 5.66, grid) == 0.5  # 5.66 / (2 * 5) = 0.566
-    assert serving.baseline_floor("peft-batched", 5.66, grid) == 1  # 5.66 / (2 * 2) = 1.415
-    assert serving.baseline_floor("peft-naive", 0.5, grid) == 0.125  # under the grid: its lowest
-    assert serving.baseline_floor("peft-naive", None, grid) == 0.125  # loraplex not measured
-    assert serving.baseline_floor("loraplex-base", 5.66, grid) == 0.125
+    assert sweeps.baseline_floor("peft-naive", 5.66, grid) == 0.5  # 5.66 / (2 * 5) = 0.566
+    assert sweeps.baseline_floor("peft-batched", 5.66, grid) == 1  # 5.66 / (2 * 2) = 1.415
+    assert sweeps.baseline_floor("peft-naive", 0.5, grid) == 0.125  # under the grid: its lowest
+    assert sweeps.baseline_floor("peft-naive", None, grid) == 0.125  # loraplex not measured
+    assert sweeps.baseline_floor("loraplex-base", 5.66, grid) == 0.125
 
 
 def test_goal_table_ratios_and_their_lower_bounds():
@@ -112,32 +174,32 @@ def test_goal_table_ratios_and_their_lower_bounds():
         cap("peft-naive", "zipf", 0.0, 0.5),  # held nowhere from its floor up: true rate < 0.5
         cap("peft-batched", "zipf", 1.0, 1.0),
     ]
-    (row,) = serving.goal_table(capacities, ["zipf"], grid_top=8.0)
+    (row,) = reporting.goal_table(capacities, ["zipf"], grid_top=8.0)
     assert row["loraplex_vs_naive_rate"] == 8.0 and "loraplex_vs_naive_rate" in row["lower_bounds"]
     assert row["loraplex_vs_batched_rate"] == 4.0 and "loraplex_vs_batched_rate" not in row["lower_bounds"]
     assert row["loraplex_vs_base_throughput"] == 0.9
     assert row["goals_met"] == {"vs_naive>=5x": True, "vs_batched>=2x": True, "vs_base>=0.85x": True}
     capacities[2] = cap("peft-naive", "zipf", 0.0, 1.0)  # a lower bound under the goal says nothing
-    (row,) = serving.goal_table(capacities, ["zipf"], grid_top=8.0)
+    (row,) = reporting.goal_table(capacities, ["zipf"], grid_top=8.0)
     assert row["loraplex_vs_naive_rate"] == 4.0 and row["goals_met"]["vs_naive>=5x"] is None
 
 
 def test_a_run_holds_only_within_both_bounds_and_without_failures():
     good = _fake_run(1.0)
-    assert serving.holds_bounds(good, ttft_bound_s=2.0, tpot_bound_s=0.5)
-    assert not serving.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=0.5)
-    assert serving.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=None)
-    assert not serving.holds_bounds(good | {"unfinished": 1}, ttft_bound_s=2.0)
-    assert not serving.holds_bounds(_fake_run(4.0), ttft_bound_s=2.0)
+    assert sweeps.holds_bounds(good, ttft_bound_s=2.0, tpot_bound_s=0.5)
+    assert not sweeps.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=0.5)
+    assert sweeps.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=None)
+    assert not sweeps.holds_bounds(good | {"unfinished": 1}, ttft_bound_s=2.0)
+    assert not sweeps.holds_bounds(_fake_run(4.0), ttft_bound_s=2.0)
 
 
 def test_bound_is_surely_missed_once_over_one_percent_are_late():
-    results = [serving.RequestResult(sent_at=0.0, first_token_at=0.1) for _ in range(201)]
-    assert not serving.bound_surely_missed(results, 1.0, now=10.0)
+    results = [load.RequestResult(sent_at=0.0, first_token_at=0.1) for _ in range(201)]
+    assert not load.bound_surely_missed(results, 1.0, now=10.0)
     results[0].first_token_at, results[1].first_token_at = 3.0, None  # one late, one still waiting
-    assert not serving.bound_surely_missed(results, 1.0, now=0.5)
+    assert not load.bound_surely_missed(results, 1.0, now=0.5)
     results[2].first_token_at = 2.0
-    assert serving.bound_surely_missed(results, 1.0, now=10.0)
+    assert load.bound_surely_missed(results, 1.0, now=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +215,7 @@ def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
     root, model_dir, adapters = tiny_setup
     with serving.launch("peft-naive", model_dir, root / "adapters", adapters, tmp_path, max_batch=4) as endpoint:
         serving.warm_up(endpoint, adapters)
-        spec = serving.WorkloadSpec(rate=4.0, duration_s=2.0, max_requests=12, prompt_words=(4, 8), max_tokens=(4, 8))
+        spec = load.WorkloadSpec(rate=4.0, duration_s=2.0, max_requests=12, prompt_words=(4, 8), max_tokens=(4, 8))
         run = serving.measure(endpoint, "peft-naive", "uniform", spec, adapters, drain_s=20.0, progress=False)
 
     assert run["requests"] >= 1 and run["completed"] == run["requests"]
@@ -164,14 +226,14 @@ def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
     assert run["request_throughput"] > 0 and run["output_throughput"] > 0
     assert 4 <= run["mean_output_tokens"] <= 8
 
-    capacities = [serving.capacity("peft-naive", "uniform", [run], sustainable_rate=4.0)]
+    capacities = [sweeps.capacity("peft-naive", "uniform", [run], sustainable_rate=4.0)]
     report = {
         "config": {"ttft_bound_s": 2.0, "popularity": ["uniform"]},
         "runs": [run],
         "capacities": capacities,
-        "goals": serving.goal_table(capacities, ["uniform"], grid_top=8.0),
+        "goals": reporting.goal_table(capacities, ["uniform"], grid_top=8.0),
     }
-    paths = serving.write_report(report, tmp_path / "out")
+    paths = reporting.write_report(report, tmp_path / "out")
     assert {p.name for p in paths} == {"serving.json", "serving_latency.png", "serving_throughput.png"}
     saved = json.loads((tmp_path / "out" / "serving.json").read_text())
     assert {"config", "runs", "capacities", "goals"} <= set(saved)
