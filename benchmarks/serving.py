@@ -57,9 +57,10 @@ table, the summary, the JSON and the plots.
         [--peak-pairs 4] [--peak-requests 32] [--out benchmarks/out]
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
-case) and serving_throughput.png (sustainable rate and peak throughput per case) to --out. The
-defaults take about 14 minutes on 2 CPUs. On a shared machine, --threads 1 avoids the collapse of
-two OpenMP threads per process when other processes compete for the cores.
+case) and serving_throughput.png (per case: sustainable rate, the sweeps' peak throughput, the
+paired bursts' ratios) to --out. The defaults take about 14 minutes on 2 CPUs. On a shared
+machine, --threads 1 avoids the collapse of two OpenMP threads per process when other processes
+compete for the cores.
 """
 
 from __future__ import annotations

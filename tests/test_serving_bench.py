@@ -149,6 +149,24 @@ def test_paired_bursts_give_the_median_of_the_pair_ratios():
     assert " burst " in reporting.run_line(runs[1])
 
 
+def test_peak_pairs_alternate_which_side_goes_first(monkeypatch):
+    made = []
+
+    def fake_measure(endpoint, server, popularity, spec, *args, **kwargs):
+        made.append((server, popularity))
+        assert math.isinf(spec.rate) and spec.max_requests == 5
+        return _run(server, popularity, None, 100.0)
+
+    monkeypatch.setattr(serving, "measure", fake_measure)
+    opts = serving.Options(model_dir=Path("."), servers=["loraplex", "loraplex-base"], popularity=["zipf", "identical"],
+                           rates=[4, 8], peak_pairs=2, peak_requests=5, progress=False)
+    runs = serving.peak_pairs(opts, None, ["a"])
+    lp, base = "loraplex", ("loraplex-base", "base")
+    assert made == [(lp, "zipf"), base, (lp, "identical"), base, base, (lp, "zipf"), base, (lp, "identical")]
+    assert [(r["pair_case"], r["pair_round"]) for r in runs[:4]] == [("zipf", 0)] * 2 + [("identical", 0)] * 2
+    assert set(reporting.paired_peaks(runs)) == {"zipf", "identical"}
+
+
 def test_a_burst_sends_everything_at_once():
     assert load.poisson_arrivals(math.inf, 0.0, 5, random.Random(0)) == [0.0] * 5
     burst = load.make_workload(load.WorkloadSpec(math.inf, 0.0, max_requests=6), "zipf", ["a", "b"])
