@@ -82,7 +82,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serving_* modules, also when loaded by path
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # the serving_* modules, also when this file is loaded by path
 
 from serving_load import (  # noqa: E402
     BASE_ONLY, MODEL_NAME, POPULARITY_CASES, ZIPF_EXPONENT, Endpoint, RequestSpec, WorkloadSpec, make_workload,
@@ -93,7 +94,6 @@ from serving_sweep import BASELINE_GOALS, baseline_floor, capacity, goal_settled
 
 from loraplex.client import stop_process, wait_until_healthy  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 PEFT_SERVER = BENCH_DIR / "baselines" / "peft_server.py"
 SERVER_PROCESS = {"peft-naive": "peft-naive", "peft-batched": "peft-batched", "loraplex": "loraplex", "loraplex-base": "loraplex"}
@@ -263,18 +263,19 @@ def measure(
 ) -> dict:
     """One run: the workload at `spec.rate` against `endpoint`, summarized (see `run_load` for the cut-offs)."""
     requests = make_workload(spec, popularity, adapters)
+    rate = spec.rate if math.isfinite(spec.rate) else None  # None: a burst
     settle(endpoint)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(requests), desc=f"{server} {popularity} {spec.rate:g}/s", leave=False, file=sys.stderr)
+        load = "burst" if rate is None else f"{rate:g}/s"
+        bar = tqdm(total=len(requests), desc=f"{server} {popularity} {load}", leave=False, file=sys.stderr)
     try:
         results, start, end = asyncio.run(run_load(endpoint, requests, drain_s, bar.update if bar else None, give_up_ttft_s))
     finally:
         if bar is not None:
             bar.close()
-    rate = spec.rate if math.isfinite(spec.rate) else None  # None: a burst
     return {"server": server, "popularity": popularity, "offered_rate": rate, **summarize(results, start, end)}
 
 
