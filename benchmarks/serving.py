@@ -37,11 +37,11 @@ is then reported as a lower bound); its bisection stops once the goal's verdict 
 Peak throughput is the most output tokens/s any run delivered.
 
 loraplex against base-only is measured at saturation and paired, as this machine's speed drifts
-by 10-20 % over minutes: after the sweeps, on the same loraplex process, --peak-pairs rounds each
-send every popularity case's burst (--peak-requests at once, the same prompts and lengths in every
-case) next to the same burst without adapters, the case first in even rounds and base-only first
-in odd ones. Per case the ratio is the median over the pairs of loraplex's output tokens/s over
-base-only's.
+by 10-20 % over minutes: after the sweeps, on the same loraplex process, --peak-rounds rounds each
+send one burst per popularity case and one without adapters (--peak-requests at once, the same
+prompts and lengths in every burst), in an order that rotates by one each round, so that every
+case runs before and after base-only in turn. Per case the ratio is the median over the rounds of
+loraplex's output tokens/s over base-only's in the same round.
 
 Goals (the table at the end, per popularity case): loraplex sustains >= 5x the rate of peft-naive
 and >= 2x that of peft-batched under the same bounds, and delivers >= 0.85x the output throughput
@@ -54,7 +54,7 @@ table, the summary, the JSON and the plots.
     python benchmarks/serving.py [--model default|HF_FOLDER]
         [--servers loraplex,loraplex-base,peft-batched,peft-naive] [--popularity distinct,uniform,zipf,identical]
         [--rates 0.125,0.25,0.5,1,2,4,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
-        [--peak-pairs 4] [--peak-requests 32] [--out benchmarks/out]
+        [--peak-rounds 5] [--peak-requests 32] [--out benchmarks/out]
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
 case) and serving_throughput.png (per case: sustainable rate, the sweeps' peak throughput, the
@@ -303,7 +303,7 @@ class Options:
     max_batch: int = 16
     seed: int = 0
     threads: int | None = None
-    peak_pairs: int = 4
+    peak_rounds: int = 5
     peak_requests: int = 32
     progress: bool = True
 
@@ -337,20 +337,20 @@ def sweep_cases(
     return runs, capacities
 
 
-def peak_pairs(opts: Options, endpoint: Endpoint, adapters: list[str]) -> list[dict]:
-    """--peak-pairs rounds of paired bursts on one loraplex process: per popularity case, a burst
-    of --peak-requests for the case and the same burst without adapters right next to it, the case
-    first in even rounds and base-only first in odd ones (see `paired_peaks` in serving_report.py).
-    A burst runs to completion; each run is tagged pair_case and pair_round."""
+def peak_rounds(opts: Options, endpoint: Endpoint, adapters: list[str]) -> list[dict]:
+    """--peak-rounds rounds of bursts on one loraplex process: in each, a burst of --peak-requests
+    per popularity case and one without adapters; round k starts k places further along that list
+    (see `paired_peaks` in serving_report.py). A burst runs to completion; each run is tagged
+    peak_round."""
     runs = []
     spec = WorkloadSpec(math.inf, 0.0, opts.peak_requests, seed=opts.seed)
-    for pair_round in range(opts.peak_pairs):
-        for case in opts.popularity:
-            pair = [("loraplex", case), ("loraplex-base", BASE_ONLY)]
-            for server, popularity in pair if pair_round % 2 == 0 else pair[::-1]:
-                run = measure(endpoint, server, popularity, spec, adapters, BURST_DRAIN_S, opts.progress)
-                print(run_line(run), flush=True)
-                runs.append(run | {"pair_case": case, "pair_round": pair_round})
+    order = [("loraplex-base", BASE_ONLY)] + [("loraplex", case) for case in opts.popularity]
+    for peak_round in range(opts.peak_rounds):
+        shift = peak_round % len(order)
+        for server, popularity in order[shift:] + order[:shift]:
+            run = measure(endpoint, server, popularity, spec, adapters, BURST_DRAIN_S, opts.progress)
+            print(run_line(run), flush=True)
+            runs.append(run | {"peak_round": peak_round})
     return runs
 
 
@@ -377,7 +377,7 @@ def benchmark(opts: Options, work: Path) -> dict:
                     runs += server_runs
                     capacities += server_capacities
                 if process == "loraplex" and {"loraplex", "loraplex-base"} <= set(opts.servers):
-                    runs += peak_pairs(opts, endpoint, adapters)
+                    runs += peak_rounds(opts, endpoint, adapters)
         except (RuntimeError, httpx.HTTPError) as exc:
             print(f"{process}: FAILED: {exc}", file=sys.stderr, flush=True)
             failures.append({"server": process, "error": str(exc)[-2000:]})
@@ -417,7 +417,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="peft-batched's static batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per server (default: the libraries' choice)")
-    parser.add_argument("--peak-pairs", type=int, default=4, help="rounds of paired loraplex / base-only bursts")
+    parser.add_argument("--peak-rounds", type=int, default=5, help="rounds of loraplex / base-only bursts")
     parser.add_argument("--peak-requests", type=int, default=32, help="requests per burst")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--no-progress", action="store_true")
@@ -447,7 +447,7 @@ def main() -> None:
         max_batch=args.max_batch,
         seed=args.seed,
         threads=args.threads,
-        peak_pairs=args.peak_pairs,
+        peak_rounds=args.peak_rounds,
         peak_requests=args.peak_requests,
         progress=not args.no_progress,
     )

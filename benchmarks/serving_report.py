@@ -40,25 +40,26 @@ GOALS = {  # goal name: (ratio key, minimum)
 
 
 def paired_peaks(runs: list[dict]) -> dict[str, dict]:
-    """Per popularity case, from the paired bursts (`peak_pairs` in serving.py): each pair's output
-    tokens/s (loraplex on the case, base-only next to it) and their ratio, and the median of the
-    ratios, the case's loraplex / base-only throughput. Pairing keeps the machine's slow drift out
-    of each ratio (the order alternates between rounds, so what is left of it does not favour
-    either side); the median keeps out a pair that one sudden change hit. A pair missing a side
-    is left out of the ratios."""
-    rounds: dict[str, dict[int, dict]] = {}
+    """Per popularity case, from the bursts of `peak_rounds` in serving.py: per round, loraplex's
+    output tokens/s on the case, base-only's in the same round, and their ratio; and the median of
+    the ratios, the case's loraplex / base-only throughput. Pairing within a round keeps the
+    machine's slow drift out of each ratio (the order rotates, so what is left of it favours
+    neither side); the median keeps out a round that one sudden change hit. A round without a
+    base-only burst gives no ratio."""
+    rounds: dict[int, dict[str, float]] = {}
     for run in runs:
-        if "pair_case" in run:
-            side = "base" if run["server"] == "loraplex-base" else "loraplex"
-            rounds.setdefault(run["pair_case"], {}).setdefault(run["pair_round"], {})[side] = run["output_throughput"]
-    peaks = {}
-    for case, by_round in rounds.items():
-        pairs = [by_round[k] for k in sorted(by_round)]
-        for pair in pairs:
-            if pair.get("loraplex") and pair.get("base"):
-                pair["ratio"] = pair["loraplex"] / pair["base"]
-        ratios = [pair["ratio"] for pair in pairs if "ratio" in pair]
-        peaks[case] = {"pairs": pairs, "ratio": statistics.median(ratios) if ratios else None}
+        if "peak_round" in run:
+            rounds.setdefault(run["peak_round"], {})[run["popularity"]] = run["output_throughput"]
+    peaks: dict[str, dict] = {}
+    for peak_round in sorted(rounds):
+        by_case = dict(rounds[peak_round])
+        base = by_case.pop(BASE_ONLY, None)
+        for case, tok_s in by_case.items():
+            pair = {"loraplex": tok_s} | ({"base": base, "ratio": tok_s / base} if base else {})
+            peaks.setdefault(case, {"pairs": []})["pairs"].append(pair)
+    for entry in peaks.values():
+        ratios = [pair["ratio"] for pair in entry["pairs"] if "ratio" in pair]
+        entry["ratio"] = statistics.median(ratios) if ratios else None
     return peaks
 
 
@@ -150,7 +151,7 @@ def print_summary(report: dict) -> None:
         met = " ".join({True: "yes", False: "NO", None: "-"}[v] for v in row["goals_met"].values())
         print(f"{row['popularity']:<9} " + " ".join(f"{c:>13}" for c in cells) + f"  {met}")
     if report.get("peaks"):
-        print("\npaired bursts: output tok/s, loraplex / base-only = ratio, per pair; their median")
+        print("\npaired bursts: output tok/s, loraplex / base-only in the same round = ratio, per round; their median")
         for case, entry in report["peaks"].items():
             pairs = "  ".join(f"{p.get('loraplex', 0):.1f}/{p.get('base', 0):.1f} = {_fmt(p.get('ratio'))}" for p in entry["pairs"])
             print(f"{case:<9} {pairs}  median {_fmt(entry['ratio'], 2, 'x')}")
@@ -217,7 +218,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         axes[2].plot([i] * len(ratios), ratios, "o", color="black", markersize=4)
     axes[2].axhline(GOALS["vs_base>=0.85x"][1], color="grey", linewidth=0.8, linestyle=":")
     axes[2].set_ylim(0, 1.2)
-    axes[2].set_title("loraplex / base-only, paired bursts: median (bar), pairs (dots)", fontsize=9)
+    axes[2].set_title("loraplex / base-only, paired bursts: median (bar), rounds (dots)", fontsize=9)
     for ax, label in zip(axes, ["sustainable req/s", "peak output tokens/s (sweeps)", "output tokens/s ratio"]):
         ax.set_xticks(range(len(cases)), cases)
         ax.set_ylabel(label)

@@ -117,26 +117,26 @@ def _run(server: str, popularity: str, rate: float | None, tok_s: float, **tags)
     }
 
 
-def _burst(server: str, case: str, pair_round: int, tok_s: float) -> dict:
+def _burst(server: str, case: str, peak_round: int, tok_s: float) -> dict:
     popularity = load.BASE_ONLY if server == "loraplex-base" else case
-    return _run(server, popularity, None, tok_s, pair_case=case, pair_round=pair_round)
+    return _run(server, popularity, None, tok_s, peak_round=peak_round)
 
 
-def test_paired_bursts_give_the_median_of_the_pair_ratios():
+def test_paired_bursts_give_the_median_of_the_ratios_within_rounds():
     runs = [
-        _run("loraplex-base", "base", 8.0, 500.0),  # a sweep run, not in a pair: ignored
-        _burst("loraplex", "zipf", 0, 90.0), _burst("loraplex-base", "zipf", 0, 100.0),
-        _burst("loraplex-base", "zipf", 1, 160.0), _burst("loraplex", "zipf", 1, 96.0),  # one fast base-only burst
-        _burst("loraplex", "zipf", 2, 95.0), _burst("loraplex-base", "zipf", 2, 100.0),
-        _burst("loraplex", "uniform", 0, 80.0),  # its base-only burst is missing
+        _run("loraplex-base", "base", 8.0, 500.0),  # a sweep run, not in a round: ignored
+        _burst("loraplex-base", "", 0, 100.0), _burst("loraplex", "zipf", 0, 90.0), _burst("loraplex", "uniform", 0, 80.0),
+        _burst("loraplex", "zipf", 1, 96.0), _burst("loraplex-base", "", 1, 160.0),  # one fast base-only burst
+        _burst("loraplex", "zipf", 2, 95.0), _burst("loraplex-base", "", 2, 100.0),
+        _burst("loraplex", "uniform", 3, 70.0),  # its round has no base-only burst
     ]
     peaks = reporting.paired_peaks(runs)
     assert peaks["zipf"]["pairs"] == [
-        {"loraplex": 90.0, "base": 100.0, "ratio": 0.9}, {"base": 160.0, "loraplex": 96.0, "ratio": 0.6},
+        {"loraplex": 90.0, "base": 100.0, "ratio": 0.9}, {"loraplex": 96.0, "base": 160.0, "ratio": 0.6},
         {"loraplex": 95.0, "base": 100.0, "ratio": 0.95},
     ]
     assert peaks["zipf"]["ratio"] == 0.9
-    assert peaks["uniform"] == {"pairs": [{"loraplex": 80.0}], "ratio": None}
+    assert peaks["uniform"] == {"pairs": [{"loraplex": 80.0, "base": 100.0, "ratio": 0.8}, {"loraplex": 70.0}], "ratio": 0.8}
     capacities = [
         {"server": "loraplex", "popularity": case, "sustainable_rate": 4.0, "lowest_rate": 4.0,
          "peak_output_throughput": 99.0, "peak_request_throughput": 1.0}
@@ -145,26 +145,26 @@ def test_paired_bursts_give_the_median_of_the_pair_ratios():
           "peak_output_throughput": 100.0, "peak_request_throughput": 1.0}]
     zipf, identical = reporting.goal_table(capacities, ["zipf", "identical"], 8.0, peaks)
     assert zipf["loraplex_vs_base_throughput"] == 0.9 and zipf["goals_met"]["vs_base>=0.85x"]
-    assert identical["loraplex_vs_base_throughput"] == 0.99  # no pairs: the sweeps' peaks
+    assert identical["loraplex_vs_base_throughput"] == 0.99  # no rounds: the sweeps' peaks
     assert " burst " in reporting.run_line(runs[1])
 
 
-def test_peak_pairs_alternate_which_side_goes_first(monkeypatch):
+def test_peak_rounds_rotate_the_order(monkeypatch):
     made = []
 
     def fake_measure(endpoint, server, popularity, spec, *args, **kwargs):
-        made.append((server, popularity))
+        made.append(popularity)
         assert math.isinf(spec.rate) and spec.max_requests == 5
         return _run(server, popularity, None, 100.0)
 
     monkeypatch.setattr(serving, "measure", fake_measure)
     opts = serving.Options(model_dir=Path("."), servers=["loraplex", "loraplex-base"], popularity=["zipf", "identical"],
-                           rates=[4, 8], peak_pairs=2, peak_requests=5, progress=False)
-    runs = serving.peak_pairs(opts, None, ["a"])
-    lp, base = "loraplex", ("loraplex-base", "base")
-    assert made == [(lp, "zipf"), base, (lp, "identical"), base, base, (lp, "zipf"), base, (lp, "identical")]
-    assert [(r["pair_case"], r["pair_round"]) for r in runs[:4]] == [("zipf", 0)] * 2 + [("identical", 0)] * 2
-    assert set(reporting.paired_peaks(runs)) == {"zipf", "identical"}
+                           rates=[4, 8], peak_rounds=4, peak_requests=5, progress=False)
+    runs = serving.peak_rounds(opts, None, ["a"])
+    assert made == ["base", "zipf", "identical", "zipf", "identical", "base", "identical", "base", "zipf",
+                    "base", "zipf", "identical"]
+    assert [r["peak_round"] for r in runs] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert {case: entry["ratio"] for case, entry in reporting.paired_peaks(runs).items()} == {"zipf": 1.0, "identical": 1.0}
 
 
 def test_a_burst_sends_everything_at_once():

@@ -75,32 +75,76 @@ def _expand(h, lora_b_t, token_slots, y, offset):  # pragma: no cover - jitted
 
 
 @numba.njit(fastmath=True, cache=True)
+def _lora_token(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover - jitted
+    """Token t's delta through slot w (see `_shrink_expand`); h: [n*R] scratch."""
+    rank, dim = lora_b_t[0].shape[1], lora_a.shape[2]
+    x_row = x[t]
+    for r in range(lora_a.shape[1]):
+        a_row = lora_a[w, r]
+        acc = np.float32(0.0)
+        for d in range(dim):
+            acc += a_row[d] * x_row[d]
+        h[r] = acc
+    for i in range(len(lora_b_t)):
+        b_t = lora_b_t[i]
+        n_out = b_t.shape[2]
+        y_row = y[t, offsets[i] : offsets[i] + n_out]
+        for r in range(rank):
+            coef = h[i * rank + r]
+            b_row = b_t[w, r]
+            for n in range(n_out):
+                y_row[n] += coef * b_row[n]
+
+
+@numba.njit(fastmath=True, cache=True)
+def _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover - jitted
+    """Tokens t..t+3's deltas, all through slot w: each row of A and B is loaded once for the
+    four (1.2-1.6x faster than token by token, benchmarks/RESULTS.md); h: [4, n*R] scratch."""
+    rank, dim = lora_b_t[0].shape[1], lora_a.shape[2]
+    x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+    for r in range(lora_a.shape[1]):
+        a_row = lora_a[w, r]
+        s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for d in range(dim):
+            a = a_row[d]
+            s0 += a * x0[d]
+            s1 += a * x1[d]
+            s2 += a * x2[d]
+            s3 += a * x3[d]
+        h[0, r], h[1, r], h[2, r], h[3, r] = s0, s1, s2, s3
+    for i in range(len(lora_b_t)):
+        b_t = lora_b_t[i]
+        lo, hi = offsets[i], offsets[i] + b_t.shape[2]
+        y0, y1, y2, y3 = y[t, lo:hi], y[t + 1, lo:hi], y[t + 2, lo:hi], y[t + 3, lo:hi]
+        for r in range(rank):
+            k = i * rank + r
+            c0, c1, c2, c3 = h[0, k], h[1, k], h[2, k], h[3, k]
+            b_row = b_t[w, r]
+            for n in range(hi - lo):
+                b = b_row[n]
+                y0[n] += c0 * b
+                y1[n] += c1 * b
+                y2[n] += c2 * b
+                y3[n] += c3 * b
+
+
+@numba.njit(fastmath=True, cache=True)
 def _shrink_expand(x, lora_a, lora_b_t, offsets, token_slots, y):  # pragma: no cover - jitted
     """y[t, offsets[i]:offsets[i]+N_i] += (lora_a[w, i*R:(i+1)*R] @ x[t]) @ lora_b_t[i][w] for every
-    slice i and every token t whose slot w >= 0. lora_b_t: a tuple of [S, R, N_i] (B transposed)."""
-    stacked_rank, dim = lora_a.shape[1], lora_a.shape[2]
-    rank = lora_b_t[0].shape[1]
-    for t in range(x.shape[0]):
+    slice i and every token t whose slot w >= 0. lora_b_t: a tuple of [S, R, N_i] (B transposed).
+    Four tokens in a row on one slot go together, the others one by one."""
+    h = np.empty((4, lora_a.shape[1]), dtype=np.float32)
+    t, num_tokens = 0, x.shape[0]
+    while t < num_tokens:
         w = token_slots[t]
-        if w < 0:
+        if (w >= 0 and t + 4 <= num_tokens and token_slots[t + 1] == w and token_slots[t + 2] == w
+                and token_slots[t + 3] == w):
+            _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h)
+            t += 4
             continue
-        x_row = x[t]
-        h = np.empty(stacked_rank, dtype=np.float32)
-        for r in range(stacked_rank):
-            a_row = lora_a[w, r]
-            acc = np.float32(0.0)
-            for d in range(dim):
-                acc += a_row[d] * x_row[d]
-            h[r] = acc
-        for i in range(len(lora_b_t)):
-            b_t = lora_b_t[i]
-            n_out = b_t.shape[2]
-            y_row = y[t, offsets[i] : offsets[i] + n_out]
-            for r in range(rank):
-                coef = h[i * rank + r]
-                b_row = b_t[w, r]
-                for n in range(n_out):
-                    y_row[n] += coef * b_row[n]
+        if w >= 0:
+            _lora_token(x, lora_a, lora_b_t, offsets, w, t, y, h[0])
+        t += 1
 
 
 def _use_kernel(*tensors: Tensor) -> bool:
