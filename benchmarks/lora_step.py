@@ -33,20 +33,19 @@ def capture_steps(llm, prompts, loras) -> dict[str, tuple]:
     first prefill-only step."""
     from loraplex import SamplingParams
 
-    runner = llm.engine.runner
-    model, kept = runner.model, {}
+    runner, kept = llm.engine.runner, {}
 
-    def recording_model(input_ids, positions, batch):
+    def keep(_module, inputs):
+        batch = inputs[2]
         kind = "prefill" if batch.prefills and not batch.num_decode else "decode" if batch.num_decode == len(prompts) else None
         if kind and kind not in kept:
-            kept[kind] = ((input_ids, positions, batch), runner.lora_runtime.batch)
-        return model(input_ids, positions, batch)
+            kept[kind] = (inputs, runner.lora_runtime.batch)
 
-    runner.model = recording_model
+    hook = runner.model.register_forward_pre_hook(keep)
     try:
         llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), lora=loras)
     finally:
-        runner.model = model
+        hook.remove()
     return kept
 
 

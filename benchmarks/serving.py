@@ -20,9 +20,10 @@ Per run (server, popularity, offered rate): completed requests/s (until the last
 output tokens/s (every token delivered, until the last one), TTFT and TPOT (time per output token
 after the first) p50/p90/p99, errors. Before each run the server must answer a one-token request
 (so no leftover work delays it). A run is cut off --drain seconds after its last arrival, or as
-soon as everything is sent and more than 1 % of requests have waited longer than --ttft-bound for
-their first token (the p99 cannot hold then); requests still running are counted as unfinished and
-their TTFT enters the percentiles as the time they had waited (a lower bound).
+soon as more than 1 % of its requests have waited longer than --ttft-bound for their first token
+(the p99 cannot hold then, so the rest are not sent); requests still running or unsent are counted
+as unfinished, and the TTFT of those running enters the percentiles as the time they had waited (a
+lower bound).
 
 A run "holds" when it has no errors, nothing unfinished, p99 TTFT <= --ttft-bound and p99 TPOT <=
 --tpot-bound. The TPOT bound is there because a continuous-batching server keeps admitting new
@@ -296,7 +297,7 @@ class Options:
     max_requests: int = 400
     ttft_bound_s: float = 5.0
     tpot_bound_s: float | None = 0.5
-    refine: int = 1
+    refine: int = 0
     drain_s: float = 30.0
     num_adapters: int = 16
     rank: int = 8
@@ -410,7 +411,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=400, help="at most this many requests per run")
     parser.add_argument("--ttft-bound", type=float, default=5.0, help="p99 TTFT bound, seconds")
     parser.add_argument("--tpot-bound", type=float, default=0.5, help="p99 TPOT bound, seconds (0: none)")
-    parser.add_argument("--refine", type=int, default=1, help="bisection steps after the sweep")
+    parser.add_argument("--refine", type=int, default=0, help="bisection steps after the sweep")
     parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for requests after the last arrival")
     parser.add_argument("--num-adapters", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)

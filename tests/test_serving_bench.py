@@ -7,6 +7,8 @@ back, never its speed.
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import math
 import random
@@ -235,7 +237,12 @@ def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
         serving.warm_up(endpoint, adapters)
         spec = load.WorkloadSpec(rate=4.0, duration_s=2.0, max_requests=12, prompt_words=(4, 8), max_tokens=(4, 8))
         run = serving.measure(endpoint, "peft-naive", "uniform", spec, adapters, drain_s=20.0, progress=False)
+        # a TTFT bound no request can meet: the run stops at the first late request, sending no more
+        slow = load.make_workload(load.WorkloadSpec(rate=1.0, duration_s=30.0, max_requests=30), "uniform", adapters)
+        cut, _, _ = asyncio.run(load.run_load(endpoint, slow, drain_s=20.0, give_up_ttft_s=1e-3))
 
+    unsent = [r for r in cut if r.sent_at is None]
+    assert len(unsent) >= 20 and all(r.error == "unfinished" for r in unsent)
     assert run["requests"] >= 1 and run["completed"] == run["requests"]
     assert run["errors"] == 0 and run["unfinished"] == 0, run["error_samples"]
     for key in ("ttft_s", "tpot_s", "latency_s"):
