@@ -59,7 +59,7 @@ table, the summary, the JSON and the plots.
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
 case) and serving_throughput.png (per case: sustainable rate, the sweeps' peak throughput, the
-paired bursts' ratios) to --out. The defaults take about 14 minutes on 2 CPUs. On a shared
+paired bursts' ratios) to --out. The defaults take about 12 minutes on 2 CPUs. On a shared
 machine, --threads 1 avoids the collapse of two OpenMP threads per process when other processes
 compete for the cores.
 """
