@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,7 +37,7 @@ class LoraRuntime:
         self.ops = ops.select_backend(device_type)  # chosen once: Triton on CUDA, torch otherwise
         self.batch: LoraBatch | None = None
 
-    def bind(self, weights: PackedLoraWeights) -> object:
+    def bind(self, weights: PackedLoraWeights) -> PackedLoraWeights:
         """What `add_delta` takes for `weights`: made once per linear, when it is wrapped."""
         return weights
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import torch_ops
 
+
 @numba.njit(cache=True)
 def _token_slots(seg_starts, seg_slots, num_tokens):  # pragma: no cover - jitted
     slots = np.full(num_tokens, -1, dtype=np.int64)
