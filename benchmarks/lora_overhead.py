@@ -192,11 +192,15 @@ def main() -> None:
         for label in args.models.split(","):
             model_dir = default_dir if label == "default" else make_wide_model(default_dir, work / "wide")
             rows += bench_model(label, model_dir, work)
-    out = Path(args.out)
+    save_results(rows, Path(args.out), "lora_overhead", plot)
+
+
+def save_results(rows: list[dict], out: Path, name: str, plot_rows) -> None:
+    """rows as out/NAME.json, and `plot_rows(rows, path)` drawn to out/NAME.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_overhead.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, out / "lora_overhead.png")
-    print(f"wrote {out / 'lora_overhead.json'} and .png")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    plot_rows(rows, out / f"{name}.png")
+    print(f"wrote {out / name}.json and .png")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ is the model alone (no sampling, no scheduling), on a worker thread as in the se
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from lora_overhead import CASES, assignment, make_adapters, prompts_for
+from lora_overhead import CASES, assignment, make_adapters, prompts_for, save_results
 
 STEP_KINDS = ("decode", "prefill")
 
@@ -125,11 +124,7 @@ def main() -> None:
                       f"{row['vs_base_only']:>8.3f}x {row['ratio_p10']:>5.2f}-{row['ratio_p90']:.2f}", flush=True)
                 rows.append(row)
     rows.sort(key=lambda r: (STEP_KINDS.index(r["step"]), CASES.index(r["case"])))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_step.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, out / "lora_step.png")
-    print(f"wrote {out / 'lora_step.json'} and .png")
+    save_results(rows, Path(args.out), "lora_step", plot)
 
 
 if __name__ == "__main__":
