@@ -66,10 +66,10 @@ def time_step(runner, inputs: tuple, lora_batch, iters: int) -> dict:
     worker.join()
     runner.lora_runtime.batch = None
     ratios = [b / l for b, l in zip(times["base"], times["lora"])]
+    deciles = statistics.quantiles(ratios, n=10)
     return {
         "lora_ms": 1e3 * statistics.median(times["lora"]), "base_ms": 1e3 * statistics.median(times["base"]),
-        "vs_base_only": statistics.median(ratios), "ratio_p10": statistics.quantiles(ratios, n=10)[0],
-        "ratio_p90": statistics.quantiles(ratios, n=10)[-1],
+        "vs_base_only": statistics.median(ratios), "ratio_p10": deciles[0], "ratio_p90": deciles[-1],
     }
 
 
