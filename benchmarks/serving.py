@@ -75,6 +75,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -87,7 +88,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # the serving_* modules, also when this file is loaded by path
 
 from serving_load import (  # noqa: E402
-    BASE_ONLY, MODEL_NAME, POPULARITY_CASES, ZIPF_EXPONENT, Endpoint, RequestSpec, WorkloadSpec, make_workload,
+    BASE_ONLY, MODEL_NAME, POPULARITY_CASES, ZIPF_EXPONENT, Bounds, Endpoint, RequestSpec, WorkloadSpec, make_workload,
     request_body, run_load, summarize,
 )
 from serving_report import RUN_HEADER, SERVERS, goal_table, paired_peaks, print_summary, run_line, write_report  # noqa: E402
@@ -260,7 +261,7 @@ def settle(endpoint: Endpoint, timeout_s: float = 300.0) -> None:
 
 def measure(
     endpoint: Endpoint, server: str, popularity: str, spec: WorkloadSpec, adapters: list[str], drain_s: float,
-    progress: bool = True, give_up_ttft_s: float | None = None,
+    progress: bool = True, give_up: Bounds | None = None,
 ) -> dict:
     """One run: the workload at `spec.rate` against `endpoint`, summarized (see `run_load` for the cut-offs)."""
     requests = make_workload(spec, popularity, adapters)
@@ -273,7 +274,7 @@ def measure(
         load = "burst" if rate is None else f"{rate:g}/s"
         bar = tqdm(total=len(requests), desc=f"{server} {popularity} {load}", leave=False, file=sys.stderr)
     try:
-        results, start, end = asyncio.run(run_load(endpoint, requests, drain_s, bar.update if bar else None, give_up_ttft_s))
+        results, start, end = asyncio.run(run_load(endpoint, requests, drain_s, bar.update if bar else None, give_up))
     finally:
         if bar is not None:
             bar.close()
@@ -317,6 +318,7 @@ def sweep_cases(
     (`baseline_floor`, from `loraplex_rates`, loraplex's sustainable rate per case) and go up
     from there. Returns (runs, capacities)."""
     runs, capacities, start_rate = [], [], opts.start_rate
+    bounds = Bounds(opts.ttft_bound_s, opts.tpot_bound_s)
     for case in [BASE_ONLY] if server == "loraplex-base" else opts.popularity:
         rates, settled = opts.rates, None
         if server in BASELINE_GOALS:
@@ -326,11 +328,11 @@ def sweep_cases(
 
         def run_at(rate: float) -> dict:
             spec = WorkloadSpec(rate, opts.duration_s, opts.max_requests, opts.min_requests, seed=opts.seed)
-            run = measure(endpoint, server, case, spec, adapters, opts.drain_s, opts.progress, opts.ttft_bound_s)
+            run = measure(endpoint, server, case, spec, adapters, opts.drain_s, opts.progress, bounds)
             print(run_line(run), flush=True)
             return run
 
-        holds = partial(holds_bounds, ttft_bound_s=opts.ttft_bound_s, tpot_bound_s=opts.tpot_bound_s)
+        holds = partial(holds_bounds, bounds=bounds)
         swept, held = sweep(run_at, rates, holds, opts.refine, start_rate, settled)
         runs += swept
         capacities.append(capacity(server, case, swept, held))
@@ -355,13 +357,26 @@ def peak_rounds(opts: Options, endpoint: Endpoint, adapters: list[str]) -> list[
     return runs
 
 
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the wall time of the block to seconds[phase]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
 def benchmark(opts: Options, work: Path) -> dict:
     """Every selected server over every popularity case, swept over rates, then on the loraplex
     process the paired bursts; loraplex first, as the baselines' sweeps start from its rates. A
     server process that fails to start or to serve is reported under "failures" and the others
-    still run."""
+    still run. The report's "seconds" says where the time went."""
+    seconds: dict[str, float] = {}
+    begun = time.perf_counter()
     adapters_dir = work / "adapters"
-    adapters = make_adapters(opts.model_dir, adapters_dir, opts.num_adapters, opts.rank, opts.seed)
+    with timed(seconds, "make adapters"):
+        adapters = make_adapters(opts.model_dir, adapters_dir, opts.num_adapters, opts.rank, opts.seed)
     runs, capacities, failures = [], [], []
     print(RUN_HEADER, flush=True)
     processes = sorted(dict.fromkeys(SERVER_PROCESS[s] for s in opts.servers), key=lambda process: process != "loraplex")
@@ -371,14 +386,18 @@ def benchmark(opts: Options, work: Path) -> dict:
             launched = launch(
                 process, opts.model_dir, adapters_dir, adapters, work, opts.max_batch, opts.rank, opts.threads
             )
+            started = time.perf_counter()
             with launched as endpoint:
                 warm_up(endpoint, adapters)
+                seconds[f"{process} start-up"] = time.perf_counter() - started
                 for server in [s for s in opts.servers if SERVER_PROCESS[s] == process]:
-                    server_runs, server_capacities = sweep_cases(opts, endpoint, server, adapters, loraplex_rates)
+                    with timed(seconds, f"{server} sweeps"):
+                        server_runs, server_capacities = sweep_cases(opts, endpoint, server, adapters, loraplex_rates)
                     runs += server_runs
                     capacities += server_capacities
                 if process == "loraplex" and {"loraplex", "loraplex-base"} <= set(opts.servers):
-                    runs += peak_rounds(opts, endpoint, adapters)
+                    with timed(seconds, "paired bursts"):
+                        runs += peak_rounds(opts, endpoint, adapters)
         except (RuntimeError, httpx.HTTPError) as exc:
             print(f"{process}: FAILED: {exc}", file=sys.stderr, flush=True)
             failures.append({"server": process, "error": str(exc)[-2000:]})
@@ -388,7 +407,11 @@ def benchmark(opts: Options, work: Path) -> dict:
     config |= workload | {"zipf_exponent": ZIPF_EXPONENT}
     peaks = paired_peaks(runs)
     goals = goal_table(capacities, opts.popularity, max(opts.rates), peaks)
-    return {"config": config, "runs": runs, "capacities": capacities, "peaks": peaks, "goals": goals, "failures": failures}
+    seconds["total"] = time.perf_counter() - begun
+    return {
+        "config": config, "runs": runs, "capacities": capacities, "peaks": peaks, "goals": goals, "failures": failures,
+        "seconds": {phase: round(value, 1) for phase, value in seconds.items()},
+    }
 
 
 def parse_list(text: str, allowed: list[str]) -> list[str]:

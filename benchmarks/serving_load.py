@@ -196,18 +196,33 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, spec: Requ
     result.output_tokens = result.output_tokens or result.received_tokens
 
 
-def late_count(results: list[RequestResult], ttft_bound_s: float, now: float) -> int:
-    """Requests whose first token came, or is still awaited, later than `ttft_bound_s` after sending."""
-    return sum(
-        1 for r in results
-        if r.sent_at is not None and ((r.first_token_at or now) - r.sent_at > ttft_bound_s)
-    )
+@dataclass(frozen=True)
+class Bounds:
+    """The p99 bounds a run must hold: time to first token and (if given) time per output token."""
+
+    ttft_s: float
+    tpot_s: float | None = None
 
 
-def bound_surely_missed(results: list[RequestResult], ttft_bound_s: float, now: float) -> bool:
-    """True once more than 1 % of the requests (sent or not) are late, so the p99 TTFT must
-    exceed the bound whatever the others do."""
-    return late_count(results, ttft_bound_s, now) > 0.01 * (len(results) - 1)
+def p99_surely_over(over: int, population: int) -> bool:
+    """Whether the p99 (numpy's linear interpolation) of `population` values must exceed a bound
+    that `over` of them already exceed, whatever the others are: the two values it interpolates
+    between, at sorted positions floor(0.99 (n - 1)) and the next, are then both over it."""
+    return population > 0 and over >= population - math.floor(0.99 * (population - 1))
+
+
+def bounds_surely_missed(results: list[RequestResult], bounds: Bounds, now: float) -> bool:
+    """True once the run's p99 TTFT or p99 TPOT must exceed its bound. TTFT: a request counts
+    as over once it has waited longer than the bound for its first token (answered or not), out
+    of every request of the run, sent or not. TPOT: completed requests over the bound, out of at
+    most every request (more values only lower the count needed)."""
+    late = sum(1 for r in results if r.sent_at is not None and (r.first_token_at or now) - r.sent_at > bounds.ttft_s)
+    if p99_surely_over(late, len(results)):
+        return True
+    if bounds.tpot_s is None:
+        return False
+    slow = sum(1 for r in results if r.done_at is not None and (t := r.tpot()) is not None and t > bounds.tpot_s)
+    return p99_surely_over(slow, len(results))
 
 
 async def run_load(
@@ -215,11 +230,11 @@ async def run_load(
     requests: list[RequestSpec],
     drain_s: float,
     on_done: Callable[[], None] | None = None,
-    give_up_ttft_s: float | None = None,
+    give_up: Bounds | None = None,
 ) -> tuple[list[RequestResult], float, float]:
     """Send each request at its `send_at` (open loop) and wait for all of them, but no longer than
-    `drain_s` after the last send time, nor (with `give_up_ttft_s`) once the p99 TTFT is sure to
-    exceed it. Requests still running or not yet sent then are cancelled and marked unfinished.
+    `drain_s` after the last send time, nor (with `give_up`) once a p99 is sure to miss its bound
+    (`bounds_surely_missed`). Requests still running or not yet sent then are cancelled and marked unfinished.
     Returns (results in request order, start time, cut-off or end time)."""
     results = [RequestResult() for _ in requests]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
@@ -239,7 +254,7 @@ async def run_load(
         pending = set(tasks)
         while pending and time.perf_counter() < deadline:
             _, pending = await asyncio.wait(pending, timeout=min(0.25, max(0.0, deadline - time.perf_counter())))
-            if give_up_ttft_s is not None and bound_surely_missed(results, give_up_ttft_s, time.perf_counter()):
+            if give_up is not None and bounds_surely_missed(results, give_up, time.perf_counter()):
                 break
         if pending:
             for task in pending:

@@ -155,6 +155,8 @@ def print_summary(report: dict) -> None:
         for case, entry in report["peaks"].items():
             pairs = "  ".join(f"{p.get('loraplex', 0):.1f}/{p.get('base', 0):.1f} = {_fmt(p.get('ratio'))}" for p in entry["pairs"])
             print(f"{case:<9} {pairs}  median {_fmt(entry['ratio'], 2, 'x')}")
+    if report.get("seconds"):
+        print("\ntime: " + ", ".join(f"{phase} {value:.0f} s" for phase, value in report["seconds"].items()))
     print("(lp: loraplex; '+': held at the top of the grid, so at least this rate;")
     print(" '>': a lower bound, as the baseline held at no rate it was run at, or loraplex held at the top)")
 

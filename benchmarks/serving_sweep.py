@@ -7,13 +7,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from serving_load import Bounds
 
-def holds_bounds(run: dict, ttft_bound_s: float, tpot_bound_s: float | None = None) -> bool:
-    """No errors, nothing cut off, p99 TTFT <= ttft_bound_s and (if given) p99 TPOT <= tpot_bound_s."""
+
+def holds_bounds(run: dict, bounds: Bounds) -> bool:
+    """No errors, nothing cut off, p99 TTFT and (if bounded) p99 TPOT within `bounds`."""
     ttft, tpot = run["ttft_s"]["p99"], run["tpot_s"]["p99"]
-    if run["errors"] or run["unfinished"] or ttft is None or ttft > ttft_bound_s:
+    if run["errors"] or run["unfinished"] or ttft is None or ttft > bounds.ttft_s:
         return False
-    return tpot_bound_s is None or tpot is None or tpot <= tpot_bound_s
+    return bounds.tpot_s is None or tpot is None or tpot <= bounds.tpot_s
 
 
 def sweep(
@@ -55,13 +57,13 @@ BASELINE_GOALS = {"peft-naive": 5.0, "peft-batched": 2.0}  # loraplex's sustaina
 
 def baseline_floor(server: str, loraplex_rate: float | None, grid: list[float]) -> float:
     """The lowest grid rate a baseline's sweep runs at: the highest grid rate at or below loraplex's
-    sustainable rate / (2 × the goal ratio). A baseline failing there is still beaten by twice
-    the goal; slower rates would only make its runs longer (each sends at least --min-requests).
-    Without a loraplex figure (or for loraplex itself): the lowest grid rate."""
+    sustainable rate / the goal ratio. A baseline failing there is beaten by more than the goal;
+    slower rates would only make its runs longer (each sends at least --min-requests) and could
+    not change the verdict. Without a loraplex figure (or for loraplex itself): the lowest grid rate."""
     goal = BASELINE_GOALS.get(server)
     if goal is None or not loraplex_rate:
         return min(grid)
-    return max([rate for rate in grid if rate <= loraplex_rate / (2 * goal)], default=min(grid))
+    return max([rate for rate in grid if rate <= loraplex_rate / goal], default=min(grid))
 
 
 def goal_settled(server: str, loraplex_rate: float | None) -> Callable[[float, float], bool] | None:

@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from module_loading import load_module
@@ -83,7 +84,7 @@ def _fake_run(rate: float, knee: float = 3.0) -> dict:
 
 
 def _holds(run: dict) -> bool:
-    return sweeps.holds_bounds(run, ttft_bound_s=2.0, tpot_bound_s=0.5)
+    return sweeps.holds_bounds(run, load.Bounds(2.0, 0.5))
 
 
 def test_sweep_goes_up_to_the_first_failure_and_bisects():
@@ -175,10 +176,11 @@ def test_a_burst_sends_everything_at_once():
     assert [r.send_at for r in burst] == [0.0] * 6 and {r.lora for r in burst} <= {"a", "b"}
 
 
-def test_baseline_sweeps_start_at_twice_the_goal_below_loraplex():
+def test_baseline_sweeps_start_at_the_goal_below_loraplex():
     grid = [0.125, 0.25, 0.5, 1, 2, 4, 8]
-    assert sweeps.baseline_floor("peft-naive", 5.66, grid) == 0.5  # 5.66 / (2 * 5) = 0.566
-    assert sweeps.baseline_floor("peft-batched", 5.66, grid) == 1  # 5.66 / (2 * 2) = 1.415
+    assert sweeps.baseline_floor("peft-naive", 5.66, grid) == 1  # 5.66 / 5 = 1.13
+    assert sweeps.baseline_floor("peft-batched", 5.66, grid) == 2  # 5.66 / 2 = 2.83
+    assert sweeps.baseline_floor("peft-batched", 4, grid) == 2  # failing at 2: beaten by more than 2x
     assert sweeps.baseline_floor("peft-naive", 0.5, grid) == 0.125  # under the grid: its lowest
     assert sweeps.baseline_floor("peft-naive", None, grid) == 0.125  # loraplex not measured
     assert sweeps.baseline_floor("loraplex-base", 5.66, grid) == 0.125
@@ -206,20 +208,35 @@ def test_goal_table_ratios_and_their_lower_bounds():
 
 def test_a_run_holds_only_within_both_bounds_and_without_failures():
     good = _fake_run(1.0)
-    assert sweeps.holds_bounds(good, ttft_bound_s=2.0, tpot_bound_s=0.5)
-    assert not sweeps.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=0.5)
-    assert sweeps.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, ttft_bound_s=2.0, tpot_bound_s=None)
-    assert not sweeps.holds_bounds(good | {"unfinished": 1}, ttft_bound_s=2.0)
-    assert not sweeps.holds_bounds(_fake_run(4.0), ttft_bound_s=2.0)
+    both = load.Bounds(2.0, 0.5)
+    assert sweeps.holds_bounds(good, both)
+    assert not sweeps.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, both)
+    assert sweeps.holds_bounds(good | {"tpot_s": {"p99": 0.6}}, load.Bounds(2.0))
+    assert not sweeps.holds_bounds(good | {"unfinished": 1}, load.Bounds(2.0))
+    assert not sweeps.holds_bounds(_fake_run(4.0), load.Bounds(2.0))
 
 
-def test_bound_is_surely_missed_once_over_one_percent_are_late():
-    results = [load.RequestResult(sent_at=0.0, first_token_at=0.1) for _ in range(201)]
-    assert not load.bound_surely_missed(results, 1.0, now=10.0)
+def test_p99_is_surely_over_exactly_when_numpy_says_so_whatever_the_rest():
+    for n in range(1, 260):
+        need = next(k for k in range(1, n + 1) if load.p99_surely_over(k, n))
+        assert not load.p99_surely_over(need - 1, n)
+        over = lambda k: np.percentile([0.0] * (n - k) + [1.0 + 1e-9] * k, 99)  # noqa: E731 - the rest as low as can be
+        assert over(need) > 1.0 and over(need - 1) <= 1.0, n
+
+
+def test_bounds_are_surely_missed_by_late_first_tokens_or_slow_streams():
+    results = [load.RequestResult(sent_at=0.0, first_token_at=0.1) for _ in range(45)]  # p99 between the top two
+    ttft_only = load.Bounds(1.0)
+    assert not load.bounds_surely_missed(results, ttft_only, now=10.0)
     results[0].first_token_at, results[1].first_token_at = 3.0, None  # one late, one still waiting
-    assert not load.bound_surely_missed(results, 1.0, now=0.5)
-    results[2].first_token_at = 2.0
-    assert load.bound_surely_missed(results, 1.0, now=10.0)
+    assert not load.bounds_surely_missed(results, ttft_only, now=0.5)
+    assert load.bounds_surely_missed(results, ttft_only, now=10.0)
+    results = [load.RequestResult(sent_at=0.0, first_token_at=0.1) for _ in range(45)]
+    for r in results[:2]:  # done: 9 tokens, 0.25 s apart after the first
+        r.first_token_at, r.done_at, r.output_tokens = 0.5, 2.5, 9
+    assert not load.bounds_surely_missed(results, load.Bounds(1.0, 0.25), now=10.0)
+    assert load.bounds_surely_missed(results, load.Bounds(1.0, 0.24), now=10.0)
+    assert not load.bounds_surely_missed(results, load.Bounds(1.0, None), now=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +256,7 @@ def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
         run = serving.measure(endpoint, "peft-naive", "uniform", spec, adapters, drain_s=20.0, progress=False)
         # a TTFT bound no request can meet: the run stops at the first late request, sending no more
         slow = load.make_workload(load.WorkloadSpec(rate=1.0, duration_s=30.0, max_requests=30), "uniform", adapters)
-        cut, _, _ = asyncio.run(load.run_load(endpoint, slow, drain_s=20.0, give_up_ttft_s=1e-3))
+        cut, _, _ = asyncio.run(load.run_load(endpoint, slow, drain_s=20.0, give_up=load.Bounds(1e-3)))
 
     unsent = [r for r in cut if r.sent_at is None]
     assert len(unsent) >= 20 and all(r.error == "unfinished" for r in unsent)

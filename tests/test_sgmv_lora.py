@@ -18,36 +18,36 @@ SLICES = (64, 32, 32)  # q/k/v-like output widths
 N_IN, RANK, LEFT, RIGHT = 96, 8, 5, 7  # y has LEFT + sum(SLICES) + RIGHT columns
 
 
-def make_lora_weights(num_slots: int, gen: torch.Generator, dtype=torch.float32):
+def make_lora_weights(num_slots: int, gen: torch.Generator, dtype=torch.float32, rank: int = RANK):
     """(lora_a [S, 3R, IN], lora_b [S, N_i, R] views of [S, R, N_i] storage); slot w uses rank 1 + w % R."""
-    a = torch.randn(num_slots, len(SLICES) * RANK, N_IN, generator=gen) / N_IN**0.5
-    b_storage = [torch.randn(num_slots, RANK, n, generator=gen) / RANK**0.5 for n in SLICES]
+    a = torch.randn(num_slots, len(SLICES) * rank, N_IN, generator=gen) / N_IN**0.5
+    b_storage = [torch.randn(num_slots, rank, n, generator=gen) / rank**0.5 for n in SLICES]
     for w in range(num_slots):
-        r = 1 + w % RANK
+        r = 1 + w % rank
         for i, b in enumerate(b_storage):
-            a[w, i * RANK + r : (i + 1) * RANK] = 0
+            a[w, i * rank + r : (i + 1) * rank] = 0
             b[w, r:] = 0
     return a.to(dtype), [b.to(dtype).transpose(1, 2) for b in b_storage]
 
 
 def ref_lora(x, a, bs, offsets, seg_starts, seg_slots, y):
-    ref = y.double().clone()
+    ref, rank = y.double().clone(), bs[0].shape[2]
     starts = seg_starts.tolist()
     for g, w in enumerate(seg_slots.tolist()):
         for t in range(starts[g], starts[g + 1]):
             if w < 0:
                 continue
             for i, (b, offset) in enumerate(zip(bs, offsets)):
-                h = a[w, i * RANK : (i + 1) * RANK].double() @ x[t].double()
+                h = a[w, i * rank : (i + 1) * rank].double() @ x[t].double()
                 ref[t, offset : offset + b.shape[1]] += b[w].double() @ h
     return ref
 
 
-def lora_case(mod, pop, lengths, *, seed=0, dtype=torch.float32, device="cpu", tol=1e-5):
+def lora_case(mod, pop, lengths, *, seed=0, dtype=torch.float32, device="cpu", tol=1e-5, rank=RANK):
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     num_slots = len(lengths) if pop == "distinct" else 6
     seg_starts, seg_slots, t = make_batch(pop, lengths, num_slots, rng)
-    a, bs = make_lora_weights(num_slots, gen, dtype)
+    a, bs = make_lora_weights(num_slots, gen, dtype, rank)
     offsets = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
     x = torch.randn(t, N_IN, generator=gen).to(dtype)
     y0 = torch.randn(t, LEFT + sum(SLICES) + RIGHT, generator=gen).to(dtype)
@@ -66,6 +66,13 @@ def lora_case(mod, pop, lengths, *, seed=0, dtype=torch.float32, device="cpu", t
 @pytest.mark.parametrize("mod", [torch_ops, cpu_ops], ids=["torch", "cpu"])
 def test_sgmv_lora_fp32(mod, pop, lengths):
     lora_case(mod, pop, LENGTHS[lengths], seed=hash((pop, lengths)) % 1000)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_cpu_sgmv_lora_odd_ranks(rank):
+    """Odd stacked row counts and odd ranks: the four-token path takes rows in pairs."""
+    lora_case(cpu_ops, "zipf", LENGTHS["mixed"], seed=11 + rank, rank=rank)
+    lora_case(cpu_ops, "identical", [5, 4, 1, 9], seed=rank, rank=rank)
 
 
 def test_cpu_sgmv_lora_hands_bf16_to_the_reference():
