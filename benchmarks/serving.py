@@ -20,10 +20,11 @@ Per run (server, popularity, offered rate): completed requests/s (until the last
 output tokens/s (every token delivered, until the last one), TTFT and TPOT (time per output token
 after the first) p50/p90/p99, errors. Before each run the server must answer a one-token request
 (so no leftover work delays it). A run is cut off --drain seconds after its last arrival, or as
-soon as more than 1 % of its requests have waited longer than --ttft-bound for their first token
-(the p99 cannot hold then, so the rest are not sent); requests still running or unsent are counted
-as unfinished, and the TTFT of those running enters the percentiles as the time they had waited (a
-lower bound).
+soon as enough of its requests are over a bound that its p99 must miss it whatever the others do
+(requests that waited longer than --ttft-bound for their first token, answered or not; completed
+requests slower than --tpot-bound per output token): the rest are not sent. Requests still running
+or unsent are counted as unfinished, and the TTFT of those running enters the percentiles as the
+time they had waited (a lower bound).
 
 A run "holds" when it has no errors, nothing unfinished, p99 TTFT <= --ttft-bound and p99 TPOT <=
 --tpot-bound. The TPOT bound is there because a continuous-batching server keeps admitting new
@@ -32,9 +33,9 @@ pass a short run (--tpot-bound 0 turns it off). Per (server, popularity) the sus
 found on the --rates grid: loraplex runs first, its first case starting at --start-rate, later
 cases at the rate the previous case sustained; it goes up while runs hold and down while they fail
 until bracketed, then --refine geometric bisection steps. A baseline's sweep starts at, and never
-goes below, the grid rate at or under loraplex's rate / (2 × the goal ratio): if it fails there,
-loraplex beats it by at least twice the goal, and slower runs would only take longer (the ratio
-is then reported as a lower bound); its bisection stops once the goal's verdict cannot change.
+goes below, the grid rate at or under loraplex's rate / the goal ratio: if it fails there,
+loraplex beats it by more than the goal, and slower runs would only take longer (the ratio is
+then reported as a lower bound); its bisection stops once the goal's verdict cannot change.
 Peak throughput is the most output tokens/s any run delivered.
 
 loraplex against base-only is measured at saturation and paired, as this machine's speed drifts
@@ -54,8 +55,8 @@ table, the summary, the JSON and the plots.
 
     python benchmarks/serving.py [--model default|HF_FOLDER]
         [--servers loraplex,loraplex-base,peft-batched,peft-naive] [--popularity distinct,uniform,zipf,identical]
-        [--rates 0.125,0.25,0.5,1,2,4,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
-        [--peak-rounds 5] [--peak-requests 32] [--out benchmarks/out]
+        [--rates 0.125,0.25,0.5,1,2,3,4,6,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
+        [--peak-rounds 3] [--peak-requests 32] [--out benchmarks/out]
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
 case) and serving_throughput.png (per case: sustainable rate, the sweeps' peak throughput, the
@@ -137,23 +138,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
-def server_process(
-    command: list[str], port: int, log_path: Path, threads: int | None = None, ready_timeout_s: float = 300.0
-) -> Iterator[str]:
-    """Start `command` (with `threads` CPU threads for OpenMP, MKL and numba, if given), yield its
-    base URL once `GET /healthz` answers 200, stop it on exit (SIGTERM, then SIGKILL after 20 s).
-    Raises RuntimeError, with the log's tail, if it exits or is not ready in time."""
-    base_url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=thread_env(threads))
-    try:
-        wait_until_healthy(base_url, proc, ready_timeout_s, log_path)
-        yield base_url
-    finally:
-        stop_process(proc, 20)
-
-
 def thread_env(threads: int | None) -> dict[str, str]:
     """This process's environment, with the thread-count variables set to `threads` (if given)."""
     env = dict(os.environ)
@@ -161,10 +145,6 @@ def thread_env(threads: int | None) -> dict[str, str]:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             env[name] = str(threads)
     return env
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def peft_command(mode: str, model_dir: Path, adapters_dir: Path, port: int, max_batch: int) -> list[str]:
@@ -215,31 +195,71 @@ def upload_adapters(endpoint: Endpoint, adapters_dir: Path, names: list[str]) ->
                 uploaded.raise_for_status()
 
 
+class Server:
+    """One server process of the benchmark ("peft-naive", "peft-batched" or "loraplex") with the
+    adapters available. `start` spawns it and returns at once; `ready` waits until it answers
+    (RuntimeError, with its log's tail, if it exits or takes over `ready_timeout_s`), uploads
+    loraplex's adapters through its finetunes API and warms it up; `stop` ends it (SIGTERM, then
+    SIGKILL after 20 s). Starting every server before waiting on any overlaps their start-ups
+    (mostly loading torch and the model); nothing is measured until all are ready, so no
+    start-up runs next to a measurement."""
+
+    def __init__(
+        self, process: str, model_dir: Path, adapters_dir: Path, adapters: list[str], work: Path, max_batch: int = 16,
+        rank: int = 8, threads: int | None = None,
+    ):
+        self.process, self.model_dir, self.adapters_dir, self.adapters = process, model_dir, adapters_dir, adapters
+        self.work, self.max_batch, self.rank, self.threads = work, max_batch, rank, threads
+        self.log_path = work / f"{process}.log"
+        self.proc: subprocess.Popen | None = None
+        self.endpoint: Endpoint | None = None
+
+    def start(self) -> None:
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        if self.process.startswith("peft-"):
+            mode = self.process.removeprefix("peft-")
+            command = peft_command(mode, self.model_dir, self.adapters_dir, port, self.max_batch)
+            self.endpoint = Endpoint(base_url)
+        else:
+            data_dir = self.work / "loraplex-data"
+            data_dir.mkdir(exist_ok=True)
+            account_id, token = create_loraplex_account(data_dir)
+            command = [
+                loraplex_executable(), "serve", "--model", str(self.model_dir), "--model-name", MODEL_NAME,
+                "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--max-loras", "16",
+                "--max-lora-rank", str(self.rank), "--dtype", "float32", "--log-level", "warning",
+            ]
+            self.endpoint = Endpoint(base_url, account_id, token)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_DIR, env=thread_env(self.threads)
+            )
+
+    def ready(self, ready_timeout_s: float = 300.0) -> Endpoint:
+        wait_until_healthy(self.endpoint.base_url, self.proc, ready_timeout_s, self.log_path)
+        if self.process == "loraplex":
+            upload_adapters(self.endpoint, self.adapters_dir, self.adapters)
+        warm_up(self.endpoint, self.adapters)
+        return self.endpoint
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 20)
+
+
 @contextmanager
 def launch(
     process: str, model_dir: Path, adapters_dir: Path, adapters: list[str], work: Path, max_batch: int = 16, rank: int = 8,
     threads: int | None = None,
 ) -> Iterator[Endpoint]:
-    """Start one server process ("peft-naive", "peft-batched" or "loraplex") with the adapters
-    available, and yield its endpoint."""
-    port, log_path = free_port(), work / f"{process}.log"
-    if process.startswith("peft-"):
-        command = peft_command(process.removeprefix("peft-"), model_dir, adapters_dir, port, max_batch)
-        with server_process(command, port, log_path, threads) as base_url:
-            yield Endpoint(base_url)
-        return
-    data_dir = work / "loraplex-data"
-    data_dir.mkdir(exist_ok=True)
-    account_id, token = create_loraplex_account(data_dir)
-    command = [
-        loraplex_executable(), "serve", "--model", str(model_dir), "--model-name", MODEL_NAME, "--host", "127.0.0.1",
-        "--port", str(port), "--data-dir", str(data_dir), "--max-loras", "16", "--max-lora-rank", str(rank),
-        "--dtype", "float32", "--log-level", "warning",
-    ]
-    with server_process(command, port, log_path, threads) as base_url:
-        endpoint = Endpoint(base_url, account_id, token)
-        upload_adapters(endpoint, adapters_dir, adapters)
-        yield endpoint
+    """One server alone: started, ready and warmed up, stopped on exit; yields its endpoint."""
+    server = Server(process, model_dir, adapters_dir, adapters, work, max_batch, rank, threads)
+    try:
+        server.start()
+        yield server.ready()
+    finally:
+        server.stop()
 
 
 def warm_up(endpoint: Endpoint, adapters: list[str]) -> None:
@@ -305,7 +325,7 @@ class Options:
     max_batch: int = 16
     seed: int = 0
     threads: int | None = None
-    peak_rounds: int = 5
+    peak_rounds: int = 3
     peak_requests: int = 32
     progress: bool = True
 
@@ -378,18 +398,34 @@ def benchmark(opts: Options, work: Path) -> dict:
     with timed(seconds, "make adapters"):
         adapters = make_adapters(opts.model_dir, adapters_dir, opts.num_adapters, opts.rank, opts.seed)
     runs, capacities, failures = [], [], []
-    print(RUN_HEADER, flush=True)
     processes = sorted(dict.fromkeys(SERVER_PROCESS[s] for s in opts.servers), key=lambda process: process != "loraplex")
-    for process in processes:
-        loraplex_rates = {c["popularity"]: c["sustainable_rate"] for c in capacities if c["server"] == "loraplex"}
-        try:
-            launched = launch(
-                process, opts.model_dir, adapters_dir, adapters, work, opts.max_batch, opts.rank, opts.threads
-            )
-            started = time.perf_counter()
-            with launched as endpoint:
-                warm_up(endpoint, adapters)
-                seconds[f"{process} start-up"] = time.perf_counter() - started
+    servers = {
+        process: Server(process, opts.model_dir, adapters_dir, adapters, work, opts.max_batch, opts.rank, opts.threads)
+        for process in processes
+    }
+
+    def failed(process: str, exc: Exception) -> None:
+        print(f"{process}: FAILED: {exc}", file=sys.stderr, flush=True)
+        failures.append({"server": process, "error": str(exc)[-2000:]})
+        servers.pop(process).stop()
+
+    try:
+        with timed(seconds, "start-up"):
+            for process, server in list(servers.items()):
+                try:
+                    server.start()
+                except RuntimeError as exc:
+                    failed(process, exc)
+            endpoints = {}
+            for process, server in list(servers.items()):
+                try:
+                    endpoints[process] = server.ready()
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    failed(process, exc)
+        print(RUN_HEADER, flush=True)
+        for process, endpoint in endpoints.items():
+            loraplex_rates = {c["popularity"]: c["sustainable_rate"] for c in capacities if c["server"] == "loraplex"}
+            try:
                 for server in [s for s in opts.servers if SERVER_PROCESS[s] == process]:
                     with timed(seconds, f"{server} sweeps"):
                         server_runs, server_capacities = sweep_cases(opts, endpoint, server, adapters, loraplex_rates)
@@ -398,9 +434,13 @@ def benchmark(opts: Options, work: Path) -> dict:
                 if process == "loraplex" and {"loraplex", "loraplex-base"} <= set(opts.servers):
                     with timed(seconds, "paired bursts"):
                         runs += peak_rounds(opts, endpoint, adapters)
-        except (RuntimeError, httpx.HTTPError) as exc:
-            print(f"{process}: FAILED: {exc}", file=sys.stderr, flush=True)
-            failures.append({"server": process, "error": str(exc)[-2000:]})
+            except (RuntimeError, httpx.HTTPError) as exc:
+                failed(process, exc)
+            else:
+                servers.pop(process).stop()  # an idle server left running would only hold memory
+    finally:
+        for server in servers.values():
+            server.stop()
     config = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(opts).items()}
     del config["progress"]
     workload = {"prompt_words": list(WorkloadSpec.prompt_words), "max_tokens": list(WorkloadSpec.max_tokens)}
@@ -427,7 +467,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help='a Hugging Face folder, or "default" (SmolLM2-135M-Instruct)')
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--popularity", default=",".join(POPULARITY_CASES))
-    parser.add_argument("--rates", default="0.125,0.25,0.5,1,2,4,8", help="offered loads to sweep, req/s")
+    parser.add_argument("--rates", default="0.125,0.25,0.5,1,2,3,4,6,8", help="offered loads to sweep, req/s")
     parser.add_argument("--start-rate", type=float, default=4.0, help="loraplex's first sweep starts here")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run")
     parser.add_argument("--min-requests", type=int, default=6, help="low rates run longer to send this many")
@@ -441,7 +481,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="peft-batched's static batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per server (default: the libraries' choice)")
-    parser.add_argument("--peak-rounds", type=int, default=5, help="rounds of loraplex / base-only bursts")
+    parser.add_argument("--peak-rounds", type=int, default=3, help="rounds of loraplex / base-only bursts")
     parser.add_argument("--peak-requests", type=int, default=32, help="requests per burst")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--no-progress", action="store_true")

@@ -251,7 +251,6 @@ def tiny_setup(tmp_path_factory):
 def test_harness_against_naive_peft_server(tiny_setup, tmp_path):
     root, model_dir, adapters = tiny_setup
     with serving.launch("peft-naive", model_dir, root / "adapters", adapters, tmp_path, max_batch=4) as endpoint:
-        serving.warm_up(endpoint, adapters)
         spec = load.WorkloadSpec(rate=4.0, duration_s=2.0, max_requests=12, prompt_words=(4, 8), max_tokens=(4, 8))
         run = serving.measure(endpoint, "peft-naive", "uniform", spec, adapters, drain_s=20.0, progress=False)
         # a TTFT bound no request can meet: the run stops at the first late request, sending no more
