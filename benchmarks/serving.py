@@ -56,7 +56,7 @@ table, the summary, the JSON and the plots.
     python benchmarks/serving.py [--model default|HF_FOLDER]
         [--servers loraplex,loraplex-base,peft-batched,peft-naive] [--popularity distinct,uniform,zipf,identical]
         [--rates 0.125,0.25,0.5,1,2,3,4,6,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
-        [--peak-rounds 3] [--peak-requests 32] [--out benchmarks/out]
+        [--peak-rounds 5] [--peak-requests 32] [--out benchmarks/out]
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
 case) and serving_throughput.png (per case: sustainable rate, the sweeps' peak throughput, the
@@ -325,7 +325,7 @@ class Options:
     max_batch: int = 16
     seed: int = 0
     threads: int | None = None
-    peak_rounds: int = 3
+    peak_rounds: int = 5
     peak_requests: int = 32
     progress: bool = True
 
@@ -405,6 +405,7 @@ def benchmark(opts: Options, work: Path) -> dict:
     }
 
     def failed(process: str, exc: Exception) -> None:
+        """Record the failure and stop the server; the others go on."""
         print(f"{process}: FAILED: {exc}", file=sys.stderr, flush=True)
         failures.append({"server": process, "error": str(exc)[-2000:]})
         servers.pop(process).stop()
@@ -437,7 +438,7 @@ def benchmark(opts: Options, work: Path) -> dict:
             except (RuntimeError, httpx.HTTPError) as exc:
                 failed(process, exc)
             else:
-                servers.pop(process).stop()  # an idle server left running would only hold memory
+                servers.pop(process).stop()  # done with it
     finally:
         for server in servers.values():
             server.stop()
@@ -481,7 +482,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="peft-batched's static batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per server (default: the libraries' choice)")
-    parser.add_argument("--peak-rounds", type=int, default=3, help="rounds of loraplex / base-only bursts")
+    parser.add_argument("--peak-rounds", type=int, default=5, help="rounds of loraplex / base-only bursts")
     parser.add_argument("--peak-requests", type=int, default=32, help="requests per burst")
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--no-progress", action="store_true")
