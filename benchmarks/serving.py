@@ -55,7 +55,7 @@ table, the summary, the JSON and the plots.
 
     python benchmarks/serving.py [--model default|HF_FOLDER]
         [--servers loraplex,loraplex-base,peft-batched,peft-naive] [--popularity distinct,uniform,zipf,identical]
-        [--rates 0.125,0.25,0.5,1,2,3,4,6,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
+        [--rates 0.125,0.25,0.5,1,2,4,8] [--ttft-bound 5] [--tpot-bound 0.5] [--duration 10] [--threads N]
         [--peak-rounds 5] [--peak-requests 32] [--out benchmarks/out]
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
@@ -468,7 +468,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help='a Hugging Face folder, or "default" (SmolLM2-135M-Instruct)')
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--popularity", default=",".join(POPULARITY_CASES))
-    parser.add_argument("--rates", default="0.125,0.25,0.5,1,2,3,4,6,8", help="offered loads to sweep, req/s")
+    parser.add_argument("--rates", default="0.125,0.25,0.5,1,2,4,8", help="offered loads to sweep, req/s")
     parser.add_argument("--start-rate", type=float, default=4.0, help="loraplex's first sweep starts here")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run")
     parser.add_argument("--min-requests", type=int, default=6, help="low rates run longer to send this many")
