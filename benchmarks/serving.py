@@ -60,9 +60,9 @@ table, the summary, the JSON and the plots.
 
 Writes serving.json, serving_latency.png (p99 TTFT against offered load, one panel per popularity
 case) and serving_throughput.png (per case: sustainable rate, the sweeps' peak throughput, the
-paired bursts' ratios) to --out. The defaults take about 12 minutes on 2 CPUs. On a shared
-machine, --threads 1 avoids the collapse of two OpenMP threads per process when other processes
-compete for the cores.
+paired bursts' ratios) to --out. The defaults take about 10 minutes on 2 CPUs (sweeps 5, bursts
+4, start-up 1; the summary says where the time went). On a shared machine, --threads 1 avoids the
+collapse of two OpenMP threads per process when other processes compete for the cores.
 """
 
 from __future__ import annotations
