@@ -100,10 +100,9 @@ def _lora_token(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover -
 @numba.njit(fastmath=True, cache=True)
 def _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover - jitted
     """Tokens t..t+3's deltas, all through slot w; h: [4, n*R] scratch. Each load of an A or B
-    row serves the four tokens, and rows go two at a time (eight running sums), so that one
-    pass over x or y does twice the work (together 1.5-2x faster than one row and one token
-    at a time, benchmarks/RESULTS.md). An odd last row pairs with itself, its twin's
-    contribution zeroed."""
+    row serves the four tokens (1.2-1.6x faster than token by token), and rows go two at a time,
+    eight running sums, so that one pass over x or y does twice the work (another 1.25-1.55x; both
+    in benchmarks/RESULTS.md). An odd last row pairs with itself, its twin's share zeroed."""
     rank, dim, rows = lora_b_t[0].shape[1], lora_a.shape[2], lora_a.shape[1]
     x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
     for r in range(0, rows, 2):
