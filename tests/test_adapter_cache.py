@@ -192,7 +192,7 @@ def test_load_now_and_stats(store, folders, make_cache, args, sizes):
     assert cache.state("t/a") is S.IN_HOST and cache.load_now("t/a") is adapter
     st = cache.stats()
     assert (st["host_misses"], st["disk_misses"], st["host_hits"], st["fetches_started"]) == (1, 1, 1, 1)
-    assert (st["objects_fetched"], st["bytes_fetched"], st["loads"]) == (2, sizes[1], 1)
+    assert (st["downloads"], st["objects_fetched"], st["bytes_fetched"], st["loads"]) == (1, 2, sizes[1], 1)
     assert st["download_seconds"] > 0 and st["parse_seconds"] > 0
     assert (st["host_bytes"], st["disk_bytes"], st["states"]) == (sizes[0], sizes[1], {"in_host": 1})
     with pytest.raises(KeyError):

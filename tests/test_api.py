@@ -424,6 +424,11 @@ def test_metrics(server, alice, alice_finetunes):
                  "loraplex_requests_waiting", "loraplex_lora_slots_occupied", "loraplex_kv_blocks_used",
                  'loraplex_adapter_cache_hits_total{tier="host"}', 'loraplex_adapter_load_seconds_total{tier="remote"}'):
         assert name in text, name
+    loads = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith("loraplex_adapter_loads_total")}
+    # every adapter this server downloaded was parsed once (nothing evicted here): counted per
+    # adapter, not per file (two files each)
+    assert loads["remote"] >= 1 and loads["remote"] == loads["disk"], loads
     slots = [line for line in text.splitlines() if line.startswith("loraplex_lora_slots_total")]
     assert slots == ["loraplex_lora_slots_total 2.0"]
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"

@@ -67,8 +67,8 @@ from loraplex.models.hf_config import ModelArgs
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-_COUNTERS = ("host_hits", "host_misses", "disk_hits", "disk_misses", "fetches_started", "objects_fetched",
-             "bytes_fetched", "download_seconds", "loads", "parse_seconds", "errors", "retries",
+_COUNTERS = ("host_hits", "host_misses", "disk_hits", "disk_misses", "fetches_started", "downloads",
+             "objects_fetched", "bytes_fetched", "download_seconds", "loads", "parse_seconds", "errors", "retries",
              "host_evictions", "disk_evictions", "loads_deferred")
 
 
@@ -453,6 +453,7 @@ class AdapterCache:
         size = sum(info.size for info in infos)
         with self._lock:
             self._stats["download_seconds"] += time.perf_counter() - t0
+            self._stats["downloads"] += 1
             self._stats["objects_fetched"] += len(infos)
             self._stats["bytes_fetched"] += size
             current = self._is_current(e)

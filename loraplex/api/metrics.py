@@ -47,7 +47,7 @@ class _EngineCollector:
                                     labels=["tier"])
         seconds = CounterMetricFamily("loraplex_adapter_load_seconds",
                                       "Time spent loading adapters, per tier they came from.", labels=["tier"])
-        for tier, count, total in (("remote", c["objects_fetched"], c["download_seconds"]),
+        for tier, count, total in (("remote", c["downloads"], c["download_seconds"]),
                                    ("disk", c["loads"], c["parse_seconds"]),
                                    ("host", s.slot_loads, s.slot_load_seconds)):
             loads.add_metric([tier], count)
