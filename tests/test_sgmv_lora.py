@@ -137,3 +137,21 @@ def test_triton_cuda_sgmv_lora_bf16():
 
     for i, pop in enumerate(POPULARITY):
         lora_case(triton_ops, pop, [1] * 40 + [300, 77, 16], seed=300 + i, dtype=torch.bfloat16, device="cuda", tol=2e-2)
+
+
+def test_cpu_sgmv_lora_is_batch_invariant():
+    """A token's delta is bitwise the same whether it runs with three more tokens of its adapter
+    (the four-token path) or alone: a request's greedy output must not depend on its batch."""
+    gen = torch.Generator().manual_seed(5)
+    a, bs = make_lora_weights(2, gen)
+    offsets = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
+    x = torch.randn(4, N_IN, generator=gen)
+    width = LEFT + sum(SLICES) + RIGHT
+    together = torch.zeros(4, width)
+    cpu_ops.sgmv_lora(x, a, bs, offsets, torch.tensor([0, 4], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+                      together)
+    for t in range(4):
+        alone = torch.zeros(1, width)
+        cpu_ops.sgmv_lora(x[t : t + 1], a, bs, offsets, torch.tensor([0, 1], dtype=torch.int32),
+                          torch.tensor([1], dtype=torch.int32), alone)
+        assert torch.equal(alone[0], together[t]), t

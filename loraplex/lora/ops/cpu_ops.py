@@ -99,46 +99,34 @@ def _lora_token(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover -
 
 @numba.njit(fastmath=True, cache=True)
 def _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover - jitted
-    """Tokens t..t+3's deltas, all through slot w; h: [4, n*R] scratch. Each load of an A or B
-    row serves the four tokens (1.2-1.6x faster than token by token), and rows go two at a time,
-    eight running sums, so that one pass over x or y does twice the work (another 1.25-1.55x; both
-    in benchmarks/RESULTS.md). An odd last row pairs with itself, its twin's share zeroed."""
-    rank, dim, rows = lora_b_t[0].shape[1], lora_a.shape[2], lora_a.shape[1]
+    """Tokens t..t+3's deltas, all through slot w: each row of A and B is loaded once for the
+    four (1.2-1.6x faster than token by token, benchmarks/RESULTS.md); h: [4, n*R] scratch."""
+    rank, dim = lora_b_t[0].shape[1], lora_a.shape[2]
     x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
-    for r in range(0, rows, 2):
-        r1 = min(r + 1, rows - 1)
-        p_row, q_row = lora_a[w, r], lora_a[w, r1]
-        p0 = p1 = p2 = p3 = q0 = q1 = q2 = q3 = np.float32(0.0)
+    for r in range(lora_a.shape[1]):
+        a_row = lora_a[w, r]
+        s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
         for d in range(dim):
-            p, q = p_row[d], q_row[d]
-            u0, u1, u2, u3 = x0[d], x1[d], x2[d], x3[d]
-            p0 += p * u0
-            p1 += p * u1
-            p2 += p * u2
-            p3 += p * u3
-            q0 += q * u0
-            q1 += q * u1
-            q2 += q * u2
-            q3 += q * u3
-        h[0, r], h[1, r], h[2, r], h[3, r] = p0, p1, p2, p3
-        h[0, r1], h[1, r1], h[2, r1], h[3, r1] = q0, q1, q2, q3
+            a = a_row[d]
+            s0 += a * x0[d]
+            s1 += a * x1[d]
+            s2 += a * x2[d]
+            s3 += a * x3[d]
+        h[0, r], h[1, r], h[2, r], h[3, r] = s0, s1, s2, s3
     for i in range(len(lora_b_t)):
         b_t = lora_b_t[i]
         lo, hi = offsets[i], offsets[i] + b_t.shape[2]
         y0, y1, y2, y3 = y[t, lo:hi], y[t + 1, lo:hi], y[t + 2, lo:hi], y[t + 3, lo:hi]
-        for r in range(0, rank, 2):
-            k, twin = i * rank + r, r + 1 < rank
-            p_row, q_row = b_t[w, r], b_t[w, r + 1 if twin else r]
-            p0, p1, p2, p3 = h[0, k], h[1, k], h[2, k], h[3, k]
-            q0 = q1 = q2 = q3 = np.float32(0.0)
-            if twin:
-                q0, q1, q2, q3 = h[0, k + 1], h[1, k + 1], h[2, k + 1], h[3, k + 1]
+        for r in range(rank):
+            k = i * rank + r
+            c0, c1, c2, c3 = h[0, k], h[1, k], h[2, k], h[3, k]
+            b_row = b_t[w, r]
             for n in range(hi - lo):
-                p, q = p_row[n], q_row[n]
-                y0[n] += p0 * p + q0 * q
-                y1[n] += p1 * p + q1 * q
-                y2[n] += p2 * p + q2 * q
-                y3[n] += p3 * p + q3 * q
+                b = b_row[n]
+                y0[n] += c0 * b
+                y1[n] += c1 * b
+                y2[n] += c2 * b
+                y3[n] += c3 * b
 
 
 @numba.njit(fastmath=True, cache=True)
