@@ -70,7 +70,7 @@ def test_sgmv_lora_fp32(mod, pop, lengths):
 
 @pytest.mark.parametrize("rank", [1, 3])
 def test_cpu_sgmv_lora_odd_ranks(rank):
-    """Odd stacked row counts and odd ranks: the four-token path takes rows in pairs."""
+    """Odd stacked row counts and odd ranks, through the four-token path and the one-token path."""
     lora_case(cpu_ops, "zipf", LENGTHS["mixed"], seed=11 + rank, rank=rank)
     lora_case(cpu_ops, "identical", [5, 4, 1, 9], seed=rank, rank=rank)
 
