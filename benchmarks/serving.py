@@ -79,7 +79,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -195,6 +195,7 @@ def upload_adapters(endpoint: Endpoint, adapters_dir: Path, names: list[str]) ->
                 uploaded.raise_for_status()
 
 
+@dataclass
 class Server:
     """One server process of the benchmark ("peft-naive", "peft-batched" or "loraplex") with the
     adapters available. `start` spawns it and returns at once; `ready` waits until it answers
@@ -204,15 +205,20 @@ class Server:
     (mostly loading torch and the model); nothing is measured until all are ready, so no
     start-up runs next to a measurement."""
 
-    def __init__(
-        self, process: str, model_dir: Path, adapters_dir: Path, adapters: list[str], work: Path, max_batch: int = 16,
-        rank: int = 8, threads: int | None = None,
-    ):
-        self.process, self.model_dir, self.adapters_dir, self.adapters = process, model_dir, adapters_dir, adapters
-        self.work, self.max_batch, self.rank, self.threads = work, max_batch, rank, threads
-        self.log_path = work / f"{process}.log"
-        self.proc: subprocess.Popen | None = None
-        self.endpoint: Endpoint | None = None
+    process: str
+    model_dir: Path
+    adapters_dir: Path
+    adapters: list[str]
+    work: Path
+    max_batch: int = 16
+    rank: int = 8
+    threads: int | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False)
+    endpoint: Endpoint | None = field(default=None, init=False)
+
+    @property
+    def log_path(self) -> Path:
+        return self.work / f"{self.process}.log"
 
     def start(self) -> None:
         port = free_port()
