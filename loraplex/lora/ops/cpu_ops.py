@@ -9,11 +9,12 @@ linear's shrink and every slice's expand in one call: in small decode batches th
 dispatch cost of separate calls outweighed their arithmetic. An engine goes further: it prepares
 the arguments once (`kernel_weights` per linear, `token_slots` per step) and calls `lora_delta`.
 
-The kernels are serial, on purpose. numba's parallel loops run on their own OpenMP runtime (the
-system libgomp, next to the one torch bundles); its threads spin after every kernel while torch's
-next GEMM wants the same cores. In a model's forward on 2 cores that made every step slower than
-the kernels' own time (decode with one adapter: 0.85x of base-only with parallel kernels, 0.92x
-serial; see benchmarks/RESULTS.md). Serial, numba never starts a thread pool.
+The kernels are serial, on purpose: in a model's forward on 2 cores, numba's parallel loops did not
+make the steps faster (identical decode 0.85x of base-only against 0.92x serial; distinct decode
+0.82-0.86x either way; see benchmarks/RESULTS.md), though the kernels alone ran faster. Not
+because of a second thread pool: once torch is loaded, numba's `omp` layer binds to the OpenMP
+runtime torch bundles (checked with LD_DEBUG=bindings), and both launch from the engine's thread,
+so they share its worker threads.
 """
 
 from __future__ import annotations
