@@ -43,7 +43,9 @@ by 10-20 % over minutes: after the sweeps, on the same loraplex process, --peak-
 send one burst per popularity case and one without adapters (--peak-requests at once, the same
 prompts and lengths in every burst), in an order that rotates by one each round, so that every
 case runs before and after base-only in turn. Per case the ratio is the median over the rounds of
-loraplex's output tokens/s over base-only's in the same round.
+loraplex's output tokens/s over base-only's in the same round, given with a distribution-free 90 %
+interval (from 5 rounds on: the lowest and highest of 5, 94 %); "settled" when the interval lies
+wholly on one side of the goal, i.e. when the rounds decide the verdict and do not only lean.
 
 Goals (the table at the end, per popularity case): loraplex sustains >= 5x the rate of peft-naive
 and >= 2x that of peft-batched under the same bounds, and delivers >= 0.85x the output throughput

@@ -41,8 +41,9 @@ GOALS = {  # goal name: (ratio key, minimum)
 
 def paired_peaks(runs: list[dict]) -> dict[str, dict]:
     """Per popularity case, from the bursts of `peak_rounds` in serving.py: per round, loraplex's
-    output tokens/s on the case, base-only's in the same round, and their ratio; and the median of
-    the ratios, the case's loraplex / base-only throughput. Pairing within a round keeps the
+    output tokens/s on the case, base-only's in the same round, and their ratio; the median of the
+    ratios, the case's loraplex / base-only throughput; and a 90 % interval for that median
+    (`median_interval`; None under 5 rounds), which says how far the rounds pin it down. Pairing within a round keeps the
     machine's slow drift out of each ratio (the order rotates, so what is left of it favours
     neither side); the median keeps out a round that one sudden change hit. A round without a
     base-only burst gives no ratio."""
@@ -60,7 +61,33 @@ def paired_peaks(runs: list[dict]) -> dict[str, dict]:
     for entry in peaks.values():
         ratios = [pair["ratio"] for pair in entry["pairs"] if "ratio" in pair]
         entry["ratio"] = statistics.median(ratios) if ratios else None
+        entry["interval"] = median_interval(ratios)
     return peaks
+
+
+def median_interval(values: list[float], confidence: float = 0.9) -> dict | None:
+    """A distribution-free confidence interval for the median of what `values` sample (independent
+    draws, no shape assumed): the k-th lowest and k-th highest value, with k the largest for which
+    P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. Its coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at
+    least `confidence`. None when there are too few values for any such interval (under 5 at 90 %).
+    Returns {"low", "high", "coverage"}."""
+    n = len(values)
+
+    def below(k: int) -> float:  # P(Binomial(n, 1/2) < k)
+        return sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 0
+    while k < n // 2 and below(k + 1) <= (1 - confidence) / 2:
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return {"low": ordered[k - 1], "high": ordered[n - k], "coverage": 1 - 2 * below(k)}
+
+
+def settles(interval: dict | None, goal: float) -> bool | None:
+    """Whether `interval` (from `median_interval`) lies wholly on one side of `goal`; None without one."""
+    return None if interval is None else not interval["low"] < goal <= interval["high"]
 
 
 def goal_table(
@@ -69,7 +96,9 @@ def goal_table(
     """Per popularity case: loraplex's sustainable rate against each baseline's, its throughput
     against base-only's, and whether each goal is met (None where a side was not measured).
     `lower_bounds` names the ratios that are only lower bounds (see `rate_ratio`). The throughput
-    ratio comes from `peaks` (`paired_peaks`) where the case has pairs, else from the sweeps' peaks."""
+    ratio comes from `peaks` (`paired_peaks`) where the case has pairs, else from the sweeps' peaks;
+    with pairs, `vs_base_settled` says whether the median's interval lies wholly on one side of the
+    goal (None without an interval), i.e. whether the rounds decide the verdict or only lean."""
     by_key = {(c["server"], c["popularity"]): c for c in capacities}
 
     def get(server: str, popularity: str, key: str) -> float | None:
@@ -90,13 +119,16 @@ def goal_table(
             row[key], is_lower_bound = rate_ratio(rate, entries[denominator], grid_top)
             if is_lower_bound:
                 lower_bounds.append(key)
+        interval = None
         if peaks and case in peaks:
-            row["loraplex_vs_base_throughput"] = peaks[case]["ratio"]
+            row["loraplex_vs_base_throughput"], interval = peaks[case]["ratio"], peaks[case]["interval"]
         else:
             row["loraplex_vs_base_throughput"] = ratio(
                 get("loraplex", case, "peak_output_throughput"), get("loraplex-base", BASE_ONLY, "peak_output_throughput")
             )
         row["lower_bounds"] = lower_bounds
+        row["loraplex_vs_base_interval"] = interval
+        row["vs_base_settled"] = settles(interval, GOALS["vs_base>=0.85x"][1])
         row["goals_met"] = {
             goal: None if row[key] is None or (row[key] < minimum and key in lower_bounds) else row[key] >= minimum
             for goal, (key, minimum) in GOALS.items()
@@ -131,6 +163,14 @@ def slo_text(config: dict) -> str:
     return text if config.get("tpot_bound_s") is None else f"{text}, p99 TPOT <= {config['tpot_bound_s']:g} s"
 
 
+def interval_text(interval: dict | None) -> str:
+    if interval is None:
+        return "(too few rounds for an interval)"
+    settled = settles(interval, GOALS["vs_base>=0.85x"][1])
+    return (f"{interval['coverage']:.0%} interval {interval['low']:.2f}-{interval['high']:.2f}"
+            f" ({'settled' if settled else 'not settled'})")
+
+
 def print_summary(report: dict) -> None:
     for failure in report.get("failures", []):
         print(f"\n{failure['server']} FAILED: {failure['error'][-500:]}")
@@ -152,9 +192,10 @@ def print_summary(report: dict) -> None:
         print(f"{row['popularity']:<9} " + " ".join(f"{c:>13}" for c in cells) + f"  {met}")
     if report.get("peaks"):
         print("\npaired bursts: output tok/s, loraplex / base-only in the same round = ratio, per round; their median")
+        print("and a distribution-free interval for it (settled: wholly on one side of the goal)")
         for case, entry in report["peaks"].items():
             pairs = "  ".join(f"{p.get('loraplex', 0):.1f}/{p.get('base', 0):.1f} = {_fmt(p.get('ratio'))}" for p in entry["pairs"])
-            print(f"{case:<9} {pairs}  median {_fmt(entry['ratio'], 2, 'x')}")
+            print(f"{case:<9} {pairs}  median {_fmt(entry['ratio'], 2, 'x')}  {interval_text(entry.get('interval'))}")
     if report.get("seconds"):
         print("\ntime: " + ", ".join(f"{phase} {value:.0f} s" for phase, value in report["seconds"].items()))
     print("(lp: loraplex; '+': held at the top of the grid, so at least this rate;")
@@ -212,15 +253,18 @@ def plot(report: dict, out: Path) -> list[Path]:
         xs = [i + width * (k - (len(servers) - 1) / 2) for i in range(len(cases))]
         for ax, key in zip(axes, ["sustainable_rate", "peak_output_throughput"]):
             ax.bar(xs, [e[key] if e else 0 for e in entries], width=width, label=server)
-    peaks = report.get("peaks", {})
+    peaks, top = report.get("peaks", {}), 1.3
     for i, case in enumerate(cases):
         entry = peaks.get(case, {"pairs": [], "ratio": None})
         axes[2].bar(i, entry["ratio"] or 0, width=0.5, color="tab:blue")
         ratios = [pair["ratio"] for pair in entry["pairs"] if "ratio" in pair]
         axes[2].plot([i] * len(ratios), ratios, "o", color="black", markersize=4)
+        if entry.get("interval"):
+            axes[2].vlines(i + 0.3, entry["interval"]["low"], entry["interval"]["high"], color="tab:red")
+        top = max([top, *(r + 0.05 for r in ratios)])
     axes[2].axhline(GOALS["vs_base>=0.85x"][1], color="grey", linewidth=0.8, linestyle=":")
-    axes[2].set_ylim(0, 1.3)
-    axes[2].set_title("loraplex / base-only, paired bursts: median (bar), rounds (dots)", fontsize=9)
+    axes[2].set_ylim(0, top)
+    axes[2].set_title("loraplex / base-only, bursts: median (bar), rounds (dots), interval (red)", fontsize=9)
     for ax, label in zip(axes, ["sustainable req/s", "peak output tokens/s (sweeps)", "output tokens/s ratio"]):
         ax.set_xticks(range(len(cases)), cases)
         ax.set_ylabel(label)

@@ -8,10 +8,12 @@ back, never its speed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import json
 import math
 import random
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -139,7 +141,7 @@ def test_paired_bursts_give_the_median_of_the_ratios_within_rounds():
         {"loraplex": 95.0, "base": 100.0, "ratio": 0.95},
     ]
     assert peaks["zipf"]["ratio"] == 0.9
-    assert peaks["uniform"] == {"pairs": [{"loraplex": 80.0, "base": 100.0, "ratio": 0.8}, {"loraplex": 70.0}], "ratio": 0.8}
+    assert peaks["uniform"] == {"pairs": [{"loraplex": 80.0, "base": 100.0, "ratio": 0.8}, {"loraplex": 70.0}], "ratio": 0.8, "interval": None}
     capacities = [
         {"server": "loraplex", "popularity": case, "sustainable_rate": 4.0, "lowest_rate": 4.0,
          "peak_output_throughput": 99.0, "peak_request_throughput": 1.0}
@@ -150,6 +152,37 @@ def test_paired_bursts_give_the_median_of_the_ratios_within_rounds():
     assert zipf["loraplex_vs_base_throughput"] == 0.9 and zipf["goals_met"]["vs_base>=0.85x"]
     assert identical["loraplex_vs_base_throughput"] == 0.99  # no rounds: the sweeps' peaks
     assert " burst " in reporting.run_line(runs[1])
+
+
+def test_median_interval_is_the_distribution_free_one():
+    assert reporting.median_interval([0.9, 0.8, 1.0, 0.7]) is None  # 4 values: no 90 % interval exists
+    five = reporting.median_interval([0.9, 0.8, 1.2, 0.7, 1.0])
+    assert five == {"low": 0.7, "high": 1.2, "coverage": 1 - 2 / 32}
+    eight = reporting.median_interval([float(v) for v in (5, 1, 7, 3, 8, 2, 6, 4)])
+    assert (eight["low"], eight["high"]) == (2.0, 7.0)
+    for n in range(5, 16):
+        # Coverage by counting: the interval [k-th lowest, k-th highest] misses the median exactly when
+        # fewer than k of the n draws fall on one side of it; each side has probability 1/2 per draw.
+        interval = reporting.median_interval([float(v) for v in range(n)])
+        k = int(interval["low"]) + 1
+        patterns = list(itertools.product((0, 1), repeat=n))
+        covered = sum(1 for above in patterns if k <= sum(above) <= n - k)
+        assert interval["coverage"] == covered / len(patterns) >= 0.9
+        wider = sum(1 for above in patterns if k + 1 <= sum(above) <= n - k - 1) / len(patterns)
+        assert wider < 0.9  # k is the largest that keeps the coverage
+
+
+def test_goal_table_says_whether_the_rounds_settle_the_base_goal():
+    def peaks(ratios):
+        return {"zipf": {"pairs": [], "ratio": statistics.median(ratios), "interval": reporting.median_interval(ratios)}}
+
+    capacities = [{"server": "loraplex", "popularity": "zipf", "sustainable_rate": 4.0, "lowest_rate": 4.0,
+                   "peak_output_throughput": 90.0, "peak_request_throughput": 1.0}]
+    for ratios, settled in (([0.9, 0.86, 1.0, 0.95, 0.88], True), ([0.9, 0.8, 1.0, 0.95, 0.88], False),
+                            ([0.8, 0.7, 0.84, 0.6, 0.83], True), ([0.9, 0.95], None)):
+        (row,) = reporting.goal_table(capacities, ["zipf"], 8.0, peaks(ratios))
+        assert row["vs_base_settled"] is settled, ratios
+        assert row["goals_met"]["vs_base>=0.85x"] == (statistics.median(ratios) >= 0.85)
 
 
 def test_peak_rounds_rotate_the_order(monkeypatch):
