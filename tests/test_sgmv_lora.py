@@ -140,18 +140,22 @@ def test_triton_cuda_sgmv_lora_bf16():
 
 
 def test_cpu_sgmv_lora_is_batch_invariant():
-    """A token's delta is bitwise the same whether it runs with three more tokens of its adapter
-    (the four-token path) or alone: a request's greedy output must not depend on its batch."""
+    """A token's delta is bitwise the same whether it runs alone, with three more tokens of its
+    adapter (the four-token path), or in a batch large enough to be shared among threads: a
+    request's greedy output must not depend on its batch."""
     gen = torch.Generator().manual_seed(5)
-    a, bs = make_lora_weights(2, gen)
+    a, bs = make_lora_weights(3, gen)
     offsets = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
-    x = torch.randn(4, N_IN, generator=gen)
     width = LEFT + sum(SLICES) + RIGHT
-    together = torch.zeros(4, width)
-    cpu_ops.sgmv_lora(x, a, bs, offsets, torch.tensor([0, 4], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
-                      together)
-    for t in range(4):
+    lengths, slots = [4, 1, 9, 3, 1, 6, 1, 4] * 8, [1, 2, 0, 1, -1, 2, 0, 1]  # slot -1: a base-only segment
+    assert sum(lengths) >= cpu_ops.PARALLEL_MIN_TOKENS
+    seg_starts = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+    seg_slots = torch.tensor(slots * 8, dtype=torch.int32)
+    x = torch.randn(sum(lengths), N_IN, generator=gen)
+    batch = torch.zeros(len(x), width)
+    cpu_ops.sgmv_lora(x, a, bs, offsets, seg_starts, seg_slots, batch)
+    for t in range(len(x)):
+        slot = seg_slots[torch.searchsorted(seg_starts, t, right=True) - 1]
         alone = torch.zeros(1, width)
-        cpu_ops.sgmv_lora(x[t : t + 1], a, bs, offsets, torch.tensor([0, 1], dtype=torch.int32),
-                          torch.tensor([1], dtype=torch.int32), alone)
-        assert torch.equal(alone[0], together[t]), t
+        cpu_ops.sgmv_lora(x[t : t + 1], a, bs, offsets, torch.tensor([0, 1], dtype=torch.int32), slot.reshape(1), alone)
+        assert torch.equal(alone[0], batch[t]), t

@@ -9,12 +9,14 @@ linear's shrink and every slice's expand in one call: in small decode batches th
 dispatch cost of separate calls outweighed their arithmetic. An engine goes further: it prepares
 the arguments once (`kernel_weights` per linear, `token_slots` per step) and calls `lora_delta`.
 
-The kernels are serial, on purpose: in a model's forward on 2 cores, numba's parallel loops did not
-make the steps faster (identical decode 0.85x of base-only against 0.92x serial; distinct decode
-0.82-0.86x either way; see benchmarks/RESULTS.md), though the kernels alone ran faster. Not
-because of a second thread pool: once torch is loaded, numba's `omp` layer binds to the OpenMP
-runtime torch bundles (checked with LD_DEBUG=bindings), and both launch from the engine's thread,
-so they share its worker threads.
+Calls of fewer than PARALLEL_MIN_TOKENS tokens (decode steps) run serially; larger ones (prefill)
+share their pieces of work among numba's threads. Measured in a model's forward on 2 cores, base-only
+against LoRA (benchmarks/RESULTS.md): parallel kernels made decode steps of 16-32 tokens slower
+(identical 0.84-0.89x against 0.94-0.95x serial), but 1,024-token prefill steps faster (0.96-0.99x
+against 0.90-0.93x) and 64-token decode steps too. Both drivers split a batch the same way, so a
+token's delta is bitwise the same in either. numba's `omp` layer binds to the OpenMP runtime torch
+bundles once torch is loaded (checked with LD_DEBUG=bindings), and both launch from the engine's
+thread, so they share its worker threads (as the paged-attention kernel does).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 from torch import Tensor
 
 from . import torch_ops
+
+PARALLEL_MIN_TOKENS = 64  # calls this large go to `_shrink_expand_parallel` (see above)
 
 
 @numba.njit(cache=True)
@@ -130,23 +134,54 @@ def _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover 
                 y3[n] += c3 * b
 
 
+@numba.njit(cache=True)
+def _work_items(token_slots):  # pragma: no cover - jitted
+    """The first token of each piece of work: four tokens in a row on one slot go together (see
+    `_lora_block4`), the others one by one; tokens without a slot are skipped. Both drivers below
+    split the batch this way, so a token's delta is the same bitwise whichever runs it."""
+    starts = np.empty(token_slots.shape[0], dtype=np.int64)
+    sizes = np.empty(token_slots.shape[0], dtype=np.int64)
+    n, t, num_tokens = 0, 0, token_slots.shape[0]
+    while t < num_tokens:
+        w = token_slots[t]
+        size = 1
+        if (w >= 0 and t + 4 <= num_tokens and token_slots[t + 1] == w and token_slots[t + 2] == w
+                and token_slots[t + 3] == w):
+            size = 4
+        if w >= 0:
+            starts[n], sizes[n] = t, size
+            n += 1
+        t += size
+    return starts[:n], sizes[:n]
+
+
+@numba.njit(fastmath=True, cache=True)
+def _lora_item(x, lora_a, lora_b_t, offsets, token_slots, y, start, size, h):  # pragma: no cover - jitted
+    if size == 4:
+        _lora_block4(x, lora_a, lora_b_t, offsets, token_slots[start], start, y, h)
+    else:
+        _lora_token(x, lora_a, lora_b_t, offsets, token_slots[start], start, y, h[0])
+
+
 @numba.njit(fastmath=True, cache=True)
 def _shrink_expand(x, lora_a, lora_b_t, offsets, token_slots, y):  # pragma: no cover - jitted
     """y[t, offsets[i]:offsets[i]+N_i] += (lora_a[w, i*R:(i+1)*R] @ x[t]) @ lora_b_t[i][w] for every
     slice i and every token t whose slot w >= 0. lora_b_t: a tuple of [S, R, N_i] (B transposed).
-    Four tokens in a row on one slot go together, the others one by one."""
+    Serial, piece by piece (`_work_items`)."""
     h = np.empty((4, lora_a.shape[1]), dtype=np.float32)
-    t, num_tokens = 0, x.shape[0]
-    while t < num_tokens:
-        w = token_slots[t]
-        if (w >= 0 and t + 4 <= num_tokens and token_slots[t + 1] == w and token_slots[t + 2] == w
-                and token_slots[t + 3] == w):
-            _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h)
-            t += 4
-            continue
-        if w >= 0:
-            _lora_token(x, lora_a, lora_b_t, offsets, w, t, y, h[0])
-        t += 1
+    starts, sizes = _work_items(token_slots)
+    for j in range(starts.shape[0]):
+        _lora_item(x, lora_a, lora_b_t, offsets, token_slots, y, starts[j], sizes[j], h)
+
+
+@numba.njit(fastmath=True, cache=True, parallel=True)
+def _shrink_expand_parallel(x, lora_a, lora_b_t, offsets, token_slots, y):  # pragma: no cover - jitted
+    """`_shrink_expand` with the pieces shared out among numba's threads (each writes only its
+    tokens' rows of y)."""
+    starts, sizes = _work_items(token_slots)
+    for j in numba.prange(starts.shape[0]):
+        h = np.empty((4, lora_a.shape[1]), dtype=np.float32)
+        _lora_item(x, lora_a, lora_b_t, offsets, token_slots, y, starts[j], sizes[j], h)
 
 
 def _use_kernel(*tensors: Tensor) -> bool:
@@ -188,7 +223,8 @@ def lora_delta(x: Tensor, weights: KernelWeights, slots: np.ndarray, y: Tensor) 
     x [T, IN] and y [T, OUT] float32 on CPU; slots [T] from `token_slots` for these T tokens."""
     if len(slots) != x.shape[0]:
         raise ValueError(f"the segments were expanded for {len(slots)} tokens, not {x.shape[0]}")
-    _shrink_expand(x.numpy(), weights.a, weights.b_t, weights.offsets, slots, y.numpy())
+    kernel = _shrink_expand_parallel if x.shape[0] >= PARALLEL_MIN_TOKENS else _shrink_expand
+    kernel(x.numpy(), weights.a, weights.b_t, weights.offsets, slots, y.numpy())
 
 
 def sgmv_shrink(x: Tensor, lora_a: Tensor, seg_starts: Tensor, seg_slots: Tensor, out: Tensor) -> None:
