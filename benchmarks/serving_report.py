@@ -43,10 +43,10 @@ def paired_peaks(runs: list[dict]) -> dict[str, dict]:
     """Per popularity case, from the bursts of `peak_rounds` in serving.py: per round, loraplex's
     output tokens/s on the case, base-only's in the same round, and their ratio; the median of the
     ratios, the case's loraplex / base-only throughput; and a 90 % interval for that median
-    (`median_interval`; None under 5 rounds), which says how far the rounds pin it down. Pairing within a round keeps the
-    machine's slow drift out of each ratio (the order rotates, so what is left of it favours
-    neither side); the median keeps out a round that one sudden change hit. A round without a
-    base-only burst gives no ratio."""
+    (`median_interval`; None under 5 rounds), which says how far the rounds pin it down. Pairing
+    within a round keeps the machine's slow drift out of each ratio (the order rotates, so what is
+    left of it favours neither side); the median keeps out a round that one sudden change hit. A
+    round without a base-only burst gives no ratio."""
     rounds: dict[int, dict[str, float]] = {}
     for run in runs:
         if "peak_round" in run:

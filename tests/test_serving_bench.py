@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-
 import json
 import math
 import random

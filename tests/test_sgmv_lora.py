@@ -147,10 +147,10 @@ def test_cpu_sgmv_lora_is_batch_invariant():
     a, bs = make_lora_weights(3, gen)
     offsets = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
     width = LEFT + sum(SLICES) + RIGHT
-    lengths, slots = [4, 1, 9, 3, 1, 6, 1, 4] * 8, [1, 2, 0, 1, -1, 2, 0, 1]  # slot -1: a base-only segment
+    lengths, slots = [4, 1, 9, 3, 1, 6, 1, 4] * 8, [1, 2, 0, 1, -1, 2, 0, 1] * 8  # slot -1: base-only
     assert sum(lengths) >= cpu_ops.PARALLEL_MIN_TOKENS
     seg_starts = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
-    seg_slots = torch.tensor(slots * 8, dtype=torch.int32)
+    seg_slots = torch.tensor(slots, dtype=torch.int32)
     x = torch.randn(sum(lengths), N_IN, generator=gen)
     batch = torch.zeros(len(x), width)
     cpu_ops.sgmv_lora(x, a, bs, offsets, seg_starts, seg_slots, batch)
