@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 from loraplex.lora.layers import CpuLoraRuntime, LoraBatch, LoraRuntime
+from loraplex.lora.ops import cpu_ops
 from loraplex.lora.slots import PackedLoraWeights
 from test_lora_ops import make_batch
 from test_sgmv_lora import LEFT, N_IN, RIGHT, SLICES, make_lora_weights, ref_lora
@@ -88,3 +90,19 @@ def test_cpu_runtime_is_for_float32_slots_only():
     runtime, _, _ = make_runtime(LoraRuntime, 2, dtype=torch.bfloat16)
     assert not CpuLoraRuntime.supports(runtime.slots)
     assert CpuLoraRuntime.supports(make_runtime(LoraRuntime, 2)[0].slots)
+
+
+def test_cpu_runtime_compiles_its_kernels_when_made():
+    """No request waits for numba: making the runtime compiles both drivers for its linears' types.
+    Four slices: a count no model linear has, so no other test compiled these types before."""
+    slices, rank, num_slots = (8, 8, 8, 8), 4, 2
+    a = torch.randn(num_slots, len(slices) * rank, N_IN)
+    bs = [torch.randn(num_slots, rank, n).transpose(1, 2) for n in slices]
+    offsets = [sum(slices[:i]) for i in range(len(slices))]
+    weights = PackedLoraWeights(a, bs, offsets)
+    bound = cpu_ops.kernel_weights(a, bs, offsets)
+    x, y = np.zeros((1, N_IN), dtype=np.float32), np.zeros((1, sum(slices)), dtype=np.float32)
+    types = tuple(numba.typeof(v) for v in (x, bound.a, bound.b_t, bound.offsets, np.zeros(1, dtype=np.int64), y))
+    assert types not in cpu_ops._shrink_expand_parallel.signatures
+    CpuLoraRuntime(SimpleNamespace(num_slots=num_slots, layers=[{"qkv": weights}]), "cpu")
+    assert types in cpu_ops._shrink_expand.signatures and types in cpu_ops._shrink_expand_parallel.signatures

@@ -53,7 +53,12 @@ class CpuLoraRuntime(LoraRuntime):
     """float32 on CPU: the arguments of the numba kernel are prepared ahead, so that a call is
     the kernel alone (Python work per call, run with cold caches between the base GEMMs, cost
     about as much as the kernel). Each step's segments are expanded to per-token slots once,
-    when `batch` is set; each linear's numpy weight views are made once, in `bind`."""
+    when `batch` is set; each linear's numpy weight views are made once, in `bind`. The kernels are
+    compiled when the runtime is made, not on the first request with an adapter."""
+
+    def __init__(self, slots: LoraSlots, device_type: str):
+        super().__init__(slots, device_type)
+        cpu_ops.compile_kernels(cpu_ops.kernel_weights(w.a, w.b, w.offsets) for w in slots.layers[0].values())
 
     @staticmethod
     def supports(slots: LoraSlots) -> bool:

@@ -21,7 +21,7 @@ thread, so they share its worker threads (as the paged-attention kernel does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numba
@@ -205,6 +205,22 @@ def kernel_weights(lora_a: Tensor, lora_b: Sequence[Tensor], offsets: Sequence[i
     if not (_use_kernel(lora_a, *lora_b) and lora_a.is_contiguous() and all(b.is_contiguous() for b in b_t)):
         return None
     return KernelWeights(lora_a.numpy(), tuple(b.numpy() for b in b_t), tuple(offsets))
+
+
+def compile_kernels(weights: Iterable[KernelWeights]) -> None:
+    """Compile both drivers (or load them from numba's on-disk cache) for the argument types of
+    `weights`, so that no request waits for it: a first compile takes seconds per type (one per
+    number of slices), a cached load a fraction of one. Runs them, and `token_slots`, on zero tokens."""
+    _token_slots(np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.int32), 0)  # int32, as a LoraBatch holds
+    done = set()
+    for w in weights:
+        if len(w.b_t) in done:
+            continue
+        done.add(len(w.b_t))
+        x = np.zeros((0, w.a.shape[2]), dtype=np.float32)
+        y = np.zeros((0, w.offsets[-1] + w.b_t[-1].shape[2]), dtype=np.float32)
+        for kernel in (_shrink_expand, _shrink_expand_parallel):
+            kernel(x, w.a, w.b_t, w.offsets, np.zeros(0, dtype=np.int64), y)
 
 
 def token_slots(seg_starts: Tensor, seg_slots: Tensor, num_tokens: int, num_slots: int) -> np.ndarray:
