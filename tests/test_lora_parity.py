@@ -106,3 +106,19 @@ def test_more_adapters_than_slots_rotate(peft_family):
     slots_per_step = run_mixed(llm_with_adapters(peft_family, max_loras=2), peft_family[1], seed=1)
     assert max(len(s) for s in slots_per_step) == 2
     assert all(s <= {0, 1} for s in slots_per_step)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["torch", "triton"])  # triton: decode steps replay CUDA graphs
+def test_mixed_batch_matches_peft_on_cuda(peft_family, attention, monkeypatch):
+    """The whole engine on CUDA (Triton SGMV, float32 with exact dots) against peft on the CPU,
+    with slots rotating (two slots, three adapters)."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION", attention)
+    base, peft_model, paths = peft_family
+    llm = LLM(str(base), dtype="float32", device="cuda", kv_cache_memory=4 << 20, max_loras=2)
+    for name, path in paths.items():
+        llm.add_lora(name, path)
+    assert (llm.engine.runner.decode_graphs is not None) == (attention == "triton")
+    slots_per_step = run_mixed(llm, peft_model, seed=2)
+    assert max(len(s) for s in slots_per_step) == 2
