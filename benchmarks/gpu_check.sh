@@ -5,7 +5,7 @@
 #      engine on CUDA against transformers + peft in a mixed batch (torch and Triton attention);
 #   2. benchmarks/lora_kernels.py: SGMV bytes/s against a device-to-device copy of the same bytes;
 #   3. benchmarks/gpu_decode.py: a Mistral-7B-shaped random model in bf16, 32 rank-8 adapters
-#      against base only, with Triton attention and CUDA graphs; host -> device adapter load time.
+#      against base only (Triton attention and CUDA graphs, the CUDA defaults); host -> device adapter load time.
 # Runs on the machine's own python3 (torch, triton, transformers, peft preinstalled), with the
 # checkout on PYTHONPATH, nothing installed. Results under $OUT (default benchmarks/out/gpu):
 # gpu_check.log, cuda_tests.xml, lora_kernels.json/.png, gpu_decode.json. A failing step is
@@ -40,7 +40,7 @@ step cuda-tests 200 $PY -m pytest -q -m cuda -p no:cacheprovider -rA --junitxml=
   tests/test_lora_ops.py tests/test_sgmv_lora.py tests/test_triton_attention.py tests/test_decode_graphs.py \
   tests/test_lora_parity.py
 step lora-kernels 120 $PY benchmarks/lora_kernels.py --out "$OUT"
-step gpu-decode 230 env LORAPLEX_ATTENTION=triton $PY benchmarks/gpu_decode.py --out "$OUT"
+step gpu-decode 230 $PY benchmarks/gpu_decode.py --out "$OUT"
 
 echo "=== failed steps: $failed"
 exit "$failed"

@@ -265,6 +265,12 @@ def test_triton_interpreted_ungrouped_wide(interp):
     check_case(interp, "uniform", (24,), LENGTHS["mixed"], n_in=160, n_out=150, grouped=False, seed=8)
 
 
+def test_triton_interpreted_split_k(interp):
+    """IN over three shrink splits, the last one partial (1100 = 2 * 512 + 76)."""
+    assert interp.SPLIT_K_CHUNK == 512
+    check_case(interp, "zipf", RANKS["mixed"], LENGTHS["mixed"], n_in=1100, seed=10, shrink_tol=1e-4)
+
+
 def test_triton_interpreted_fused_slices(interp):
     fused_expand_case(interp)
 

@@ -210,8 +210,8 @@ def test_decode_backend_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert decode_backend(torch.float32, cpu) == "cpu_inplace"
     assert decode_backend(torch.bfloat16, cpu) == "torch"
-    assert decode_backend(torch.bfloat16, cuda) == "torch"  # triton is opt-in until checked on a GPU
-    assert decode_backend(torch.float16, cuda) == "torch"
+    assert decode_backend(torch.bfloat16, cuda) == "triton"  # the CUDA default (triton is installed here)
+    assert decode_backend(torch.float16, cuda) == "triton"
     monkeypatch.setenv("LORAPLEX_ATTENTION", "torch")
     assert decode_backend(torch.bfloat16, cuda) == "torch"
     monkeypatch.setenv("LORAPLEX_ATTENTION", "triton")

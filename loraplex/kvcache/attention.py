@@ -10,8 +10,8 @@ the block tables; attention writes this step's K/V into their slots and reads th
 Three decode backends with one signature, chosen once by the model runner (`decode_backend()`)
 and named in every AttentionBatch:
 - "triton": Triton kernels (`triton_attention.py`) that read K/V in place through the block
-  tables, GQA groups per program, split-K over long contexts. Opt-in (LORAPLEX_ATTENTION=triton)
-  until it has been checked on a GPU: so far only under Triton's interpreter;
+  tables, GQA groups per program, split-K over long contexts; never waits on the host, so decode
+  steps can replay CUDA graphs. The CUDA default when Triton is importable;
 - "cpu_inplace": a numba kernel that walks each sequence's block table and reads K/V where they
   lie: no copy of the history (float32 on CPU);
 - "torch": the reference; gathers each sequence's history into a padded tensor, then SDPA.
@@ -20,6 +20,7 @@ Prefill segments use SDPA on the gathered context (prefill is compute-bound and 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -165,11 +166,13 @@ _DECODE_BACKENDS = {"torch": _decode_torch, "cpu_inplace": _decode_cpu_inplace, 
 
 
 def decode_backend(dtype: torch.dtype, device: torch.device) -> str:
-    """"cpu_inplace" for float32 on CPU, else "torch"; LORAPLEX_ATTENTION overrides (e.g. "triton",
-    to be made the CUDA default once its `cuda`-marked tests have passed on a GPU)."""
+    """"triton" on CUDA (when Triton imports), "cpu_inplace" for float32 on CPU, else "torch";
+    LORAPLEX_ATTENTION overrides."""
     forced = env.attention_backend()
     if forced:
         if forced not in _DECODE_BACKENDS:
             raise ValueError(f"LORAPLEX_ATTENTION={forced!r}: expected one of {sorted(_DECODE_BACKENDS)}")
         return forced
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "cpu_inplace" if device.type == "cpu" and dtype == torch.float32 else "torch"

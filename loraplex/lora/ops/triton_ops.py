@@ -5,6 +5,12 @@ for slot -1; otherwise it walks the segment's tokens in BLOCK_M blocks (lane l t
 l, l + lanes, …), so no host-side max-segment-length (and no device sync) is needed.
 Products accumulate in float32. Every tensor is addressed through its strides.
 
+Shrink splits its reduction over IN into chunks of SPLIT_K_CHUNK (one more grid axis): each
+split writes a float32 partial, and a second kernel adds the partials in split order. Without it
+one program walked all of IN in sequence, a chain of dependent loads that the H200 run of
+`benchmarks/gpu_check.sh` showed dominating decode (see benchmarks/RESULTS.md). The number of
+splits depends on IN alone, so a token's result does not depend on its batch.
+
 Kernels call only Triton builtins (tl.full, not the @jit helper tl.zeros): the tests run an
 interpreted copy of this module, and @jit helpers inside triton.language stay compiled-only
 when triton was first imported without TRITON_INTERPRET=1.
@@ -21,15 +27,56 @@ from .torch_ops import check_expand, check_shrink, shrink_then_expand
 
 BLOCK_M = 16  # tokens per tile (tl.dot wants every tile dim >= 16)
 MAX_LANES = 64  # token lanes per segment on the grid
+SPLIT_K_CHUNK = 512  # IN elements per shrink program (a multiple of every BLOCK_K)
 
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, starts_ptr, slots_ptr, out_ptr,
-    R, IN,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, a_ptr, starts_ptr, slots_ptr, part_ptr,
+    R, IN, R_TILES,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ps, stride_pt, stride_pr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """part[split, t, r] = x[t, chunk] @ A[slot][r, chunk] over IN chunk `split` (axis 1 of the
+    grid is r_tile + R_TILES * split)."""
+    g = tl.program_id(0)
+    slot = tl.load(slots_ptr + g)
+    if slot < 0:
+        return
+    start = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    split = tl.program_id(1) // R_TILES
+    offs_r = (tl.program_id(1) % R_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + slot.to(tl.int64) * stride_as
+    k_start = split * K_CHUNK
+    k_end = tl.minimum(k_start + K_CHUNK, IN)
+    part_base = part_ptr + split.to(tl.int64) * stride_ps
+    for m0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = offs_m < end
+        acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xt + k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (k[None, :] < k_end), other=0.0)
+            a_t = tl.load(a_base + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                          mask=(k[:, None] < k_end) & (offs_r[None, :] < R), other=0.0)
+            acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
+        tl.store(part_base + offs_m[:, None] * stride_pt + offs_r[None, :] * stride_pr, acc,
+                 mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _sum_splits_kernel(
+    part_ptr, starts_ptr, slots_ptr, out_ptr,
+    R, SPLITS,
+    stride_ps, stride_pt, stride_pr, stride_ot, stride_or,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[t, r] = sum over split (in order) of part[split, t, r], for tokens of segments with an
+    adapter; the grid is (segment, r tile, token lane) as in the shrink."""
     g = tl.program_id(0)
     slot = tl.load(slots_ptr + g)
     if slot < 0:
@@ -37,21 +84,14 @@ def _shrink_kernel(
     start = tl.load(starts_ptr + g)
     end = tl.load(starts_ptr + g + 1)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_base = a_ptr + slot.to(tl.int64) * stride_as
     for m0 in range(start + tl.program_id(2) * BLOCK_M, end, tl.num_programs(2) * BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < end
+        mask = (offs_m < end)[:, None] & (offs_r[None, :] < R)
         acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-        for k0 in range(0, IN, BLOCK_K):
-            k = k0 + offs_k
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xt + k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & (k[None, :] < IN), other=0.0)
-            a_t = tl.load(a_base + k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                          mask=(k[:, None] < IN) & (offs_r[None, :] < R), other=0.0)
-            acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
-        tl.store(out_ptr + offs_m[:, None] * stride_ot + offs_r[None, :] * stride_or, acc,
-                 mask=mask_m[:, None] & (offs_r[None, :] < R))
+        for split in range(0, SPLITS):
+            acc += tl.load(part_ptr + split * stride_ps + offs_m[:, None] * stride_pt + offs_r[None, :] * stride_pr,
+                           mask=mask, other=0.0)
+        tl.store(out_ptr + offs_m[:, None] * stride_ot + offs_r[None, :] * stride_or, acc, mask=mask)
 
 
 @triton.jit
@@ -121,14 +161,22 @@ def sgmv_shrink(x: Tensor, lora_a: Tensor, seg_starts: Tensor, seg_slots: Tensor
     if t == 0 or g == 0 or r == 0:
         return
     block_r, block_k = _block(r, 16, 64), _block(in_features, 16, 64)
-    grid = (g, triton.cdiv(r, block_r), _lanes(t, g))
-    _shrink_kernel[grid](
-        x, lora_a, seg_starts, seg_slots, out, r, in_features,
+    r_tiles, splits, lanes = triton.cdiv(r, block_r), triton.cdiv(in_features, SPLIT_K_CHUNK), _lanes(t, g)
+    # one split writes `out` directly; several write partials that _sum_splits_kernel adds up
+    part = out.unsqueeze(0) if splits == 1 else torch.empty(splits, t, r, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(g, r_tiles * splits, lanes)](
+        x, lora_a, seg_starts, seg_slots, part, r, in_features, r_tiles,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
+        part.stride(0), part.stride(1), part.stride(2),
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, K_CHUNK=SPLIT_K_CHUNK,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
+    if splits > 1:
+        _sum_splits_kernel[(g, r_tiles, lanes)](
+            part, seg_starts, seg_slots, out, r, splits,
+            part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
+            BLOCK_M=BLOCK_M, BLOCK_R=block_r,
+        )
 
 
 def sgmv_expand(h: Tensor, lora_b: Tensor, seg_starts: Tensor, seg_slots: Tensor, y: Tensor, offset: int) -> None:
