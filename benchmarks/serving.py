@@ -97,41 +97,17 @@ from serving_load import (  # noqa: E402
 from serving_report import RUN_HEADER, SERVERS, goal_table, paired_peaks, print_summary, run_line, write_report  # noqa: E402
 from serving_sweep import BASELINE_GOALS, baseline_floor, capacity, goal_settled, holds_bounds, sweep  # noqa: E402
 
+from common import make_adapters  # noqa: E402,F401  (also used by tests/test_serving_bench.py)
+
 from loraplex.client import stop_process, wait_until_healthy  # noqa: E402
 
 REPO_DIR = BENCH_DIR.parent
 PEFT_SERVER = BENCH_DIR / "baselines" / "peft_server.py"
 SERVER_PROCESS = {"peft-naive": "peft-naive", "peft-batched": "peft-batched", "loraplex": "loraplex", "loraplex-base": "loraplex"}
 BURST_DRAIN_S = 300.0  # a burst runs to completion unless the server is stuck
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---------------------------------------------------------------- servers
-
-
-def make_adapters(model_dir: Path, folder: Path, count: int, rank: int = 8, seed: int = 0) -> list[str]:
-    """`count` random PEFT LoRA adapters (all seven projections, weights N(0, 0.02)) saved as
-    folder/<name>/; returns the names."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False)
-    names = [f"adapter-{i:02d}" for i in range(count)]
-    model = get_peft_model(base, config, adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if "lora_" in pname:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:  # peft writes a non-"default" adapter into <dir>/<name>/
-        model.save_pretrained(folder, selected_adapters=[name])
-        assert (folder / name / "adapter_model.safetensors").is_file(), f"peft did not write {folder / name}"
-    return names
 
 
 def free_port() -> int:

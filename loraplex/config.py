@@ -27,6 +27,7 @@ class CacheConfig:
     # bytes (> 1) or a fraction of the free memory (0 < x <= 1) of the device; None: 0.9 of the
     # free GPU memory after the weights, or 0.25 of the available host memory on CPU
     kv_cache_memory: int | float | None = None
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before (same adapter)
 
     def __post_init__(self) -> None:
         _require_positive(self, "block_size")

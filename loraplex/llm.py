@@ -36,12 +36,14 @@ class LLM:
         disk_cache_bytes: int = 4 << 30,
         adapter_store: str | ObjectStore | None = None,
         cuda_graphs: bool = True,
+        prefix_caching: bool = True,
     ):
         """adapter_store: the object store (or its URL) that `register_lora` sources point into.
-        cuda_graphs: decode steps replay CUDA graphs where the device and attention backend allow."""
+        cuda_graphs: decode steps replay CUDA graphs where the device and attention backend allow.
+        prefix_caching: a prompt prefix computed before (same adapter content) is not computed again."""
         self.config = EngineConfig(
             model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len, cuda_graphs=cuda_graphs),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, prefix_caching=prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             lora=LoraConfig(
                 max_loras=max_loras,

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from loraplex import LLM, SamplingParams
-from tiny_models import FAMILIES, make_tiny_model
+from peft_fixtures import assert_matches_peft, make_peft_family
+from tiny_models import FAMILIES
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
@@ -27,45 +28,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, logprobs=True, ignore_eo
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def peft_family(request, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
-    folder = tmp_path_factory.mktemp(request.param)
-    hf_model = make_tiny_model(request.param, folder / "base")
-    peft_model = None
-    for name, kwargs in ADAPTERS.items():
-        config = LoraConfig(**kwargs)
-        if peft_model is None:
-            peft_model = get_peft_model(hf_model, config, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for pname, p in peft_model.named_parameters():
-            if "lora_" in pname:  # peft zero-inits B; make every adapter matter
-                p.normal_(0.0, 0.3)
-    paths = {}
-    for name in ADAPTERS:
-        peft_model.save_pretrained(folder / "adapters", selected_adapters=[name])
-        paths[name] = next((folder / "adapters").rglob(f"{name}/adapter_config.json")).parent
-    peft_model.eval()
-    return folder / "base", peft_model, paths
-
-
-def reference_logits(peft_model, ids: torch.Tensor, adapter: str | None) -> torch.Tensor:
-    with torch.no_grad():
-        if adapter is None:
-            with peft_model.disable_adapter():
-                return peft_model(ids).logits[0].float()
-        peft_model.set_adapter(adapter)
-        return peft_model(ids).logits[0].float()
-
-
-def assert_matches_peft(peft_model, prompt, adapter, out) -> None:
-    ids = torch.tensor([prompt + out.token_ids])
-    logits = reference_logits(peft_model, ids, adapter)[len(prompt) - 1 : -1]
-    assert out.token_ids == logits.argmax(-1).tolist(), f"adapter {adapter}"
-    expected = torch.log_softmax(logits, -1)[torch.arange(len(out.token_ids)), ids[0, len(prompt) :]]
-    assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=0), f"adapter {adapter}"
+    return make_peft_family(request.param, tmp_path_factory.mktemp(request.param), ADAPTERS)
 
 
 def run_mixed(llm: LLM, peft_model, seed: int):

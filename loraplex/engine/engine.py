@@ -4,6 +4,7 @@ cache's worker threads load adapters meanwhile)."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
-from loraplex.adapters.cache import AdapterCache, AdapterState, LocalSource, RemoteSource
+from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE, AdapterCache, AdapterState, LocalSource, RemoteSource
 from loraplex.adapters.storage import ObjectStore, open_store
 from loraplex.lora.adapter import AdapterError, LoraAdapter
 from loraplex.lora.slot_table import SlotTable
@@ -48,6 +49,9 @@ class EngineStats(NamedTuple):
     slot_loads: int  # host → slot copies finished so far
     slot_load_seconds: float  # their total duration
     preemptions: int = 0  # sequences preempted so far for want of KV blocks (recomputed later)
+    prefix_queried_tokens: int = 0  # prompt tokens of admitted requests looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which found cached (not computed again)
+    prefix_evictions: int = 0  # cached KV blocks reused for other tokens
 
 
 def resolve_model_dir(model: str, data_dir: Path) -> Path:
@@ -91,6 +95,18 @@ def _close_cache(cache: AdapterCache, folder: Path, lock: BinaryIO) -> None:
     lock.close()
 
 
+def adapter_identity(source: LocalSource | RemoteSource) -> str:
+    """What an adapter's cached KV blocks are keyed by: its content, never its name. A store's
+    keys are content hashes already; a local folder's two files are hashed (read once, here)."""
+    if isinstance(source, RemoteSource):
+        return f"store:{source.config_key}:{source.weights_key}"
+    digest = hashlib.sha256()
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(source.path / file_name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return f"local:{digest.hexdigest()}"
+
+
 MAX_GRAPH_BATCH = 256  # decode steps of more sequences run eagerly (their launch cost is amortised anyway)
 
 
@@ -105,7 +121,7 @@ class LLMEngine:
         limit = self.model_args.max_position_embeddings
         self.max_model_len = min(config.model.max_model_len or limit, limit)
         self.runner = ModelRunner(model, self.model_args, self.dtype, self.device, config.cache, config.lora)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
         if config.model.cuda_graphs and self.device.type == "cuda" and self.runner.decode_backend in GRAPH_SAFE_DECODE_BACKENDS:
             self.runner.enable_decode_graphs(min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         lora = config.lora
@@ -125,6 +141,7 @@ class LLMEngine:
         )
         weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir, cache_lock)
         self.lora_names: set[str] = set()
+        self._adapter_identity: dict[str, str] = {}  # name → content identity (prefix-cache salt)
         # host→slot copies run on this thread, off the engine step; finished ones are taken
         # up by the engine thread at the start of the next step
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="lora-copy")
@@ -148,13 +165,13 @@ class LLMEngine:
             self.remove_lora(name)
         self.adapter_cache.register(name, source)
         self.lora_names.add(name)
-        if not load_now:
-            return None
         try:
-            return self.adapter_cache.load_now(name)
+            adapter = self.adapter_cache.load_now(name) if load_now else None  # validates a local folder
+            self._adapter_identity[name] = adapter_identity(source)
         except Exception:
             self.remove_lora(name)
             raise
+        return adapter
 
     def remove_lora(self, name: str) -> None:
         if name not in self.lora_names:
@@ -168,6 +185,7 @@ class LLMEngine:
         self.scheduler.slot_table.evict(name)
         self.adapter_cache.unregister(name)
         self.lora_names.discard(name)
+        self._adapter_identity.pop(name, None)
 
     def lora_in_use(self, name: str) -> bool:
         """Whether unfinished requests use adapter `name`."""
@@ -179,9 +197,12 @@ class LLMEngine:
         return self.adapter_cache.prefetch(name) is AdapterState.IN_HOST
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None,
+        cache_salt: str = "",
     ) -> None:
-        """Queue a request; raises ValueError for one that can never run (nothing is queued then)."""
+        """Queue a request; raises ValueError for one that can never run (nothing is queued then).
+        cache_salt: its cached prompt prefix is shared only with requests of the same salt (and
+        adapter content); the API gives each account its own."""
         if request_id in self._sequences:
             raise ValueError(f"request id '{request_id}' is already in use")
         if lora is not None and lora not in self.lora_names:
@@ -205,6 +226,7 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), generator, lora)
+        seq.cache_salt = f"{self._adapter_identity.get(lora, '')}\0{cache_salt}".encode()
         self._sequences[request_id] = seq
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         if lora is not None:
@@ -243,6 +265,7 @@ class LLMEngine:
         result = self.runner.execute(plan.scheduled)
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens += entry.num_tokens
+            self.block_manager.cache_computed_blocks(entry.seq, entry.num_tokens)
         outputs = failed
         for entry, token_id, logprob in zip(result.sampled, result.token_ids, result.logprobs):
             seq = entry.seq
@@ -266,6 +289,9 @@ class LLMEngine:
             slot_loads=self._slot_loads[0],
             slot_load_seconds=self._slot_loads[1],
             preemptions=self.scheduler.num_preemptions,
+            prefix_queried_tokens=self.block_manager.prefix_queried_tokens,
+            prefix_hit_tokens=self.block_manager.prefix_hit_tokens,
+            prefix_evictions=self.block_manager.prefix_evictions,
         )
 
     def _load_slot(self, slot: int, adapter: LoraAdapter) -> None:

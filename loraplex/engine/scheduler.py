@@ -3,7 +3,8 @@
 The scheduler never touches tensors. Each step it first serves the running sequences (a decode
 token each, or the next chunk of a long prompt), preempting the newest running sequence by
 recompute when blocks run out, then admits waiting sequences in arrival order while the token
-budget, the sequence limit and free blocks allow. A waiting sequence whose adapter is not ready
+budget, the sequence limit and free blocks allow; an admitted sequence starts after the longest
+prefix of its tokens that the block manager has cached (prefix caching). A waiting sequence whose adapter is not ready
 (still loading below the slots) or cannot get a device slot (all held by running sequences) is
 skipped, never left blocking the queue; it is admitted at the first step after that changes.
 """
@@ -104,11 +105,13 @@ class Scheduler:
         slot is held, a held slot is set draining so that the oldest skipped adapter gets it
         before any newer request, and no adapter starves."""
         starved = False
+        blocks = self.block_manager
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            prefix = blocks.match_prefix(seq)  # cached blocks of its first tokens: not computed again
+            n = min(seq.num_uncomputed_tokens - len(prefix) * blocks.block_size, budget)
+            if not blocks.can_allocate(seq, n, prefix):
                 break
             if seq.lora is not None:
                 slot = self.slot_table.acquire(seq.lora)
@@ -117,7 +120,8 @@ class Scheduler:
                     continue
                 seq.lora_slot = slot
             self.waiting.remove(seq)
-            self.block_manager.allocate(seq, n)
+            blocks.take_prefix(seq, prefix)
+            blocks.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))

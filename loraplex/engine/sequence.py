@@ -34,6 +34,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    cache_salt: bytes = b""  # prefix-cache blocks are shared only between sequences of one salt
+    block_hashes: list[bytes] = field(default_factory=list)  # the block manager's memo
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
