@@ -27,6 +27,10 @@ class Client:
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
 
     def _call(self, method: str, path: str, **kwargs):
+        """The `result` of a successful call; ClientError otherwise."""
+        return self._envelope(method, path, **kwargs)["result"]
+
+    def _envelope(self, method: str, path: str, **kwargs) -> dict:
         try:
             response = self._http.request(method, self._base + path, **kwargs)
         except httpx.HTTPError as e:
@@ -38,7 +42,7 @@ class Client:
         if response.status_code >= 400 or not body.get("success", False):
             errors = body.get("errors") or [{"code": "?", "message": response.text[:300]}]
             raise ClientError("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors))
-        return body["result"]
+        return body
 
     def create_finetune(self, model: str, name: str, folder: Path, description: str = "", public: bool = False) -> dict:
         """Refuses (before any call) unless both PEFT files are in `folder`."""
@@ -55,7 +59,14 @@ class Client:
         return finetune
 
     def list_finetunes(self) -> list[dict]:
-        return self._call("GET", "/finetunes")
+        """All of the account's finetunes, every page of the listing."""
+        finetunes, page = [], 1
+        while True:
+            body = self._envelope("GET", "/finetunes", params={"page": page})
+            finetunes += body["result"]
+            if not body["result"] or len(finetunes) >= body["result_info"]["total_count"]:
+                return finetunes
+            page += 1
 
     def run(self, model: str, prompt: str, lora: str | None = None, max_tokens: int = 256, raw: bool = False) -> str:
         body = {"prompt": prompt, "max_tokens": max_tokens, "raw": raw}

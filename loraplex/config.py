@@ -66,3 +66,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data_dir: str | None = None  # the default model and the adapter download cache; None: LORAPLEX_DATA_DIR
+
+
+@dataclass(frozen=True)
+class PageConfig:
+    """Pagination of the API's list routes (Cloudflare v4 `page` / `per_page`, or `limit` / `offset`)."""
+
+    default_per_page: int = 50  # items per page when the caller names no size (≥ the default finetunes cap of 30)
+    max_per_page: int = 1000  # a larger `per_page` / `limit` is refused (400 / 5004)
