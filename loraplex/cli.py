@@ -1,4 +1,7 @@
-"""`loraplex serve | accounts | finetunes | run | generate`."""
+"""`loraplex serve | accounts | finetunes | run | generate | model-path`.
+
+Failures the user can act on (a refusal from the server, no server at the URL, something else on
+the port, a missing model package) print one line `error: …` on stderr and exit 1, no traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import sys
 from pathlib import Path
 
 from loraplex import env
+from loraplex.config import DEFAULT_HOST, DEFAULT_PORT
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -115,7 +119,26 @@ def _finetunes(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    print(_client(args).run(args.model, args.prompt, args.lora, args.max_tokens, args.raw))
+    """Prints the reply (with --stream, piece by piece as the server sends it), then a newline."""
+    client = _client(args)
+    request = dict(lora=args.lora, max_tokens=args.max_tokens, raw=args.raw, temperature=args.temperature,
+                   seed=args.seed, system=args.system)
+    if args.stream:
+        for piece in client.stream(args.model, args.prompt, **request):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(client.run(args.model, args.prompt, **request))
+    return 0
+
+
+def _model_path(args: argparse.Namespace) -> int:
+    """Prints the converted HF folder of the default model (the weights the server serves, and the
+    ones to train adapters against), converting the GGUF first if needed."""
+    from loraplex.models.default_model import ensure_default_model
+
+    print(ensure_default_model(args.data_dir))
     return 0
 
 
@@ -146,13 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
     data_dir = argparse.ArgumentParser(add_help=False)
-    data_dir.add_argument("--data-dir", type=Path, default=None, help="default: $LORAPLEX_DATA_DIR or ~/.local/share/loraplex")
+    data_dir.add_argument("--data-dir", type=Path, default=None, help=f"default: {env.DATA_DIR_HELP}")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", default="default", help='a Hugging Face folder, or "default"')
     model.add_argument("--dtype", default="auto")
     model.add_argument("--device", default="auto")
     url = argparse.ArgumentParser(add_help=False)
-    url.add_argument("--url", default=env.api_url(), help="the server (default: $LORAPLEX_URL or http://127.0.0.1:8787)")
+    url.add_argument("--url", default=env.api_url(), help=f"the server (default: {env.API_URL_HELP})")
 
     gen = sub.add_parser("generate", parents=[model], help="run one prompt offline")
     gen.add_argument("prompt")
@@ -163,8 +186,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[model, data_dir], help="start the HTTP API")
     serve.add_argument("--model-name", default=None, help="the name clients use (default: derived from --model)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--host", default=DEFAULT_HOST)
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--storage", default=None, help="object store URL: file:///… or s3://bucket/prefix")
     serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
     serve.add_argument("--max-lora-rank", type=int, default=8)
@@ -202,7 +225,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.add_argument("--lora", default=None, help="a finetune name or id")
     run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the server's)")
+    run.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    run.add_argument("--system", default=None, help="a system prompt (chat template only)")
+    run.add_argument("--stream", action="store_true", help="print the reply as it is generated")
     run.add_argument("--raw", action="store_true", help="no chat template")
+
+    sub.add_parser("model-path", parents=[data_dir],
+                   help="print the default model's HF folder (converted from its GGUF if needed): train against it")
     return parser
 
 
@@ -212,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         env.use_data_dir(args.data_dir)
     elif hasattr(args, "data_dir"):
         args.data_dir = env.data_dir()
-    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "run": _run}
+    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "run": _run,
+                "model-path": _model_path}
     try:
         return commands[args.command](args)
     except Exception as e:  # refusals from the server or the registry: one line, no traceback
         from loraplex.adapters.registry import RegistryError
         from loraplex.client import ClientError
 
-        if isinstance(e, (ClientError, RegistryError)):
+        if isinstance(e, (ClientError, RegistryError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

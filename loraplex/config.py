@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_HOST = "127.0.0.1"  # `loraplex serve` binds here, and the client commands call it
+DEFAULT_PORT = 8787
+DEFAULT_DATA_DIR = "~/.local/share/loraplex"  # when LORAPLEX_DATA_DIR is not set (see env.data_dir)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
