@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loraplex import env
 from loraplex.config import DEFAULT_HOST, DEFAULT_PORT
+from loraplex.logs import LOG_FORMATS
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -28,10 +29,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev_account(data_dir: Path) -> tuple[str, str]:
-    """The development account of this data dir, created on first use. Its token is kept in
-    dev-account.json (mode 0600) so that `make serve` can show it again; real accounts' tokens
-    are shown once and never stored."""
+def _dev_account(data_dir: Path) -> tuple[str, str | None]:
+    """The development account of this data dir: (account id, its token) when created now, (id,
+    None) when it existed. Its token is kept in dev-account.json (mode 0600) for the developer to
+    look up; it is printed once, when created, never on later starts. Real accounts' tokens are
+    shown once and never stored."""
     from loraplex.api.server import open_registry
 
     path = data_dir / "dev-account.json"
@@ -39,7 +41,7 @@ def _dev_account(data_dir: Path) -> tuple[str, str]:
     if path.is_file():
         saved = json.loads(path.read_text())
         if any(row[0] == saved["account_id"] for row in registry.list_accounts()):
-            return saved["account_id"], saved["token"]
+            return saved["account_id"], None
     account_id, token = registry.create_account("dev")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -47,10 +49,14 @@ def _dev_account(data_dir: Path) -> tuple[str, str]:
     return account_id, token
 
 
-def _print_dev_help(account_id: str, token: str, host: str, port: int, model_name: str) -> None:
-    base = f"http://{host}:{port}/client/v4/accounts/{account_id}/ai"
+def _print_dev_help(data_dir: Path, account_id: str, token: str | None, url: str, model_name: str) -> None:
+    saved = data_dir / "dev-account.json"
+    if token is None:
+        print(f"dev account: export LORAPLEX_ACCOUNT_ID={account_id}  (its token is in {saved})", flush=True)
+        return
+    base = f"{url}/client/v4/accounts/{account_id}/ai"
     print(f"""
-dev account (kept in the data dir's dev-account.json):
+dev account created (shown this once; kept in {saved}):
   export LORAPLEX_ACCOUNT_ID={account_id}
   export LORAPLEX_API_TOKEN={token}
 try:
@@ -72,18 +78,28 @@ def _server_options(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    """Start-up lines, then only uvicorn's access lines and loraplex's structured ones (see
+    loraplex/logs.py); "serving … on URL" once the port is bound."""
+    import logging
 
     from loraplex.api.app import create_app
+    from loraplex.api.listen import serve
     from loraplex.api.server import build_context
+    from loraplex.logs import event
 
     options = _server_options(args)
-    if args.dev_account:
-        _print_dev_help(*_dev_account(args.data_dir), args.host, args.port, options.served_name)
+    dev_account = _dev_account(args.data_dir) if args.dev_account else None
     app = create_app(build_context(options))
-    print(f"serving {options.served_name} (and {options.served_name}-lora) on http://{args.host}:{args.port}",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+    def announce(url: str) -> None:
+        if dev_account is not None:
+            _print_dev_help(args.data_dir, *dev_account, url, options.served_name)
+        if args.log_format == "json":
+            event(logging.getLogger("loraplex.server"), "serving", model=options.served_name, url=url)
+        else:
+            print(f"serving {options.served_name} (and {options.served_name}-lora) on {url}", flush=True)
+
+    serve(app, args.host, args.port, args.log_level, args.log_format, announce)
     return 0
 
 
@@ -203,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-finetunes-per-account", type=int, default=30)
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="text lines, or one JSON object per line (for log collectors)")
 
     accounts = sub.add_parser("accounts", help="manage accounts (operator, on the server's data dir)")
     accounts_sub = accounts.add_subparsers(dest="action", required=True)

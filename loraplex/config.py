@@ -78,3 +78,11 @@ class PageConfig:
 
     default_per_page: int = 50  # items per page when the caller names no size (≥ the default finetunes cap of 30)
     max_per_page: int = 1000  # a larger `per_page` / `limit` is refused (400 / 5004)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus label bounds: per-finetune counters label the first `max_finetune_labels`
+    finetune ids seen by a server process; later ones are counted under "other"."""
+
+    max_finetune_labels: int = 100

@@ -15,6 +15,7 @@ from loraplex.api import finetunes, openai, workers_ai
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.limits import BodyLimitMiddleware
+from loraplex.api.request_scope import RequestIdMiddleware
 
 API_PREFIX = "/client/v4"
 
@@ -68,6 +69,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     app.add_middleware(RequestCounter, count=lambda route, status: ctx.metrics.requests.labels(route, status).inc())
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, refusals included, has an id
 
     @app.get("/healthz")
     async def healthz():

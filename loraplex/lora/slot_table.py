@@ -23,6 +23,7 @@ class SlotTable:
         self._idle: OrderedDict[str, None] = OrderedDict()  # loaded, unheld: LRU first
         self._empty: list[int] = list(range(num_slots - 1, -1, -1))
         self.draining: str | None = None
+        self.evicted: list[tuple[str, int]] = []  # (adapter, slot) displaced by `reserve`; the engine drains it
 
     @property
     def num_occupied(self) -> int:
@@ -54,6 +55,7 @@ class SlotTable:
             evicted, _ = self._idle.popitem(last=False)
             slot = self._slot_of.pop(evicted)
             del self._holders[evicted]
+            self.evicted.append((evicted, slot))
         else:
             return None
         self._slot_of[name] = slot
