@@ -43,3 +43,8 @@ def account_id() -> str | None:
 def api_token() -> str | None:
     """LORAPLEX_API_TOKEN: the API token the client commands send."""
     return os.environ.get("LORAPLEX_API_TOKEN") or None
+
+
+def admin_token() -> str | None:
+    """LORAPLEX_ADMIN_TOKEN: the bearer token of the operator routes (/admin/…); unset, they do not exist."""
+    return os.environ.get("LORAPLEX_ADMIN_TOKEN") or None

@@ -271,6 +271,25 @@ class AdapterCache:
                        states=dict(Counter(e.state.value for e in self._entries.values())))
             return out
 
+    def residency(self) -> dict:
+        """One consistent view of the tiers: per adapter in host memory or on local disk its bytes
+        (and pins), the loads in flight (downloading / parsing) or waiting for room, the errored
+        ones; byte totals and budgets per tier."""
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.name)
+            return {
+                "host": {"bytes": self._host_bytes, "budget_bytes": self._host_budget,
+                         "adapters": [{"adapter": e.name, "bytes": e.adapter.size_bytes, "pins": e.pins}
+                                      for e in entries if e.state is AdapterState.IN_HOST]},
+                "disk": {"bytes": self._disk_bytes, "budget_bytes": self._disk_budget,
+                         "adapters": [{"adapter": e.name, "bytes": e.disk_bytes}
+                                      for e in entries if e.owned and e.folder is not None]},
+                "loading": [{"adapter": e.name, "state": e.state.value} for e in entries
+                            if e.state in (AdapterState.DOWNLOADING, AdapterState.LOADING)],
+                "waiting_for_room": [e.name for _, e in self._deferred if e.deferred is not None],
+                "errored": [e.name for e in entries if e.state is AdapterState.ERRORED],
+            }
+
     def close(self) -> None:
         """Stop the workers (jobs not started are cancelled, running ones finish) and delete the
         downloaded folders; they are not reused by a later cache."""

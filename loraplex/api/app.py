@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loraplex.api import finetunes, openai, workers_ai
+from loraplex.api import admin, finetunes, openai, workers_ai
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.limits import BodyLimitMiddleware
@@ -61,6 +61,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     install_error_handlers(app)
     for router in (workers_ai.router, finetunes.router, openai.router):
         app.include_router(router, prefix=API_PREFIX)
+    if ctx.admin_token:
+        app.include_router(admin.router)
 
     def body_limit(path: str) -> int:
         if path.endswith("/finetune-assets"):

@@ -30,6 +30,12 @@ class SlotTable:
         """Slots holding (or being loaded with) an adapter."""
         return self.num_slots - len(self._empty)
 
+    def residents(self) -> list[dict]:
+        """Per occupied slot: its adapter, whether its copy is still in flight, how many running
+        sequences hold it (slot order)."""
+        return [{"slot": slot, "adapter": name, "loading": name in self._loading, "holders": self._holders[name]}
+                for name, slot in sorted(self._slot_of.items(), key=lambda item: item[1])]
+
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
 
