@@ -61,7 +61,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     install_error_handlers(app)
     for router in (workers_ai.router, finetunes.router, openai.router):
         app.include_router(router, prefix=API_PREFIX)
-    if ctx.admin_token:
+    if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)
 
     def body_limit(path: str) -> int:
