@@ -286,7 +286,8 @@ class AdapterCache:
                                       for e in entries if e.owned and e.folder is not None]},
                 "loading": [{"adapter": e.name, "state": e.state.value} for e in entries
                             if e.state in (AdapterState.DOWNLOADING, AdapterState.LOADING)],
-                "waiting_for_room": [e.name for _, e in self._deferred if e.deferred is not None],
+                "waiting_for_room": [e.name for ticket, e in self._deferred
+                                     if e.deferred == ticket and self._is_current(e)],
                 "errored": [e.name for e in entries if e.state is AdapterState.ERRORED],
             }
 
