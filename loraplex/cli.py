@@ -86,8 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
     from loraplex.api.app import create_app
     from loraplex.api.listen import serve
     from loraplex.api.server import build_context
-    from loraplex.logs import event
+    from loraplex.logs import configure, event
 
+    configure(args.log_format, args.log_level)
     options = _server_options(args)
     dev_account = _dev_account(args.data_dir) if args.dev_account else None
     app = create_app(build_context(options))

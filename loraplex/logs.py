@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
 from datetime import datetime, timezone
 
 LOG_FORMATS = ("text", "json")
@@ -73,5 +74,15 @@ def log_config(log_format: str, level: str) -> dict:
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": ["stderr"], "level": level, "propagate": False},
             "loraplex": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "py.warnings": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
         },
     }
+
+
+def configure(log_format: str, level: str) -> dict:
+    """Route loraplex's, uvicorn's and Python's warnings' lines through `log_config` now (before
+    the model loads, so start-up lines are formatted too); returns the config for uvicorn."""
+    config = log_config(log_format, level)
+    logging.config.dictConfig(config)
+    logging.captureWarnings(True)
+    return config

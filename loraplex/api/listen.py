@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from loraplex.logs import log_config
+from loraplex.logs import configure
 
 
 class _Server(uvicorn.Server):
@@ -23,6 +23,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(app, host: str, port: int, log_level: str, log_format: str, on_bound: Callable[[str], None]) -> None:
-    """Serve `app` until interrupted; `on_bound(url)` runs once the port is bound."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config(log_format, log_level))
+    """Serve `app` until interrupted; `on_bound(url)` runs once the port is bound. Logging is
+    configured (again: harmless) by uvicorn with loraplex's formats."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=configure(log_format, log_level))
     _Server(config, on_bound).run()
