@@ -99,7 +99,10 @@ class Generation:
         try:
             out = await anext(self._outputs)
         except Exception:
-            self._end("error")
+            if self.output is None:  # refused before it was queued (queue full, can never run):
+                self._ended = True   # the 4xx line says why; it was no generation
+            else:
+                self._end("error")
             raise
         if out.finish_reason == "error":
             self._end("error")
