@@ -24,6 +24,20 @@ from loraplex.config import PageConfig
 PAGES = PageConfig()
 
 
+def _param(name: str, minimum: int, description: str, maximum: int | None = None) -> dict:
+    schema = {"type": "integer", "minimum": minimum} | ({"maximum": maximum} if maximum is not None else {})
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+# the query parameters, for the OpenAPI document of each list route (`openapi_extra=PAGE_PARAMS`)
+PAGE_PARAMS = {"parameters": [
+    _param("page", 1, "1-based page number (default 1)"),
+    _param("per_page", 1, f"items per page (default {PAGES.default_per_page})", PAGES.max_per_page),
+    _param("limit", 1, "page size, with `offset` (instead of `page` / `per_page`)", PAGES.max_per_page),
+    _param("offset", 0, "items to skip, with `limit`"),
+]}
+
+
 def _int_param(request: Request, name: str, default: int, low: int, high: int | None = None) -> int:
     text = request.query_params.get(name)
     if text is None or text == "":
