@@ -19,10 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from loraplex.adapters.registry import RegistryError
-from loraplex.logs import event
-from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.adapters.storage import StorageError
+from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.engine.async_engine import EngineFailure, QueueFull
+from loraplex.logs import event
 from loraplex.lora.adapter import AdapterError
 
 log = logging.getLogger(__name__)

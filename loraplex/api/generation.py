@@ -15,9 +15,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError
-from loraplex.logs import event
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.core import RequestOutput, SamplingParams
+from loraplex.logs import event
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from loraplex.kvcache.block_manager import BlockManager
 from loraplex.adapters.cache import AdapterCache, AdapterState, LocalSource, RemoteSource
 from loraplex.adapters.storage import ObjectStore, open_store
 from loraplex.lora.adapter import AdapterError, LoraAdapter
-from loraplex.lora.slot_table import SlotTable
 from loraplex.logs import event
+from loraplex.lora.slot_table import SlotTable
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
 
