@@ -82,6 +82,9 @@ def test_finetunes_pages_cover_every_finetune_once(server, account):
     whole = get(server, token, f"/accounts/{account_id}/ai/finetunes").json()
     assert [f["name"] for f in whole["result"]] == seen  # the default page holds them all
     assert whole["result_info"]["per_page"] == PageConfig().default_per_page
+    cf = Cloudflare(api_token=token, base_url=f"{server.url}/client/v4", max_retries=0)
+    listed = cf.ai.finetunes.list(account_id=account_id)  # the SDK does not paginate this one: the default page
+    assert [f.name for f in listed] == seen
 
 
 def test_public_finetunes_with_the_sdk_limit_and_offset(server, account):
