@@ -1,4 +1,7 @@
-"""`loraplex serve | accounts | finetunes | run | generate`."""
+"""`loraplex serve | accounts | finetunes | run | generate | model-path`.
+
+Failures the user can act on (a refusal from the server, no server at the URL, something else on
+the port, a missing model package) print one line `error: …` on stderr and exit 1, no traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import sys
 from pathlib import Path
 
 from loraplex import env
+from loraplex.config import DEFAULT_HOST, DEFAULT_PORT
+from loraplex.logs import LOG_FORMATS
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -24,10 +29,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev_account(data_dir: Path) -> tuple[str, str]:
-    """The development account of this data dir, created on first use. Its token is kept in
-    dev-account.json (mode 0600) so that `make serve` can show it again; real accounts' tokens
-    are shown once and never stored."""
+def _dev_account(data_dir: Path) -> tuple[str, str | None]:
+    """The development account of this data dir: (account id, its token) when created now, (id,
+    None) when it existed. Its token is kept in dev-account.json (mode 0600) for the developer to
+    look up; it is printed once, when created, never on later starts. Real accounts' tokens are
+    shown once and never stored."""
     from loraplex.api.server import open_registry
 
     path = data_dir / "dev-account.json"
@@ -35,7 +41,7 @@ def _dev_account(data_dir: Path) -> tuple[str, str]:
     if path.is_file():
         saved = json.loads(path.read_text())
         if any(row[0] == saved["account_id"] for row in registry.list_accounts()):
-            return saved["account_id"], saved["token"]
+            return saved["account_id"], None
     account_id, token = registry.create_account("dev")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -43,10 +49,14 @@ def _dev_account(data_dir: Path) -> tuple[str, str]:
     return account_id, token
 
 
-def _print_dev_help(account_id: str, token: str, host: str, port: int, model_name: str) -> None:
-    base = f"http://{host}:{port}/client/v4/accounts/{account_id}/ai"
+def _print_dev_help(data_dir: Path, account_id: str, token: str | None, url: str, model_name: str) -> None:
+    saved = data_dir / "dev-account.json"
+    if token is None:
+        print(f"dev account: export LORAPLEX_ACCOUNT_ID={account_id}  (its token is in {saved})", flush=True)
+        return
+    base = f"{url}/client/v4/accounts/{account_id}/ai"
     print(f"""
-dev account (kept in the data dir's dev-account.json):
+dev account created (shown this once; kept in {saved}):
   export LORAPLEX_ACCOUNT_ID={account_id}
   export LORAPLEX_API_TOKEN={token}
 try:
@@ -64,22 +74,34 @@ def _server_options(args: argparse.Namespace):
         max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
         max_finetunes_per_account=args.max_finetunes_per_account, adapter_host_cache_bytes=args.adapter_host_cache,
         adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
+        admin_token=env.admin_token(),
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    """Start-up lines, then only uvicorn's access lines and loraplex's structured ones (see
+    loraplex/logs.py); "serving … on URL" once the port is bound."""
+    import logging
 
     from loraplex.api.app import create_app
+    from loraplex.api.listen import serve
     from loraplex.api.server import build_context
+    from loraplex.logs import configure, event
 
+    configure(args.log_format, args.log_level)
     options = _server_options(args)
-    if args.dev_account:
-        _print_dev_help(*_dev_account(args.data_dir), args.host, args.port, options.served_name)
+    dev_account = _dev_account(args.data_dir) if args.dev_account else None
     app = create_app(build_context(options))
-    print(f"serving {options.served_name} (and {options.served_name}-lora) on http://{args.host}:{args.port}",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+    def announce(url: str) -> None:
+        if dev_account is not None:
+            _print_dev_help(args.data_dir, *dev_account, url, options.served_name)
+        if args.log_format == "json":
+            event(logging.getLogger("loraplex.server"), "serving", model=options.served_name, url=url)
+        else:
+            print(f"serving {options.served_name} (and {options.served_name}-lora) on {url}", flush=True)
+
+    serve(app, args.host, args.port, args.log_level, args.log_format, announce)
     return 0
 
 
@@ -115,7 +137,26 @@ def _finetunes(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    print(_client(args).run(args.model, args.prompt, args.lora, args.max_tokens, args.raw))
+    """Prints the reply (with --stream, piece by piece as the server sends it), then a newline."""
+    client = _client(args)
+    request = dict(lora=args.lora, max_tokens=args.max_tokens, raw=args.raw, temperature=args.temperature,
+                   seed=args.seed, system=args.system)
+    if args.stream:
+        for piece in client.stream(args.model, args.prompt, **request):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(client.run(args.model, args.prompt, **request))
+    return 0
+
+
+def _model_path(args: argparse.Namespace) -> int:
+    """Prints the converted HF folder of the default model (the weights the server serves, and the
+    ones to train adapters against), converting the GGUF first if needed."""
+    from loraplex.models.default_model import ensure_default_model
+
+    print(ensure_default_model(args.data_dir))
     return 0
 
 
@@ -146,13 +187,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
     data_dir = argparse.ArgumentParser(add_help=False)
-    data_dir.add_argument("--data-dir", type=Path, default=None, help="default: $LORAPLEX_DATA_DIR or ~/.local/share/loraplex")
+    data_dir.add_argument("--data-dir", type=Path, default=None, help=f"default: {env.DATA_DIR_HELP}")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", default="default", help='a Hugging Face folder, or "default"')
     model.add_argument("--dtype", default="auto")
     model.add_argument("--device", default="auto")
     url = argparse.ArgumentParser(add_help=False)
-    url.add_argument("--url", default=env.api_url(), help="the server (default: $LORAPLEX_URL or http://127.0.0.1:8787)")
+    url.add_argument("--url", default=env.api_url(), help=f"the server (default: {env.API_URL_HELP})")
 
     gen = sub.add_parser("generate", parents=[model], help="run one prompt offline")
     gen.add_argument("prompt")
@@ -163,8 +204,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[model, data_dir], help="start the HTTP API")
     serve.add_argument("--model-name", default=None, help="the name clients use (default: derived from --model)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--host", default=DEFAULT_HOST)
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--storage", default=None, help="object store URL: file:///… or s3://bucket/prefix")
     serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
     serve.add_argument("--max-lora-rank", type=int, default=8)
@@ -180,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-finetunes-per-account", type=int, default=30)
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="text lines, or one JSON object per line (for log collectors)")
 
     accounts = sub.add_parser("accounts", help="manage accounts (operator, on the server's data dir)")
     accounts_sub = accounts.add_subparsers(dest="action", required=True)
@@ -202,7 +245,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.add_argument("--lora", default=None, help="a finetune name or id")
     run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the server's)")
+    run.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    run.add_argument("--system", default=None, help="a system prompt (chat template only)")
+    run.add_argument("--stream", action="store_true", help="print the reply as it is generated")
     run.add_argument("--raw", action="store_true", help="no chat template")
+
+    sub.add_parser("model-path", parents=[data_dir],
+                   help="print the default model's HF folder (converted from its GGUF if needed): train against it")
     return parser
 
 
@@ -212,14 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         env.use_data_dir(args.data_dir)
     elif hasattr(args, "data_dir"):
         args.data_dir = env.data_dir()
-    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "run": _run}
+    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "run": _run,
+                "model-path": _model_path}
     try:
         return commands[args.command](args)
     except Exception as e:  # refusals from the server or the registry: one line, no traceback
         from loraplex.adapters.registry import RegistryError
         from loraplex.client import ClientError
 
-        if isinstance(e, (ClientError, RegistryError)):
+        if isinstance(e, (ClientError, RegistryError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

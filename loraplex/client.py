@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,29 +17,56 @@ from loraplex.adapters.registry import Registry
 
 
 class ClientError(Exception):
-    """A refused call; the message is the server's (or says what is missing locally)."""
+    """A refused call; the message is the server's (or says what is missing locally, or that
+    nothing, or something other than loraplex, answers at the URL)."""
+
+
+def _not_loraplex(url: str, response: httpx.Response) -> ClientError:
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    return ClientError(f"{url} answered HTTP {response.status_code} ({kind}), not as a loraplex server does: "
+                       "is --url / LORAPLEX_URL pointing at the right port?")
 
 
 class Client:
+    """Calls for one account. Every failure is a ClientError with a one-line message."""
+
     def __init__(self, url: str, account_id: str | None, token: str | None, timeout_s: float = 600):
         if not account_id or not token:
             raise ClientError("set LORAPLEX_ACCOUNT_ID and LORAPLEX_API_TOKEN (from `loraplex accounts create`)")
-        self._base = f"{url.rstrip('/')}/client/v4/accounts/{account_id}/ai"
+        self._url = url.rstrip("/")
+        self._base = f"{self._url}/client/v4/accounts/{account_id}/ai"
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
 
+    def _unreachable(self, e: httpx.HTTPError) -> ClientError:
+        if isinstance(e, httpx.ConnectError):
+            return ClientError(f"no server answers at {self._url} (connection refused): start one with "
+                               "`make serve`, or point --url / LORAPLEX_URL at it")
+        return ClientError(f"cannot reach the server at {self._url}: {type(e).__name__}: {e}")
+
     def _call(self, method: str, path: str, **kwargs):
+        """The `result` of a successful call; ClientError otherwise."""
+        return self._envelope(method, path, **kwargs)["result"]
+
+    def _envelope(self, method: str, path: str, **kwargs) -> dict:
         try:
             response = self._http.request(method, self._base + path, **kwargs)
         except httpx.HTTPError as e:
-            raise ClientError(f"cannot reach the server: {e}") from None
+            raise self._unreachable(e) from None
+        return self._checked(response, response.content)
+
+    def _checked(self, response: httpx.Response, content: bytes) -> dict:
+        """The Workers AI envelope of a successful answer; ClientError for a refusal, or for an
+        answer that is not a Workers AI envelope at all (another service on the port)."""
         try:
-            body = response.json()
+            body = json.loads(content)
         except ValueError:
-            raise ClientError(f"HTTP {response.status_code}: {response.text[:300]}") from None
-        if response.status_code >= 400 or not body.get("success", False):
-            errors = body.get("errors") or [{"code": "?", "message": response.text[:300]}]
+            body = None
+        if not isinstance(body, dict) or "success" not in body or "errors" not in body:
+            raise _not_loraplex(self._url, response)
+        if response.status_code >= 400 or not body["success"]:
+            errors = body.get("errors") or [{"code": "?", "message": f"HTTP {response.status_code}"}]
             raise ClientError("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors))
-        return body["result"]
+        return body
 
     def create_finetune(self, model: str, name: str, folder: Path, description: str = "", public: bool = False) -> dict:
         """Refuses (before any call) unless both PEFT files are in `folder`."""
@@ -55,13 +83,56 @@ class Client:
         return finetune
 
     def list_finetunes(self) -> list[dict]:
-        return self._call("GET", "/finetunes")
+        """All of the account's finetunes, every page of the listing."""
+        finetunes, page = [], 1
+        while True:
+            body = self._envelope("GET", "/finetunes", params={"page": page})
+            finetunes += body["result"]
+            if not body["result"] or len(finetunes) >= body["result_info"]["total_count"]:
+                return finetunes
+            page += 1
 
-    def run(self, model: str, prompt: str, lora: str | None = None, max_tokens: int = 256, raw: bool = False) -> str:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "raw": raw}
-        if lora:
-            body["lora"] = lora
-        return self._call("POST", f"/run/{quote(model, safe='')}", json=body)["response"]
+    def run(self, model: str, prompt: str, lora: str | None = None, max_tokens: int = 256, raw: bool = False,
+            temperature: float | None = None, seed: int | None = None, system: str | None = None) -> str:
+        """The generated text (the server's sampling defaults for what is None)."""
+        return self._call("POST", f"/run/{quote(model, safe='')}",
+                          json=run_body(prompt, lora, max_tokens, raw, temperature, seed, system))["response"]
+
+    def stream(self, model: str, prompt: str, lora: str | None = None, max_tokens: int = 256, raw: bool = False,
+               temperature: float | None = None, seed: int | None = None,
+               system: str | None = None) -> Iterator[str]:
+        """The generated text as the server streams it (server-sent events), piece by piece."""
+        body = run_body(prompt, lora, max_tokens, raw, temperature, seed, system) | {"stream": True}
+        try:
+            with self._http.stream("POST", f"{self._base}/run/{quote(model, safe='')}", json=body) as response:
+                if response.status_code >= 400 or not response.headers.get("content-type", "").startswith(
+                        "text/event-stream"):
+                    self._checked(response, response.read())
+                    raise _not_loraplex(self._url, response)
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[len("data: "):])
+                    if "error" in event:
+                        raise ClientError(f"{event['error'].get('code')}: {event['error'].get('message')}")
+                    if event.get("response"):
+                        yield event["response"]
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from None
+
+
+def run_body(prompt: str, lora: str | None, max_tokens: int, raw: bool, temperature: float | None,
+             seed: int | None, system: str | None) -> dict:
+    """The JSON of POST …/ai/run/{model}: `prompt`, or `messages` when there is a system prompt."""
+    if system is not None and raw:
+        raise ClientError("--system needs the chat template: it cannot go with --raw")
+    body: dict = {"max_tokens": max_tokens}
+    if system is not None:
+        body["messages"] = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    else:
+        body |= {"prompt": prompt, "raw": raw}
+    optional = {"lora": lora, "temperature": temperature, "seed": seed}
+    return body | {k: v for k, v in optional.items() if v is not None}
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_HOST = "127.0.0.1"  # `loraplex serve` binds here, and the client commands call it
+DEFAULT_PORT = 8787
+DEFAULT_DATA_DIR = "~/.local/share/loraplex"  # when LORAPLEX_DATA_DIR is not set (see env.data_dir)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -67,3 +71,19 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data_dir: str | None = None  # the default model and the adapter download cache; None: LORAPLEX_DATA_DIR
+
+
+@dataclass(frozen=True)
+class PageConfig:
+    """Pagination of the API's list routes (Cloudflare v4 `page` / `per_page`, or `limit` / `offset`)."""
+
+    default_per_page: int = 50  # items per page when the caller names no size (≥ the default finetunes cap of 30)
+    max_per_page: int = 1000  # a larger `per_page` / `limit` is refused (400 / 5004)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus label bounds: per-finetune counters label the first `max_finetune_labels`
+    finetune ids seen by a server process; later ones are counted under "other"."""
+
+    max_finetune_labels: int = 100

@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loraplex.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
+
+
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+DATA_DIR_HELP = f"$LORAPLEX_DATA_DIR, else {DEFAULT_DATA_DIR}"
+API_URL_HELP = f"$LORAPLEX_URL, else {DEFAULT_URL}"
+
 
 def data_dir() -> Path:
-    """LORAPLEX_DATA_DIR: where converted models, the registry and caches live."""
-    return Path(os.environ.get("LORAPLEX_DATA_DIR", Path.home() / ".local" / "share" / "loraplex"))
+    """LORAPLEX_DATA_DIR: where converted models, the registry and caches live. The one place that
+    decides the default data dir: the server, the CLI and the offline `LLM` all call it, so they
+    share one converted copy of the default model."""
+    return Path(os.environ.get("LORAPLEX_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
 
 
 def attention_backend() -> str | None:
@@ -23,7 +32,7 @@ def use_data_dir(path: Path) -> None:
 
 def api_url() -> str:
     """LORAPLEX_URL: the server the client commands talk to."""
-    return os.environ.get("LORAPLEX_URL", "http://127.0.0.1:8787")
+    return os.environ.get("LORAPLEX_URL") or DEFAULT_URL
 
 
 def account_id() -> str | None:
@@ -34,3 +43,8 @@ def account_id() -> str | None:
 def api_token() -> str | None:
     """LORAPLEX_API_TOKEN: the API token the client commands send."""
     return os.environ.get("LORAPLEX_API_TOKEN") or None
+
+
+def admin_token() -> str | None:
+    """LORAPLEX_ADMIN_TOKEN: the bearer token of the operator routes (/admin/…); unset, they do not exist."""
+    return os.environ.get("LORAPLEX_ADMIN_TOKEN") or None

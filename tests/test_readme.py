@@ -1,5 +1,5 @@
-"""The README's quickstart, run as a new user would: the server started by the Makefile's `serve`
-recipe (on a free port and a scratch data dir), the credentials it prints, then every block
+"""The README's quickstart, run as a new user would: the server started by the command `make serve
+PORT=…` runs (on a free port, and a scratch data dir), the credentials it prints, then every block
 between the quickstart markers in order — curl upload and run, the Cloudflare SDK, the OpenAI SDK."""
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ def quickstart_blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(sh|python)\n(.*?)```", section, flags=re.S)
 
 
-def serve_command() -> list[str]:
-    recipe = (REPO / "Makefile").read_text().split("\nserve:")[1].splitlines()[1].strip()
-    return shlex.split(recipe.replace("$(BIN)", str(VENV_BIN)))
+def serve_command(port: int) -> list[str]:
+    """What `make serve PORT=port` runs once installed (make's dry run, the install taken as done)."""
+    done = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed-runtime", "serve", f"PORT={port}"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    (line,) = done.stdout.strip().splitlines()
+    command = shlex.split(line)
+    assert command[0] == ".venv/bin/loraplex"
+    return [str(VENV_BIN / "loraplex"), *command[1:]]
 
 
 def json_values(text: str) -> list:
@@ -60,8 +65,8 @@ def user_dir(tmp_path, default_model_dir):
 
 def test_quickstart(user_dir):
     port = free_port()
-    command = serve_command() + ["--data-dir", str(user_dir / "data"), "--port", str(port), "--log-level", "warning"]
-    assert command[1:5] == ["serve", "--model", "default", "--dev-account"]
+    command = serve_command(port) + ["--data-dir", str(user_dir / "data"), "--log-level", "warning"]
+    assert command[1:7] == ["serve", "--model", "default", "--dev-account", "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=user_dir)
     try:
         printed = {}

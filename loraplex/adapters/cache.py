@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Callable
 
 from loraplex.adapters.storage import ObjectStore, validate_key
+from loraplex.logs import event
 from loraplex.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from loraplex.models.hf_config import ModelArgs
 
@@ -157,6 +158,7 @@ class AdapterCache:
         self._clock = itertools.count()
         self._folders = itertools.count()
         self._stats: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        self._evictions: list[tuple[str, str, int]] = []  # (tier, name, bytes), logged by _log_evictions
         self._closed = False
 
     # -- registration ----------------------------------------------------------------------------
@@ -259,6 +261,7 @@ class AdapterCache:
             doomed = self._evict_disk_locked(keep=None)
             self._admit_deferred_locked()
         self._remove_later(doomed)
+        self._log_evictions()
 
     def stats(self) -> dict:
         """Counters (see _COUNTERS), tier sizes in bytes and the number of adapters per state."""
@@ -267,6 +270,26 @@ class AdapterCache:
             out.update(host_bytes=self._host_bytes, disk_bytes=self._disk_bytes,
                        states=dict(Counter(e.state.value for e in self._entries.values())))
             return out
+
+    def residency(self) -> dict:
+        """One consistent view of the tiers: per adapter in host memory or on local disk its bytes
+        (and pins), the loads in flight (downloading / parsing) or waiting for room, the errored
+        ones; byte totals and budgets per tier."""
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.name)
+            return {
+                "host": {"bytes": self._host_bytes, "budget_bytes": self._host_budget,
+                         "adapters": [{"adapter": e.name, "bytes": e.adapter.size_bytes, "pins": e.pins}
+                                      for e in entries if e.state is AdapterState.IN_HOST]},
+                "disk": {"bytes": self._disk_bytes, "budget_bytes": self._disk_budget,
+                         "adapters": [{"adapter": e.name, "bytes": e.disk_bytes}
+                                      for e in entries if e.owned and e.folder is not None]},
+                "loading": [{"adapter": e.name, "state": e.state.value} for e in entries
+                            if e.state in (AdapterState.DOWNLOADING, AdapterState.LOADING)],
+                "waiting_for_room": [e.name for ticket, e in self._deferred
+                                     if e.deferred == ticket and self._is_current(e)],
+                "errored": [e.name for e in entries if e.state is AdapterState.ERRORED],
+            }
 
     def close(self) -> None:
         """Stop the workers (jobs not started are cancelled, running ones finish) and delete the
@@ -378,6 +401,7 @@ class AdapterCache:
         for victim in sorted(candidates, key=_value):
             if self._host_bytes <= self._host_budget:
                 break
+            self._evictions.append(("host", victim.name, victim.adapter.size_bytes))
             self._host_bytes -= victim.adapter.size_bytes
             victim.adapter = None
             victim.state = AdapterState.ON_DISK if victim.folder is not None else AdapterState.REMOTE
@@ -390,11 +414,19 @@ class AdapterCache:
         for victim in sorted(candidates, key=_value):
             if self._disk_bytes <= self._disk_budget:
                 break
+            self._evictions.append(("disk", victim.name, victim.disk_bytes))
             doomed.append(self._drop_files_locked(victim))
             if victim.state is AdapterState.ON_DISK:
                 victim.state = AdapterState.REMOTE
             self._stats["disk_evictions"] += 1
         return doomed
+
+    def _log_evictions(self) -> None:
+        """Log the evictions recorded under the lock, outside it: one line per adapter and tier."""
+        with self._lock:
+            evictions, self._evictions = self._evictions, []
+        for tier, name, size in evictions:
+            event(log, "adapter evicted", adapter=name, tier=tier, bytes=size)
 
     def _remove_later(self, doomed: list[Path | None]) -> None:
         """Delete folders on a worker (inline once the pool is shut down)."""
@@ -466,6 +498,9 @@ class AdapterCache:
             _remove([folder])
             raise AdapterError(3037, f"adapter {e.name!r} was unregistered or replaced while downloading")
         _remove(doomed)
+        event(log, "adapter loaded", adapter=e.name, tier="disk", source="remote", bytes=size,
+              seconds=round(time.perf_counter() - t0, 6))
+        self._log_evictions()
         return folder
 
     def _parse(self, e: _Entry, folder: Path) -> LoraAdapter:
@@ -489,6 +524,9 @@ class AdapterCache:
                 doomed = self._drop_files_locked(e)
         _remove([doomed])
         if current:
+            event(log, "adapter loaded", adapter=e.name, tier="host", source="disk", bytes=adapter.size_bytes,
+                  seconds=round(time.perf_counter() - t0, 6))
+            self._log_evictions()
             self._notify(e.name)
         return adapter
 

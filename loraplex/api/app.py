@@ -11,10 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loraplex.api import finetunes, openai, workers_ai
+from loraplex.api import admin, finetunes, openai, workers_ai
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import install_error_handlers
 from loraplex.api.limits import BodyLimitMiddleware
+from loraplex.api.request_scope import RequestIdMiddleware
 
 API_PREFIX = "/client/v4"
 
@@ -60,6 +61,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     install_error_handlers(app)
     for router in (workers_ai.router, finetunes.router, openai.router):
         app.include_router(router, prefix=API_PREFIX)
+    if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
+        app.include_router(admin.router)
 
     def body_limit(path: str) -> int:
         if path.endswith("/finetune-assets"):
@@ -68,6 +71,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     app.add_middleware(RequestCounter, count=lambda route, status: ctx.metrics.requests.labels(route, status).inc())
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, refusals included, has an id
 
     @app.get("/healthz")
     async def healthz():

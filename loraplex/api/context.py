@@ -45,6 +45,7 @@ class ApiContext:
     limits: Limits
     metrics: Metrics
     upload_dir: Path  # staging folder for uploads, on the data dir's disk
+    admin_token: str | None = None  # the operator routes' bearer token; None: no operator routes
 
     @property
     def served_names(self) -> tuple[str, str]:

@@ -20,7 +20,9 @@ from starlette.requests import ClientDisconnect
 
 from loraplex.adapters.registry import RegistryError
 from loraplex.adapters.storage import StorageError
+from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.engine.async_engine import EngineFailure, QueueFull
+from loraplex.logs import event
 from loraplex.lora.adapter import AdapterError
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,15 @@ def envelope(result=None, errors: list[dict] | None = None) -> dict:
     return {"result": result, "success": not errors, "errors": errors or [], "messages": []}
 
 
+def log_refusal(error: ApiError, path: str) -> None:
+    """One log line per 4xx answer, with its reason (the message the caller gets)."""
+    if 400 <= error.status < 500:
+        event(log, "refused", request_id=REQUEST_ID.get(), account=ACCOUNT_ID.get(), path=path,
+              status=error.status, code=error.code, reason=error.message)
+
+
 def error_response(request: Request, error: ApiError) -> JSONResponse:
+    log_refusal(error, request.url.path)
     if "/ai/v1/" in request.url.path:  # the OpenAI dialect: its clients read error.message
         body = {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
                           "code": error.code, "param": None}}

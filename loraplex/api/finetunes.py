@@ -1,4 +1,5 @@
-"""Finetunes in the Workers AI dialect: create, list (own / public), get, delete, upload assets."""
+"""Finetunes in the Workers AI dialect: create, list (own / public; paginated, see pagination.py),
+get, delete, upload assets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from loraplex.api.auth import authorize
 from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError, api_error_in, envelope, invalid
+from loraplex.api.pagination import PAGE_PARAMS, paginated
 from loraplex.api.schemas import ASSET_UPLOAD_BODY, FinetuneCreate, json_body
 from loraplex.api.uploads import check_file_name, delete_unused_objects, store_asset
 
@@ -42,16 +44,16 @@ async def create_finetune(account_id: str, request: Request):
     return envelope(finetune_json(finetune))
 
 
-@router.get(PREFIX)
+@router.get(PREFIX, openapi_extra=PAGE_PARAMS)
 async def list_finetunes(account_id: str, request: Request):
     ctx = await _context(request, account_id)
-    return envelope([finetune_json(f) for f in await to_thread(ctx.registry.list_finetunes, account_id)])
+    return paginated(request, [finetune_json(f) for f in await to_thread(ctx.registry.list_finetunes, account_id)])
 
 
-@router.get(PREFIX + "/public")
+@router.get(PREFIX + "/public", openapi_extra=PAGE_PARAMS)
 async def list_public_finetunes(account_id: str, request: Request):
     ctx = await _context(request, account_id)
-    return envelope([finetune_json(f) for f in await to_thread(ctx.registry.list_public)])
+    return paginated(request, [finetune_json(f) for f in await to_thread(ctx.registry.list_public)])
 
 
 @router.get(PREFIX + "/{finetune_id}")

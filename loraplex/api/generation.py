@@ -1,10 +1,13 @@
 """One generation request as both dialects serve it: started eagerly (so that a failure before
 the first token — an adapter that will not load, a full queue — is a proper HTTP error), then
-read whole or as text deltas for streaming. Records the request's metrics when it ends."""
+read whole or as text deltas for streaming. When it ends (finished, failed or abandoned) it
+records its metrics and logs one line: request id, account, finetune, prompt and output token
+counts, TTFT, duration and finish reason — never the prompt, the output or the API token."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -12,7 +15,11 @@ from starlette.requests import ClientDisconnect, Request
 
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError
+from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.core import RequestOutput, SamplingParams
+from loraplex.logs import event
+
+log = logging.getLogger(__name__)
 
 
 class Generation:
@@ -25,6 +32,9 @@ class Generation:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._sent_chars = 0
+        self._adapter = adapter
+        self._request_id, self._account = REQUEST_ID.get(), ACCOUNT_ID.get()
+        self._ended = False
         self.num_prompt_tokens = len(prompt_token_ids)
         self.output: RequestOutput | None = None
 
@@ -78,6 +88,7 @@ class Generation:
 
     async def aclose(self) -> None:
         await self._outputs.aclose()
+        self._end("abort")  # a no-op when it had ended already
 
     def usage(self) -> dict:
         completion = len(self.output.token_ids)
@@ -85,8 +96,16 @@ class Generation:
                 "total_tokens": self.num_prompt_tokens + completion}
 
     async def _advance(self) -> None:
-        out = await anext(self._outputs)
+        try:
+            out = await anext(self._outputs)
+        except Exception:
+            if self.output is None:  # refused before it was queued (queue full, can never run):
+                self._ended = True   # the 4xx line says why; it was no generation
+            else:
+                self._end("error")
+            raise
         if out.finish_reason == "error":
+            self._end("error")
             code = out.error_code or 3040
             raise ApiError(code, out.error or "generation failed", 503 if code == 3040 else None)
         self.output = out
@@ -104,6 +123,20 @@ class Generation:
             metrics.generation_tokens.inc(n)
             if n > 1:
                 metrics.tpot.observe((now - self._first_token_at) / (n - 1))
+            self._end(out.finish_reason)
+
+    def _end(self, finish_reason: str | None) -> None:
+        """Once per generation: the per-finetune counters and the log line."""
+        if self._ended:
+            return
+        self._ended = True
+        now = time.perf_counter()
+        output_tokens = len(self.output.token_ids) if self.output is not None else 0
+        self._ctx.metrics.count_finetune(self._adapter, self.num_prompt_tokens, output_tokens)
+        ttft = None if self._first_token_at is None else round(self._first_token_at - self._started, 6)
+        event(log, "generation", request_id=self._request_id, account=self._account, finetune=self._adapter,
+              prompt_tokens=self.num_prompt_tokens, output_tokens=output_tokens, ttft_s=ttft,
+              duration_s=round(now - self._started, 6), finish_reason=finish_reason)
 
 
 async def _disconnected(request: Request) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from loraplex.api.errors import ApiError, envelope
+from loraplex.api.errors import ApiError, envelope, log_refusal
 
 
 def too_large(limit: int) -> ApiError:
@@ -31,7 +31,7 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _refuse(send, too_large(limit) if declared.isdigit()
-                                 else ApiError(5004, "invalid Content-Length header"))
+                                 else ApiError(5004, "invalid Content-Length header"), scope["path"])
         received = 0
 
         async def limited_receive():
@@ -46,7 +46,8 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _refuse(send, error: ApiError) -> None:
+async def _refuse(send, error: ApiError, path: str) -> None:
+    log_refusal(error, path)
     body = json.dumps(envelope(None, [{"code": error.code, "message": error.message}])).encode()
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -1,5 +1,10 @@
 """Prometheus metrics of one server (its own CollectorRegistry, so several apps can coexist).
 
+Per-finetune counters (`loraplex_finetune_requests_total`, `…_prompt_tokens_total`,
+`…_generation_tokens_total`) are labelled `finetune` with the finetune's id ("base" for the base
+model); the label set is bounded: past `MetricsConfig.max_finetune_labels` distinct ids, new
+ones count under "other". Account names never appear in labels.
+
 Request-path metrics are recorded as requests finish; queue depth, KV blocks, slot occupancy and
 the adapter cache's counters are read at scrape time from the engine's latest snapshot and the
 cache's stats (both safe to read from any thread).
@@ -12,6 +17,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from loraplex.config import MetricsConfig
 from loraplex.engine.engine import EngineStats
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -62,7 +68,9 @@ class _EngineCollector:
 
 class Metrics:
     def __init__(self, engine_stats: Callable[[], EngineStats], in_flight: Callable[[], int],
-                 cache_stats: Callable[[], dict]):
+                 cache_stats: Callable[[], dict], config: MetricsConfig = MetricsConfig()):
+        self._config = config
+        self._finetune_labels: set[str] = set()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("loraplex_requests", "HTTP requests answered.", ["route", "status"], registry=r)
@@ -72,7 +80,30 @@ class Metrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("loraplex_time_per_output_token_seconds", "Mean time between output tokens, per request.",
                               buckets=_TPOT_BUCKETS, registry=r)
+        self.finetune_requests = Counter("loraplex_finetune_requests", "Generation requests per finetune.",
+                                         ["finetune"], registry=r)
+        self.finetune_prompt_tokens = Counter("loraplex_finetune_prompt_tokens", "Prompt tokens per finetune.",
+                                              ["finetune"], registry=r)
+        self.finetune_generation_tokens = Counter("loraplex_finetune_generation_tokens",
+                                                  "Tokens generated per finetune.", ["finetune"], registry=r)
         r.register(_EngineCollector(engine_stats, in_flight, cache_stats))
+
+    def finetune_label(self, finetune_id: str | None) -> str:
+        """The `finetune` label for a finetune id: the id itself while the label set has room,
+        "base" for the base model, "other" once the bound is reached (event-loop thread only)."""
+        if finetune_id is None:
+            return "base"
+        if finetune_id not in self._finetune_labels:
+            if len(self._finetune_labels) >= self._config.max_finetune_labels:
+                return "other"
+            self._finetune_labels.add(finetune_id)
+        return finetune_id
+
+    def count_finetune(self, finetune_id: str | None, prompt_tokens: int, generation_tokens: int) -> None:
+        label = self.finetune_label(finetune_id)
+        self.finetune_requests.labels(label).inc()
+        self.finetune_prompt_tokens.labels(label).inc(prompt_tokens)
+        self.finetune_generation_tokens.labels(label).inc(generation_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ from loraplex.adapters.registry import Registry
 from loraplex.adapters.storage import open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
-from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.config import CacheConfig, EngineConfig, LoraConfig, MetricsConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
 
@@ -42,6 +42,8 @@ class ServerOptions:
     adapter_host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory
     adapter_disk_cache_bytes: int = 4 << 30  # downloaded adapter files kept on local disk
     adapter_workers: int = 2  # threads downloading and parsing adapters
+    admin_token: str | None = None  # enables the operator routes (/admin/…); see api/admin.py
+    max_finetune_metric_labels: int = MetricsConfig().max_finetune_labels
 
     @property
     def served_name(self) -> str:
@@ -85,6 +87,8 @@ def build_context(opts: ServerOptions) -> ApiContext:
         model_name=opts.served_name,
         max_model_len=engine.max_model_len,
         limits=Limits(max_adapter_bytes=opts.max_adapter_bytes, max_lora_rank=opts.max_lora_rank),
-        metrics=Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapter_cache.stats),
+        metrics=Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapter_cache.stats,
+                        MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels)),
         upload_dir=opts.data_dir / "uploads",
+        admin_token=opts.admin_token,
     )

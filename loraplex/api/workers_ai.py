@@ -1,4 +1,5 @@
-"""The Workers AI dialect: POST /accounts/{a}/ai/run/{model} and GET /accounts/{a}/ai/models/search.
+"""The Workers AI dialect: POST /accounts/{a}/ai/run/{model} and GET /accounts/{a}/ai/models/search
+(paginated, see pagination.py).
 
 Model names contain slashes (literal or %2F-encoded: Starlette decodes the path before routing).
 """
@@ -14,6 +15,7 @@ from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import envelope
 from loraplex.api.generation import Generation
+from loraplex.api.pagination import PAGE_PARAMS, paginated
 from loraplex.api.schemas import RunRequest, json_body
 from loraplex.api.streaming import DONE, sse, sse_response
 from loraplex.core import SamplingParams
@@ -73,8 +75,8 @@ def _model_entry(ctx: ApiContext, name: str) -> dict:
     }
 
 
-@router.get("/accounts/{account_id}/ai/models/search")
+@router.get("/accounts/{account_id}/ai/models/search", openapi_extra=PAGE_PARAMS)
 async def search_models(account_id: str, request: Request):
     ctx: ApiContext = request.app.state.ctx
     await authorize(request, account_id)
-    return envelope([_model_entry(ctx, name) for name in ctx.served_names])
+    return paginated(request, [_model_entry(ctx, name) for name in ctx.served_names])

@@ -30,6 +30,7 @@ from loraplex.kvcache.block_manager import BlockManager
 from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE, AdapterCache, AdapterState, LocalSource, RemoteSource
 from loraplex.adapters.storage import ObjectStore, open_store
 from loraplex.lora.adapter import AdapterError, LoraAdapter
+from loraplex.logs import event
 from loraplex.lora.slot_table import SlotTable
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -253,6 +254,10 @@ class LLMEngine:
         self._collect_finished_copies()
         failed = self._fail_requests_of_errored_adapters()
         plan = self.scheduler.schedule()
+        slot_table = self.scheduler.slot_table
+        for evicted, slot in slot_table.evicted:
+            event(log, "adapter evicted", adapter=evicted, tier="slot", slot=slot)
+        slot_table.evicted.clear()
         for slot, name in plan.lora_loads:
             copy = self._copier.submit(self._load_slot, slot, self.adapter_cache.host_adapter(name))
             copy.add_done_callback(lambda _: self._wakeup.set())
@@ -298,8 +303,11 @@ class LLMEngine:
         """On the copy thread: one host → slot copy, timed."""
         start = time.perf_counter()
         self.runner.load_lora(slot, adapter)
-        self._slot_loads[1] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._slot_loads[1] += seconds
         self._slot_loads[0] += 1
+        event(log, "adapter loaded", adapter=adapter.name, tier="slot", source="host", slot=slot,
+              bytes=adapter.size_bytes, seconds=round(seconds, 6))
 
     def _update_text_and_finish(self, seq: Sequence, token_id: int) -> None:
         detokenizer = self._detokenizers[seq.request_id]

@@ -23,11 +23,18 @@ class SlotTable:
         self._idle: OrderedDict[str, None] = OrderedDict()  # loaded, unheld: LRU first
         self._empty: list[int] = list(range(num_slots - 1, -1, -1))
         self.draining: str | None = None
+        self.evicted: list[tuple[str, int]] = []  # (adapter, slot) displaced by `reserve`; the engine drains it
 
     @property
     def num_occupied(self) -> int:
         """Slots holding (or being loaded with) an adapter."""
         return self.num_slots - len(self._empty)
+
+    def residents(self) -> list[dict]:
+        """Per occupied slot: its adapter, whether its copy is still in flight, how many running
+        sequences hold it (slot order)."""
+        return [{"slot": slot, "adapter": name, "loading": name in self._loading, "holders": self._holders[name]}
+                for name, slot in sorted(self._slot_of.items(), key=lambda item: item[1])]
 
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
@@ -54,6 +61,7 @@ class SlotTable:
             evicted, _ = self._idle.popitem(last=False)
             slot = self._slot_of.pop(evicted)
             del self._holders[evicted]
+            self.evicted.append((evicted, slot))
         else:
             return None
         self._slot_of[name] = slot

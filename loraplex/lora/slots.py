@@ -51,6 +51,16 @@ class LoraSlots:
         # per slot: the packed linears its adapter touches (others skip the slot's tokens)
         self.targets: list[frozenset[str]] = [frozenset()] * num_slots
 
+    @property
+    def bytes_per_slot(self) -> int:
+        """Device memory of one slot (every slot is allocated at full rank, used or not)."""
+        total = 0
+        for layer in self.layers:
+            for weights in layer.values():
+                total += weights.a[0].numel() * weights.a.element_size()
+                total += sum(b[0].numel() * b.element_size() for b in weights.b)
+        return total
+
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into `slot` (zero-padding ranks), overwriting what was there. On CUDA
         the copies are asynchronous on the current stream: the caller synchronizes it."""
