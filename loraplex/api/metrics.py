@@ -60,6 +60,15 @@ class _EngineCollector:
             seconds.add_metric([tier], total)
         yield from (hits, misses, loads, seconds)
         yield CounterMetricFamily("loraplex_adapter_load_errors", "Adapter loads that failed.", value=c["errors"])
+        prefix = {
+            "loraplex_prefix_cache_queried_tokens": ("Prompt tokens of admitted requests looked up in the prefix cache.",
+                                                     s.prefix_queried_tokens),
+            "loraplex_prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache (not computed again).",
+                                                 s.prefix_hit_tokens),
+            "loraplex_prefix_cache_evictions": ("Cached KV blocks evicted for other tokens.", s.prefix_evictions),
+        }
+        for name, (doc, value) in prefix.items():
+            yield CounterMetricFamily(name, doc, value=value)
         host = GaugeMetricFamily("loraplex_adapter_cache_bytes", "Bytes held by a cache tier.", labels=["tier"])
         host.add_metric(["host"], c["host_bytes"])
         host.add_metric(["disk"], c["disk_bytes"])
