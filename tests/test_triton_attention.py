@@ -263,7 +263,7 @@ def test_decode_backend_choice(monkeypatch):
 def test_compiles_for_hopper():
     """Ahead-of-time compilation for sm_90 (ptxas included), no GPU needed: the compiled-only
     paths (tl.dot shapes and dtypes, layouts, shared memory) build in bf16 with and without
-    splits, and the merge kernel builds."""
+    splits and soft-capping, and the merge kernel builds."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -282,9 +282,9 @@ def test_compiles_for_hopper():
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         return triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
-    for splits in (1, 4):
+    for splits, softcap in ((1, 0.0), (4, 0.0), (1, 50.0)):
         kernel = compile_for_sm90(triton_attention._decode_kernel, dict(
-            BLOCK_G=16, BLOCK_D=128, TILE_N=64, NUM_SPLITS=splits, PRECISION="tf32"))
+            BLOCK_G=16, BLOCK_D=128, TILE_N=64, NUM_SPLITS=splits, PRECISION="tf32", SOFTCAP=softcap))
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 100 * 1024
     merge = compile_for_sm90(triton_attention._merge_splits_kernel, dict(NUM_SPLITS=4, BLOCK_S=4, BLOCK_D=128))
     assert merge.asm["cubin"]
@@ -316,6 +316,11 @@ def test_compiled_half_precision(dtype):
         case = make_case(lens, group, head_dim, None, block_size, dtype=dtype, device="cuda")
         out = run_kernel(triton_attention, case, head_dim**-0.5, None)
         torch.testing.assert_close(out.double(), reference(case, head_dim**-0.5, None), atol=tol, rtol=tol)
+    # Gemma 2 9B-shaped: head_dim 256, 2 query heads per KV head, sliding window 4096, soft-cap 50 (and a tight one)
+    for window, softcap, splits in [(4096, 50.0, None), (None, 50.0, 3), (4096, 1.0, 1)]:
+        case = make_case([5, 4097, 600, 8000], 2, 256, window, 16, dtype=dtype, device="cuda")
+        out = run_kernel(triton_attention, case, 256**-0.5, window, softcap=softcap, num_splits=splits)
+        torch.testing.assert_close(out.double(), reference(case, 256**-0.5, window, softcap), atol=tol, rtol=tol)
 
 
 @pytest.mark.cuda
