@@ -90,6 +90,10 @@ def test_family_defaults_when_keys_are_absent(tmp_path):
     assert gemma3.sliding_windows == (8,) * 5 + (None,) + (8,) * 2
     qwen3 = write(tmp_path, {**SHAPE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "sliding_window": 8})
     assert qwen3.sliding_windows == (None,) * 8 and not qwen3.tie_word_embeddings and not qwen3.attention_bias
+    for family, (config_class, keys) in FLAT.items():  # no sliding_window key: transformers' 4096
+        cfg = {**SHAPE, **{k: v for k, v in keys.items() if k != "sliding_window"}}
+        assert write(tmp_path, cfg).sliding_windows == hf_windows(getattr(transformers, config_class)(**cfg))
+        assert 4096 in write(tmp_path, cfg).sliding_windows, family
 
 
 def test_refusals(tmp_path):

@@ -76,8 +76,9 @@ _TIED_BY_DEFAULT = ("gemma", "gemma2", *_GEMMA3)  # HF's per-family default of t
 
 
 def _sliding_windows(cfg: dict, num_layers: int) -> tuple[int | None, ...]:
-    window = cfg.get("sliding_window")
     model_type = cfg.get("model_type")
+    # transformers' default window where the key is absent (an explicit null stays null)
+    window = cfg.get("sliding_window", 4096 if model_type in ("qwen3", "gemma2", *_GEMMA3) else None)
     if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     if not window:
