@@ -9,7 +9,7 @@ import numpy as np
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window, out, softcap):  # pragma: no cover - jitted
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window, out, softcap):  # pragma: no cover
     """One query token per sequence against its paged history.
 
     Semantics:

@@ -221,7 +221,8 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
     partials = _partials(batch, num_heads, num_splits, head_dim, q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, *partials,
-        float(scale) / softcap if softcap else float(scale) * LOG2_E, int(window or 0), block_size, group, num_heads, head_dim,
+        float(scale) / softcap if softcap else float(scale) * LOG2_E,  # with a cap, the kernel applies LOG2_E
+        int(window or 0), block_size, group, num_heads, head_dim,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, TILE_N=tile, NUM_SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),

@@ -41,7 +41,8 @@ class ModelArgs:
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
     torch_dtype: str | None
     eos_token_ids: tuple[int, ...]
-    attention_scale: float | None = None  # multiplies q.k; None = head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5)
+    # multiplies q.k; None = head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5)
+    attention_scale: float | None = None
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> tanh(s / cap) * cap
     final_logit_softcap: float | None = None  # Gemma 2: logits -> tanh(l / cap) * cap
     # Gemma 3: RoPE of the sliding layers (the full layers use rope_theta / rope_scaling); None = same for all
