@@ -26,7 +26,7 @@ Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 def bases(tmp_path_factory):
     """family → (HF model, ModelArgs), each tiny model built once for the whole module."""
     out = {}
-    for family in ("llama", "gemma", "qwen2"):
+    for family in ("llama", "gemma", "qwen2", "qwen3", "gemma2", "gemma3"):
         folder = tmp_path_factory.mktemp(f"base-{family}")
         out[family] = (make_tiny_model(family, folder), read_model_args(folder))
     return out
@@ -55,6 +55,9 @@ VALID_CONFIGS = {
     "rslora-gemma": ("gemma", dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "o_proj", "gate_proj"])),
     "layers-list-qwen2": ("qwen2", dict(r=2, lora_alpha=5, target_modules=["up_proj", "o_proj"],
                                         layers_to_transform=[1], layers_pattern="layers")),
+    "all-qwen3": ("qwen3", dict(r=4, lora_alpha=8, target_modules="all-linear")),  # head_dim 32 * 4 heads != hidden
+    "regex-gemma2": ("gemma2", dict(r=2, lora_alpha=4, target_modules=r".*\.(k_proj|o_proj|up_proj)")),
+    "layers-gemma3": ("gemma3", dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1, 2])),
     "layers-int": ("llama", dict(r=4, lora_alpha=4, target_modules=["v_proj", "down_proj"], layers_to_transform=0)),
     "exclude": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                               exclude_modules=["model.layers.1.self_attn.v_proj"])),
@@ -244,6 +247,37 @@ def test_config_refusals(case, bad, llama_args):
 def test_rank_over_max(bad, llama_args):
     refused(bad, llama_args, 5004, "rank 4", "maximum rank 2", max_rank=2)
     assert load_adapter(bad, llama_args, max_rank=4).rank == 4
+
+
+@pytest.mark.parametrize(("base", "model_type", "ok"), [
+    ("qwen3", "qwen3", True), ("qwen3", "qwen", True), ("qwen3", "qwen2", False), ("qwen2", "qwen3", False),
+    ("gemma3", "gemma3_text", True), ("gemma3", "gemma3", True), ("gemma3", "gemma", True),
+    ("gemma3", "gemma2", False), ("gemma2", "gemma3_text", False), ("gemma", "gemma2", False),
+    ("gemma2", "gemma", True), ("gemma3", "llama", False),
+])
+def test_model_type_generations(bases, tmp_path, base, model_type, ok):
+    """An adapter's model_type must name the base's family and, when it names one, its generation."""
+    model, args = bases[base]
+    make_peft_adapter(model, tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    edit_config(tmp_path, model_type=model_type)
+    if ok:
+        assert load_adapter(tmp_path, args).rank == 2
+    else:
+        refused(tmp_path, args, 5004, "model_type", repr(args.model_type))
+
+
+def test_adapter_of_another_generation_has_the_wrong_shapes(bases, tmp_path):
+    """A qwen2 adapter relabelled for a qwen3 base is still refused: its q_proj shapes do not fit."""
+    make_peft_adapter(bases["qwen2"][0], tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    edit_config(tmp_path, base_model_name_or_path="Qwen/Qwen3-0.6B")
+    refused(tmp_path, bases["qwen3"][1], 5004, "q_proj", "shape")
+
+
+@pytest.mark.parametrize(("base", "module"), [("qwen3", "q_norm"), ("gemma3", "k_norm"),
+                                              ("gemma2", "pre_feedforward_layernorm")])
+def test_regex_hitting_the_new_norms(bases, bad, base, module):
+    edit_config(bad, target_modules=rf".*\.{module}|.*\.q_proj")
+    refused(bad, bases[base][1], 5004, module)
 
 
 @pytest.mark.parametrize("name", ["meta-llama/Llama-2-7b-hf", "my-org/custom-7b", "/models/base/", "llama-gemma-merge"])

@@ -63,8 +63,12 @@ def test_unsupported_architecture_is_named(llama_dir, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["FalconForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*LlamaForCausalLM"):
+    with pytest.raises(ModelLoadError, match="FalconForCausalLM.*not supported.*LlamaForCausalLM") as info:
         load_model(folder)
+    from loraplex.models.registry import supported_architectures
+
+    for name in ("Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", *supported_architectures()):
+        assert name in str(info.value)
 
 
 @pytest.mark.parametrize(

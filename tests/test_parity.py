@@ -7,6 +7,7 @@ logprobs must agree to 1e-4.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -89,7 +90,10 @@ def test_requests_join_while_others_decode(family_model):
 def test_preemption_and_chunked_prefill_keep_outputs(family_model):
     _, folder, hf_model = family_model
     # 12 blocks of 4 tokens: the 8 requests below cannot all hold their caches at once
-    args_bytes = 2 * 2 * 4 * 2 * (32 if family_model[0] == "gemma" else 16) * 4  # per block
+    cfg = json.loads((folder / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    # per block: layers × (K, V) × 4 tokens × KV heads × head_dim × 4 bytes
+    args_bytes = cfg["num_hidden_layers"] * 2 * 4 * cfg["num_key_value_heads"] * head_dim * 4
     llm = make_llm(folder, kv_cache_memory=12 * args_bytes, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.block_manager.num_blocks == 12
     prompts = random_prompts([5, 11, 26, 2, 8, 14, 3, 20], seed=2)

@@ -77,13 +77,14 @@ def make_case(lens, group, head_dim, window, block_size, *, dtype=torch.float32,
     return case
 
 
-def reference(case, scale, window) -> torch.Tensor:
+def reference(case, scale, window, softcap=None) -> torch.Tensor:
     """The torch decode backend in float64 on the (rounded) inputs, NaN rows zeroed."""
     q = case["q"]
     batch = AttentionBatch(slot_mapping=None, block_size=case["k"].shape[1], num_decode=q.shape[0],
                            block_tables=case["tables"], context_lens=case["lens"])
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    attention._decode_torch(q.double(), case["k_clean"].double(), case["v_clean"].double(), batch, scale, window, out)
+    attention._decode_torch(q.double(), case["k_clean"].double(), case["v_clean"].double(), batch, scale, window, out,
+                           softcap)
     return out
 
 
@@ -98,11 +99,11 @@ def run_kernel(mod, case, scale, window, **kwargs) -> torch.Tensor:
     return out
 
 
-def check(mod, lens, group, head_dim, window, block_size, *, tol=1e-5, seed=0, **kwargs):
+def check(mod, lens, group, head_dim, window, block_size, *, tol=1e-5, seed=0, softcap=None, **kwargs):
     case = make_case(lens, group, head_dim, window, block_size, seed=seed)
     scale = head_dim**-0.5
-    out = run_kernel(mod, case, scale, window, **kwargs)
-    torch.testing.assert_close(out.double(), reference(case, scale, window), atol=tol, rtol=tol)
+    out = run_kernel(mod, case, scale, window, softcap=softcap, **kwargs)
+    torch.testing.assert_close(out.double(), reference(case, scale, window, softcap), atol=tol, rtol=tol)
 
 
 def boundary_lens(block_size: int) -> list[int]:
@@ -143,7 +144,31 @@ def test_many_splits_of_a_long_context(interp):
     check(interp, [130, 9], 2, 40, None, 16, num_splits=2, seed=5)  # head_dim not a power of two
 
 
-def test_backend_inside_paged_attention(interp, monkeypatch):
+@pytest.mark.parametrize("softcap", [0.5, 3.0, 50.0])  # 0.5, 3.0: the cap bends most scores; 50: Gemma 2's
+@pytest.mark.parametrize("window", [None, 8])
+def test_softcap(interp, window, softcap):
+    """Gemma 2's attention-logit soft-cap, with and without a sliding window, one and three splits."""
+    for splits in (1, 3):
+        check(interp, boundary_lens(16), 2, 32, window, 16, num_splits=splits, tile_tokens=16, softcap=softcap,
+              seed=splits + int(softcap * 10) + (window or 0))
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5, 50.0])
+@pytest.mark.parametrize("window", [None, 8, 24])
+def test_cpu_kernel_window_and_softcap(window, softcap):
+    """The numba "cpu_inplace" kernel against the float64 reference (GQA group 2, uneven blocks)."""
+    from loraplex.kvcache.cpu_kernels import paged_decode
+
+    case = make_case(boundary_lens(16) + [50, 3], 2, 32, window, 16, seed=7 + (window or 0))
+    scale = 32**-0.5
+    out = torch.full(case["q"].shape, float("nan"))
+    paged_decode(case["q"].contiguous().numpy(), case["k"].numpy(), case["v"].numpy(), case["tables"].numpy(),
+                 case["lens"].numpy(), scale, int(window or 0), out.numpy(), float(softcap or 0.0))
+    torch.testing.assert_close(out.double(), reference(case, scale, window, softcap), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_backend_inside_paged_attention(interp, monkeypatch, softcap):
     """The registered "triton" backend, run by paged_attention on a mixed step (3 decode rows,
     one prefill chunk), writes the same cache and output as the torch backend."""
     from loraplex.kvcache import triton_attention
@@ -165,16 +190,29 @@ def test_backend_inside_paged_attention(interp, monkeypatch):
     k = torch.randn(num_tokens, NUM_KV_HEADS, head_dim, generator=gen)
     v = torch.randn(num_tokens, NUM_KV_HEADS, head_dim, generator=gen)
     results = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "cpu_inplace", "torch"):
         batch = AttentionBatch(slot_mapping=slot_mapping, block_size=block_size, decode_backend=backend,
                                num_decode=3, block_tables=tables[:3].contiguous(),
                                context_lens=torch.tensor(lens, dtype=torch.int32),
                                prefills=[PrefillSegment(3, 12, context)])
         cache = (k_cache.clone(), v_cache.clone())
-        results[backend] = (paged_attention(q, k, v, cache, batch, head_dim**-0.5, 6), cache)
-    (out, (kc, vc)), (ref, (kr, vr)) = results["triton"], results["torch"]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+        results[backend] = (paged_attention(q, k, v, cache, batch, head_dim**-0.5, 6, softcap), cache)
+    ref, (kr, vr) = results["torch"]
+    for backend in ("triton", "cpu_inplace"):
+        out, (kc, vc) = results[backend]
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    # the prefill rows (shared by every backend) against attention written out by hand, float64
+    keys, values = k_cache.double().view(-1, NUM_KV_HEADS, head_dim), v_cache.double().view(-1, NUM_KV_HEADS, head_dim)
+    keys[slot_mapping], values[slot_mapping] = k.double(), v.double()
+    keys, values = keys[context].repeat_interleave(group, 1), values[context].repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q[3:].double(), keys) * head_dim**-0.5
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(12)
+    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 6)
+    expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), values)
+    torch.testing.assert_close(ref[3:].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_choose_num_splits():
@@ -225,7 +263,7 @@ def test_decode_backend_choice(monkeypatch):
 def test_compiles_for_hopper():
     """Ahead-of-time compilation for sm_90 (ptxas included), no GPU needed: the compiled-only
     paths (tl.dot shapes and dtypes, layouts, shared memory) build in bf16 with and without
-    splits, and the merge kernel builds."""
+    splits and soft-capping, and the merge kernel builds."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -244,9 +282,9 @@ def test_compiles_for_hopper():
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         return triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
-    for splits in (1, 4):
+    for splits, softcap in ((1, 0.0), (4, 0.0), (1, 50.0)):
         kernel = compile_for_sm90(triton_attention._decode_kernel, dict(
-            BLOCK_G=16, BLOCK_D=128, TILE_N=64, NUM_SPLITS=splits, PRECISION="tf32"))
+            BLOCK_G=16, BLOCK_D=128, TILE_N=64, NUM_SPLITS=splits, PRECISION="tf32", SOFTCAP=softcap))
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 100 * 1024
     merge = compile_for_sm90(triton_attention._merge_splits_kernel, dict(NUM_SPLITS=4, BLOCK_S=4, BLOCK_D=128))
     assert merge.asm["cubin"]
@@ -278,6 +316,11 @@ def test_compiled_half_precision(dtype):
         case = make_case(lens, group, head_dim, None, block_size, dtype=dtype, device="cuda")
         out = run_kernel(triton_attention, case, head_dim**-0.5, None)
         torch.testing.assert_close(out.double(), reference(case, head_dim**-0.5, None), atol=tol, rtol=tol)
+    # Gemma 2 9B-shaped: head_dim 256, 2 query heads per KV head, sliding window 4096, soft-cap 50 (and a tight one)
+    for window, softcap, splits in [(4096, 50.0, None), (None, 50.0, 3), (4096, 1.0, 1)]:
+        case = make_case([5, 4097, 600, 8000], 2, 256, window, 16, dtype=dtype, device="cuda")
+        out = run_kernel(triton_attention, case, 256**-0.5, window, softcap=softcap, num_splits=splits)
+        torch.testing.assert_close(out.double(), reference(case, 256**-0.5, window, softcap), atol=tol, rtol=tol)
 
 
 @pytest.mark.cuda

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "qwen3", "gemma2", "gemma3"]
 VOCAB_SIZE = 300  # 256 byte tokens + specials, padded
 
 _COMMON = dict(
@@ -31,6 +31,20 @@ _FAMILY_CONFIGS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=32, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    # layer 1 slides (from max_window_layers on); head_dim explicit, not hidden / heads
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        head_dim=32, use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=False)),
+    # sliding then full; scale from query_pre_attn_scalar (not head_dim); caps small enough to bend
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+        final_logit_softcapping=15.0, tie_word_embeddings=True)),
+    # both layer types; the sliding layers' RoPE base apart from the full layers' (linearly scaled)
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+        tie_word_embeddings=True)),
 }
 
 
@@ -62,7 +76,7 @@ def make_tiny_model(family: str, folder: Path, seed: int = 0, dtype: torch.dtype
     import transformers
 
     config_name, model_name, extra = _FAMILY_CONFIGS[family]
-    config = getattr(transformers, config_name)(**_COMMON, **extra)
+    config = getattr(transformers, config_name)(**{**_COMMON, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(dtype).eval()
     with torch.no_grad():  # HF zero-inits Gemma's norm weights (scale 1 + w): make them matter

@@ -16,6 +16,11 @@ and named in every AttentionBatch:
   lie: no copy of the history (float32 on CPU);
 - "torch": the reference; gathers each sequence's history into a padded tensor, then SDPA.
 Prefill segments use SDPA on the gathered context (prefill is compute-bound and runs once).
+
+Per layer, attention may have a sliding window (`sliding_window`: a query at position p sees keys
+at p - window + 1 .. p, as Hugging Face's masks) and a logit soft-cap (`softcap`, Gemma 2: scores
+become tanh(score / softcap) * softcap before the softmax, score = q.k * scale); every decode
+backend and the prefill path take both.
 """
 
 from __future__ import annotations
@@ -89,8 +94,11 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens) → [T, Hq, D].
+
+    scale multiplies q.k; sliding_window (None: full causal) and softcap (None: no cap) as above.
 
     Side effect: writes k, v into `kv_cache` at `batch.slot_mapping`.
     """
@@ -101,10 +109,10 @@ def paged_attention(
     out = torch.empty_like(q)
     if batch.num_decode:
         n = batch.num_decode
-        _DECODE_BACKENDS[batch.decode_backend](q[:n], k_cache, v_cache, batch, scale, sliding_window, out[:n])
+        _DECODE_BACKENDS[batch.decode_backend](q[:n], k_cache, v_cache, batch, scale, sliding_window, out[:n], softcap)
     for seg in batch.prefills:
         rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
-        out[rows] = _prefill(q[rows], k_cache, v_cache, seg, scale, sliding_window)
+        out[rows] = _prefill(q[rows], k_cache, v_cache, seg, scale, sliding_window, softcap)
     return out
 
 
@@ -116,7 +124,23 @@ def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | N
     return mask
 
 
-def _prefill(q, k_cache, v_cache, seg: PrefillSegment, scale, window) -> torch.Tensor:
+def _attend(q, keys, values, mask, scale, softcap) -> torch.Tensor:
+    """q: [..., Hq, Q, D]; keys, values: [..., Hkv, K, D]; mask: bool, broadcast to [..., Hq, Q, K]
+    → [..., Hq, Q, D]. SDPA without a soft-cap; with one, the scores are capped explicitly (in the
+    dtype of q, softmax in float32, as Hugging Face's eager attention)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != keys.shape[-3]
+        )
+    group = q.shape[-3] // keys.shape[-3]
+    keys = keys.repeat_interleave(group, dim=-3)
+    values = values.repeat_interleave(group, dim=-3)
+    scores = torch.tanh(q @ keys.transpose(-1, -2) * scale / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
+
+
+def _prefill(q, k_cache, v_cache, seg: PrefillSegment, scale, window, softcap=None) -> torch.Tensor:
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     keys = flat_k[seg.context_slots].transpose(0, 1)  # [Hkv, ctx, D]
@@ -125,13 +149,10 @@ def _prefill(q, k_cache, v_cache, seg: PrefillSegment, scale, window) -> torch.T
     query_pos = torch.arange(ctx - seg.num_tokens, ctx, device=q.device)[:, None]
     key_pos = torch.arange(ctx, device=q.device)[None, :]
     mask = _window_mask(query_pos, key_pos, window)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[0]
-    )
-    return out.transpose(0, 1)
+    return _attend(q.transpose(0, 1), keys, values, mask, scale, softcap).transpose(0, 1)
 
 
-def _decode_torch(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out) -> None:
+def _decode_torch(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out, softcap=None) -> None:
     """Reference decode: gathers every row's history (a copy), then one batched SDPA."""
     slots = batch.decode_slots()
     positions = torch.arange(slots.shape[1], device=q.device)
@@ -141,25 +162,22 @@ def _decode_torch(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out
     values = flat_v[slots].transpose(1, 2)
     query_pos = (batch.context_lens.long() - 1)[:, None, None, None]
     mask = _window_mask(query_pos, positions[None, None, None, :], window)
-    result = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
-    )
-    out.copy_(result.squeeze(2))
+    out.copy_(_attend(q.unsqueeze(2), keys, values, mask, scale, softcap).squeeze(2))
 
 
-def _decode_cpu_inplace(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out) -> None:
+def _decode_cpu_inplace(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out, softcap=None) -> None:
     from loraplex.kvcache.cpu_kernels import paged_decode
 
     paged_decode(
         q.numpy(), k_cache.numpy(), v_cache.numpy(), batch.block_tables.numpy(), batch.context_lens.numpy(),
-        float(scale), int(window or 0), out.numpy(),
+        float(scale), int(window or 0), out.numpy(), float(softcap or 0.0),
     )
 
 
-def _decode_triton(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out) -> None:
+def _decode_triton(q, k_cache, v_cache, batch: AttentionBatch, scale, window, out, softcap=None) -> None:
     from loraplex.kvcache import triton_attention  # imported on first use: CPU never loads Triton
 
-    triton_attention.decode(q, k_cache, v_cache, batch, scale, window, out)
+    triton_attention.decode(q, k_cache, v_cache, batch, scale, window, out, softcap)
 
 
 _DECODE_BACKENDS = {"torch": _decode_torch, "cpu_inplace": _decode_cpu_inplace, "triton": _decode_triton}

@@ -9,16 +9,19 @@ import numpy as np
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window, out):  # pragma: no cover - jitted
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window, out, softcap):  # pragma: no cover
     """One query token per sequence against its paged history.
 
     Semantics:
         for b, h in rows × query heads:
             n = context_lens[b]; first = max(0, n - window) if window else 0
             K_b = [k_cache[block_tables[b, t // bs], t % bs, h // group] for t in first..n-1]
-            out[b, h] = softmax(q[b, h] @ K_b.T * scale) @ V_b
+            s = q[b, h] @ K_b.T * scale
+            if softcap > 0: s = tanh(s / softcap) * softcap
+            out[b, h] = softmax(s) @ V_b
     Shapes: q, out [B, Hq, D] float32; k_cache, v_cache [num_blocks, bs, Hkv, D] float32;
-    block_tables [B, max_blocks] int32; context_lens [B] int32; group = Hq // Hkv.
+    block_tables [B, max_blocks] int32; context_lens [B] int32; group = Hq // Hkv;
+    window: int, 0 = none; softcap: float, 0.0 = none.
     Work is split over (row, kv head) pairs; each K/V row is loaded once for its whole query group.
     """
     num_rows, num_heads, dim = q.shape
@@ -39,7 +42,10 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window,
                 acc = np.float32(0.0)
                 for d in range(dim):
                     acc += q_row[d] * k_row[d]
-                scores[g, t - first] = acc * scale
+                score = acc * scale
+                if softcap > 0:
+                    score = np.float32(math.tanh(score / softcap)) * softcap
+                scores[g, t - first] = score
         for g in range(group):
             row = scores[g]
             peak = row.max()

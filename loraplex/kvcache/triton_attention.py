@@ -11,6 +11,8 @@ decode on H100-class GPUs, where a step's attention time is the time to read the
 - online softmax (running max and sum; exp2 with log2(e) folded into the scale), float32
   accumulation; q·k in the cache dtype on tensor cores (exact products), p·v with v widened
   exactly to float32 (tf32 for half caches, exact fp32 for float32 caches);
+- soft-capping (Gemma 2; SOFTCAP > 0): each score becomes tanh(score / SOFTCAP) * SOFTCAP before
+  the softmax, tanh computed from exp2 (|x|'s form, so nothing overflows);
 - split-K ("flash decoding"): when batch × KV heads would leave most SMs idle, each sequence's
   context is cut into `num_splits` equal parts whose float32 partials (max, sum, unnormalised
   output) a second kernel merges. num_splits is chosen on the host from shapes only (batch, KV
@@ -61,7 +63,7 @@ def _decode_kernel(
     stride_tb, stride_tm,
     stride_ob, stride_oh, stride_od,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -95,6 +97,10 @@ def _decode_kernel(
         k = tl.load(k_ptr + (block * stride_kn + row * stride_ks + kv_head * stride_kh)[:, None]
                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFTCAP > 0.0:  # qk_scale is scale / SOFTCAP here: scores = q.k * scale / SOFTCAP
+            t = tl.exp2(-2.8853900817779268 * tl.abs(scores))  # 2 log2(e); tanh(|x|) = (1 - t) / (1 + t)
+            capped = (1.0 - t) / (1.0 + t)
+            scores = tl.where(scores < 0.0, -capped, capped) * (SOFTCAP * 1.4426950408889634)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, _max(scores, 1))
         rescale = tl.exp2(row_max - new_max)
@@ -177,8 +183,8 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, co
 
 
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-                 scale: float, window: int | None, out: Tensor, *, num_splits: int | None = None,
-                 tile_tokens: int | None = None) -> None:
+                 scale: float, window: int | None, out: Tensor, softcap: float | None = None, *,
+                 num_splits: int | None = None, tile_tokens: int | None = None) -> None:
     """One query token per sequence against its paged history; writes `out`.
 
     Semantics:
@@ -186,7 +192,9 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
             n = context_lens[b]; first = max(0, n - window) if window else 0
             K_b = [k_cache[block_tables[b, t // bs], t % bs, h // group] for t in first..n-1]
             V_b = the same rows of v_cache
-            out[b, h] = (softmax(q[b, h].float() @ K_b.float().T * scale) @ V_b.float()).to(out.dtype)
+            s = q[b, h].float() @ K_b.float().T * scale
+            if softcap: s = tanh(s / softcap) * softcap
+            out[b, h] = (softmax(s) @ V_b.float()).to(out.dtype)
 
     Shapes:
         q, out        [B, Hq, D]                 model dtype (float32, bfloat16, float16); any strides
@@ -213,10 +221,11 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
     partials = _partials(batch, num_heads, num_splits, head_dim, q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, *partials,
-        float(scale) * LOG2_E, int(window or 0), block_size, group, num_heads, head_dim,
+        float(scale) / softcap if softcap else float(scale) * LOG2_E,  # with a cap, the kernel applies LOG2_E
+        int(window or 0), block_size, group, num_heads, head_dim,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, TILE_N=tile, NUM_SPLITS=num_splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
@@ -237,6 +246,7 @@ def _partials(batch: int, num_heads: int, num_splits: int, head_dim: int, device
     return acc, row_max, row_sum
 
 
-def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch, scale: float, window: int | None, out: Tensor) -> None:
+def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, batch, scale: float, window: int | None, out: Tensor,
+           softcap: float | None = None) -> None:
     """The "triton" decode backend of `attention.paged_attention` (an AttentionBatch `batch`)."""
-    paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, window, out)
+    paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, window, out, softcap)

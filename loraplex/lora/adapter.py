@@ -30,6 +30,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _FAMILIES = ("llama", "mistral", "gemma", "qwen")
+# base model types whose layers hold more modules than Llama's (a target_modules regex must not hit them)
+_QK_NORMED = ("qwen3", "gemma3", "gemma3_text")
+_SANDWICH_NORMED = ("gemma2", "gemma3", "gemma3_text")
 _FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}  # the dtypes an adapter may use, and their sizes
 # config flags whose truthy value changes the forward pass in ways plain LoRA cannot serve
 _UNSUPPORTED = {
@@ -87,12 +90,29 @@ class LoraAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
+# a Hugging Face model_type of a family, with its generation: qwen2, qwen3, gemma2, gemma3_text
+_MODEL_TYPE_RE = re.compile(r"(?P<family>llama|mistral|gemma|qwen)(?P<version>[0-9]{1,2})?(?:_text)?")
+
+
 def _family(name) -> str | None:
     """The one model family named in `name` (last path component, case-insensitive), else None."""
     if not isinstance(name, str):
         return None
     found = [f for f in _FAMILIES if f in name.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()]
     return found[0] if len(found) == 1 else None
+
+
+def _generation(model_type, base: bool) -> str | None:
+    """The generation a model_type names ('qwen3' → '3', 'gemma3_text' → '3'), else None. Only exact
+    model_type values count: repository names are ambiguous (gemma-2b is Gemma 1, Qwen1.5 is qwen2).
+    A base's bare 'gemma' is Gemma 1 (HF's model_type); an adapter's bare family name ('gemma',
+    'qwen', as Workers AI adapters write it) names no generation and fits every one."""
+    match = _MODEL_TYPE_RE.fullmatch(model_type.lower()) if isinstance(model_type, str) else None
+    if match is None:
+        return None
+    if match["version"] is None and base and match["family"] == "gemma":
+        return "1"
+    return match["version"]
 
 
 _SHORT = reprlib.Repr()  # renders only the first levels and items: repr() of a deep list costs depth**2
@@ -175,6 +195,10 @@ def _base_module_names(args: ModelArgs) -> list[str]:
         p = f"model.layers.{i}"
         names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
                   f"{p}.post_attention_layernorm"] + [f"{p}.{_BLOCK[t]}.{t}" for t in TARGETS]
+        if args.model_type in _QK_NORMED:
+            names += [f"{p}.self_attn.q_norm", f"{p}.self_attn.k_norm"]
+        if args.model_type in _SANDWICH_NORMED:
+            names += [f"{p}.pre_feedforward_layernorm", f"{p}.post_feedforward_layernorm"]
     return names
 
 
@@ -221,6 +245,10 @@ def _check_config(cfg, args: ModelArgs) -> dict:
         if want and got and got != want:
             raise _invalid(f"adapter_config.json '{key}' is {_show(cfg[key])} ({got} family) but the base model is "
                            f"{args.model_type!r}")
+    want_gen, got_gen = _generation(args.model_type, base=True), _generation(cfg.get("model_type"), base=False)
+    if want and want == _family(cfg.get("model_type")) and want_gen and got_gen and want_gen != got_gen:
+        raise _invalid(f"adapter_config.json 'model_type' is {_show(cfg['model_type'])} but the base model is "
+                       f"{args.model_type!r}")
     if cost + _check_targets(cfg, args) > _MAX_REGEX_PATHS:
         raise _too_many_regexes()
     return cfg

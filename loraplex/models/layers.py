@@ -37,10 +37,9 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def _rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = args.rope_scaling or {}
+def _rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -60,11 +59,16 @@ def _rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style (rotate-half) rotary embedding; cos/sin computed in float32 for each step's positions."""
+    """Neox-style (rotate-half) rotary embedding; cos/sin computed in float32 for each step's positions.
 
-    def __init__(self, args: ModelArgs):
+    `theta`/`scaling` default to the model's (`rope_theta`, `rope_scaling`); Gemma 3's sliding
+    layers pass their own (`local_rope_theta`, `local_rope_scaling`)."""
+
+    def __init__(self, args: ModelArgs, theta: float | None = None, scaling: dict | None = None):
         super().__init__()
-        self.register_buffer("inv_freq", _rope_inv_freq(args), persistent=False)
+        if theta is None:
+            theta, scaling = args.rope_theta, args.rope_scaling
+        self.register_buffer("inv_freq", _rope_inv_freq(args.head_dim, theta, scaling), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] → (cos, sin), each [T, 1, head_dim] in `dtype`, shared by every layer."""
@@ -138,23 +142,39 @@ class PackedLinear(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over the paged KV cache. `kv_cache` is bound by the model runner."""
+    """Self-attention over the paged KV cache. `kv_cache` is bound by the model runner.
 
-    def __init__(self, args: ModelArgs, layer_index: int):
+    Per layer: the sliding window (`args.sliding_windows[layer_index]`), the scale of q.k
+    (`args.attention_scale`, default head_dim ** -0.5) and the logit soft-cap (`args.attn_logit_softcap`).
+    `qk_norm_offset` not None adds Qwen 3 / Gemma 3's per-head RMSNorms of q and k (`q_norm`,
+    `k_norm`, over head_dim, with that RMSNorm offset), applied before the rotary embedding.
+    """
+
+    def __init__(self, args: ModelArgs, layer_index: int, qk_norm_offset: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.qkv_proj = PackedLinear(args.hidden_size, [args.q_size, args.kv_size, args.kv_size], args.attention_bias)
         self.o_proj = PackedLinear(args.q_size, [args.hidden_size], args.o_proj_bias)
-        self.scale = args.head_dim**-0.5
+        self.scale = args.attention_scale if args.attention_scale is not None else args.head_dim**-0.5
+        self.softcap = args.attn_logit_softcap
         self.sliding_window = args.sliding_windows[layer_index]
+        if qk_norm_offset is not None:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, qk_norm_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, qk_norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         heads = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(heads[:, : self.num_heads + self.num_kv_heads], rope)  # q and k in one pass
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = heads[:, self.num_heads + self.num_kv_heads :]
-        out = paged_attention(q, k, v, self.kv_cache, batch, self.scale, self.sliding_window)
+        if self.q_norm is None:
+            qk = apply_rotary(heads[:, : self.num_heads + self.num_kv_heads], rope)  # q and k in one pass
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q = apply_rotary(self.q_norm(heads[:, : self.num_heads]), rope)
+            k = apply_rotary(self.k_norm(heads[:, self.num_heads : self.num_heads + self.num_kv_heads]), rope)
+        out = paged_attention(q, k, v, self.kv_cache, batch, self.scale, self.sliding_window, self.softcap)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 

@@ -1,6 +1,7 @@
 """The Llama decoder, which also serves Mistral (sliding window) and Qwen2 (q/k/v bias) by config.
 
-Gemma subclasses it with its few deltas (`models/gemma.py`). Parameter names follow Hugging Face,
+Gemma, Qwen 3, Gemma 2 and Gemma 3 subclass it with their few deltas (`models/gemma.py`,
+`qwen3.py`, `gemma2.py`, `gemma3.py`). Parameter names follow Hugging Face,
 except that q/k/v and gate/up are packed into `qkv_proj` and `gate_up_proj` at load.
 """
 
@@ -29,37 +30,67 @@ PACKED_PROJECTIONS = {hf: (packed, i) for packed, hfs in PACKED_LINEARS.items() 
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_index: int, norm_offset: float, activation: str):
+    """Pre-norm residual block. With `family.sandwich_norms` (Gemma 2/3) the attention and MLP
+    outputs are normed again before their residual adds (`post_attention_layernorm`,
+    `post_feedforward_layernorm`) and the MLP input gets its own `pre_feedforward_layernorm`;
+    otherwise `post_attention_layernorm` is the MLP's input norm (Llama)."""
+
+    def __init__(self, args: ModelArgs, layer_index: int, family: type[LlamaForCausalLM]):
         super().__init__()
-        self.self_attn = Attention(args, layer_index)
-        self.mlp = GatedMLP(args, activation)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+        offset = family.norm_offset
+        self.self_attn = Attention(args, layer_index, offset if family.qk_norm else None)
+        self.mlp = GatedMLP(args, family.activation(args))
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset)
+        self.sandwich = family.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), rope, batch)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, batch))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class DecoderStack(nn.Module):
-    """HF's `model.*`: embeddings, layers, final norm."""
+    """HF's `model.*`: embeddings, layers, final norm; the rotary embedding(s)."""
 
-    def __init__(self, args: ModelArgs, norm_offset: float, activation: str):
+    def __init__(self, args: ModelArgs, family: type[LlamaForCausalLM]):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, norm_offset, activation) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, family) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, family.norm_offset)
         self.rotary = RotaryEmbedding(args)
+        # Gemma 3: the sliding layers' own RoPE base (and scaling)
+        self.local_rotary = (
+            RotaryEmbedding(args, args.local_rope_theta, args.local_rope_scaling)
+            if args.local_rope_theta is not None else None
+        )
 
 
 class LlamaForCausalLM(nn.Module):
+    """The decoder; a family is a subclass that sets these class attributes (and `activation`):
+
+    norm_offset: RMSNorm scales by (norm_offset + weight) in float32 when non-zero (Gemma: 1);
+    scales_embeddings: embeddings are multiplied by sqrt(hidden_size) (Gemma);
+    qk_norm: per-head RMSNorm of q and k before RoPE (Qwen 3, Gemma 3);
+    sandwich_norms: Gemma 2's extra norms around attention and MLP (see DecoderLayer).
+    Config-level differences (sliding windows, attention scale, soft-caps, per-layer RoPE) come
+    from ModelArgs.
+    """
+
     norm_offset = 0.0
     scales_embeddings = False
+    qk_norm = False
+    sandwich_norms = False
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = DecoderStack(args, self.norm_offset, self.activation(args))
+        self.model = DecoderStack(args, type(self))
         self.lm_head = PackedLinear(args.hidden_size, [args.vocab_size], bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -79,14 +110,18 @@ class LlamaForCausalLM(nn.Module):
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(x.dtype)
         rope = self.model.rotary(positions, x.dtype)
+        local_rope = self.model.local_rotary(positions, x.dtype) if self.model.local_rotary is not None else rope
         for layer in self.model.layers:
-            x = layer(x, rope, batch)
+            x = layer(x, local_rope if layer.self_attn.sliding_window else rope, batch)
         return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] (only the rows that sample) → logits [N, vocab] in the model dtype."""
-        return self.lm_head(self.model.norm(hidden))
+        """hidden: [N, hidden] (only the rows that sample) → logits [N, vocab] in the model dtype;
+        soft-capped (tanh(l / cap) * cap) when the config has a final_logit_softcap (Gemma 2)."""
+        logits = self.lm_head(self.model.norm(hidden))
+        cap = self.args.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

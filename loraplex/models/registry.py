@@ -11,6 +11,9 @@ _ARCHITECTURES = {
     "MistralForCausalLM": ("loraplex.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("loraplex.models.llama", "LlamaForCausalLM"),
     "GemmaForCausalLM": ("loraplex.models.gemma", "GemmaForCausalLM"),
+    "Qwen3ForCausalLM": ("loraplex.models.qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("loraplex.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("loraplex.models.gemma3", "Gemma3ForCausalLM"),
 }
 
 
