@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from loraplex import env
+from loraplex import config, env
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -62,7 +62,8 @@ def _server_options(args: argparse.Namespace):
         data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
         dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
-        max_finetunes_per_account=args.max_finetunes_per_account, adapter_host_cache_bytes=args.adapter_host_cache,
+        max_finetunes_per_account=args.max_finetunes_per_account, max_adapter_bytes=args.max_adapter_size,
+        adapter_host_cache_bytes=args.adapter_host_cache,
         adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
     )
 
@@ -167,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8787)
     serve.add_argument("--storage", default=None, help="object store URL: file:///… or s3://bucket/prefix")
     serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
-    serve.add_argument("--max-lora-rank", type=int, default=8)
+    serve.add_argument("--max-lora-rank", type=int, default=config.DEFAULT_MAX_LORA_RANK,
+                       help=f"adapters of higher rank are refused; also the slot rank (default {config.DEFAULT_MAX_LORA_RANK})")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--kv-cache-memory", type=_bytes_or_fraction, default=None,
                        help="KV cache: bytes, or a fraction (0, 1] of free memory (default: 0.25 of host, 0.9 of GPU)")
@@ -177,7 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter-disk-cache", type=_byte_size, default=4 << 30,
                        help="bytes of downloaded adapter files kept on local disk (default 4GiB)")
     serve.add_argument("--adapter-workers", type=int, default=2, help="threads downloading and parsing adapters")
-    serve.add_argument("--max-finetunes-per-account", type=int, default=30)
+    serve.add_argument("--max-finetunes-per-account", type=int, default=config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
+                       help="finetunes per account, whatever their state "
+                            f"(default {config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT})")
+    serve.add_argument("--max-adapter-size", type=_byte_size, default=config.DEFAULT_MAX_ADAPTER_BYTES,
+                       help=f"largest adapter_model.safetensors accepted, e.g. 500MB (default {config.DEFAULT_MAX_ADAPTER_BYTES})")
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")
 
