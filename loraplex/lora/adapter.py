@@ -48,7 +48,7 @@ _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _TENSOR_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[\w\-]+)?\.weight")
 # layer numbers as PEFT writes them: no leading zeros, ASCII digits only (int() accepts '٣' and 5000 digits)
 _MODULE_RE = re.compile(r"(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]{0,8})\.(?P<block>self_attn|mlp)\.\w+")
-_MAX_CONFIG_BYTES = 2**18  # PEFT writes ~1 KiB; rank_pattern and alpha_pattern for every module of 80 layers ~60 KiB
+MAX_CONFIG_BYTES = 2**18  # PEFT writes ~1 KiB; rank_pattern and alpha_pattern for every module of 80 layers ~60 KiB
 _NAME_LEN = 64  # longer than any module name a config regex is matched against (base names, _MODULE_RE keys)
 # a tenant's layers_pattern inside a group of its own: a top-level `|` in it must not split the
 # whole expression (one branch would match without the layer index)
@@ -339,7 +339,7 @@ def check_config_file(file: Path, args: ModelArgs) -> dict:
     """Read and validate an adapter_config.json on its own (no weights needed): size, JSON, every
     key's value, targets and regexes for the base model `args`. Returns the config with defaults
     filled in; raises AdapterError (5004) naming the offending key."""
-    data = _read_file(file, _MAX_CONFIG_BYTES)
+    data = _read_file(file, MAX_CONFIG_BYTES)
     try:
         cfg = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
