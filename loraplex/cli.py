@@ -109,7 +109,11 @@ def _finetunes(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "create":
         print_json(client.create_finetune(args.model, args.name, Path(args.folder), args.description, args.public))
-    else:
+    elif args.action == "get":
+        print_json(client.get_finetune(args.finetune))
+    elif args.action == "delete":
+        print_json(client.delete_finetune(args.finetune))
+    else:  # list: one JSON line per finetune, with its state (pending | ready | invalid) and state_reason
         for finetune in client.list_finetunes():
             print_json(finetune)
     return 0
@@ -193,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     accounts_sub.add_parser("list", parents=[data_dir])
 
-    finetunes = sub.add_parser("finetunes", help="upload and list finetunes (client)")
+    finetunes = sub.add_parser("finetunes", help="upload, list, show and delete finetunes (client)")
     finetunes_sub = finetunes.add_subparsers(dest="action", required=True)
     ft_create = finetunes_sub.add_parser("create", parents=[url], help="upload a PEFT folder as a finetune")
     ft_create.add_argument("model")
@@ -201,7 +205,11 @@ def _parser() -> argparse.ArgumentParser:
     ft_create.add_argument("folder")
     ft_create.add_argument("--description", default="")
     ft_create.add_argument("--public", action="store_true")
-    finetunes_sub.add_parser("list", parents=[url])
+    finetunes_sub.add_parser("list", parents=[url], help="one JSON line per finetune, with its state (pending | ready | invalid) and why")
+    ft_get = finetunes_sub.add_parser("get", parents=[url], help="one finetune, with its state and assets (JSON)")
+    ft_get.add_argument("finetune", help="id or name")
+    ft_delete = finetunes_sub.add_parser("delete", parents=[url], help="delete a finetune and its files")
+    ft_delete.add_argument("finetune", help="id or name")
 
     run = sub.add_parser("run", parents=[url], help="run a prompt on the server (client)")
     run.add_argument("model")
