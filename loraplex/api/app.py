@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from loraplex.api import finetunes, openai, workers_ai
 from loraplex.api.context import ApiContext
@@ -61,15 +61,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
     install_error_handlers(app)
     for router in (workers_ai.router, finetunes.router, openai.router):
         app.include_router(router, prefix=API_PREFIX)
-    (upload_route,) = [r for r in app.router.routes if getattr(r, "endpoint", None) is finetunes.upload_asset]
+    (upload,) = [r for r in finetunes.router.routes if getattr(r, "endpoint", None) is finetunes.upload_asset]
+    upload_path, upload_methods = compile_path(API_PREFIX + upload.path)[0], upload.methods
 
     def body_limit(scope) -> int:
-        """The upload limit for the route that will serve the request if that is the asset upload,
-        else the JSON limit: decided by Starlette's own route matching, never by the raw path."""
-        for route in app.router.routes:
-            match, _ = route.matches(scope)
-            if match is Match.FULL:
-                return ctx.limits.max_upload_body_bytes if route is upload_route else ctx.limits.max_json_body_bytes
+        """The upload limit for a request the asset-upload route will serve (its method and path
+        template, matched as Starlette's router matches it), else the JSON limit: never chosen
+        by what the raw path ends with."""
+        if scope.get("method") in upload_methods and upload_path.fullmatch(scope["path"]):
+            return ctx.limits.max_upload_body_bytes
         return ctx.limits.max_json_body_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
