@@ -22,6 +22,7 @@ Contracts:
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 import threading
@@ -81,10 +82,11 @@ def check_file_name(file_name: object) -> str:
     return file_name
 
 
-def _stage(src: BinaryIO, folder: Path, file_name: str, limit: int) -> tuple[Path, int, str]:
-    """Copy the upload into a fresh folder under `folder`, as `file_name`, while hashing it;
-    413 / 3006 past `limit` bytes. The caller removes the staged file's folder."""
-    staged = folder / f"upload-{uuid.uuid4().hex}" / file_name
+def _stage(ctx: ApiContext, src: BinaryIO, file_name: str, limit: int) -> tuple[Path, int, str]:
+    """Copy the upload into a fresh folder under the upload dir, as `file_name`, while hashing it;
+    413 / 3006 past `limit` bytes (saying so when the part received holds full-weight modules).
+    The caller removes the staged file's folder."""
+    staged = ctx.upload_dir / f"upload-{uuid.uuid4().hex}" / file_name
     staged.parent.mkdir(parents=True)
     digest, size = hashlib.sha256(), 0
     try:
@@ -92,13 +94,38 @@ def _stage(src: BinaryIO, folder: Path, file_name: str, limit: int) -> tuple[Pat
             while chunk := src.read(CHUNK_SIZE):
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(3006, f"{file_name} too large: the limit is {limit} bytes", 413)
+                    out.close()
+                    raise ApiError(3006, f"{file_name} too large: the limit is {limit} bytes"
+                                   + _full_weight_hint(ctx, staged), 413)
                 digest.update(chunk)
                 out.write(chunk)
     except BaseException:
         shutil.rmtree(staged.parent, ignore_errors=True)
         raise
     return staged, size, digest.hexdigest()
+
+
+def _full_weight_tensors(names) -> list[str]:
+    """Names of tensors that are whole modules (PEFT's modules_to_save), not LoRA factors."""
+    return [n for n in names if "modules_to_save" in n.split(".") or n.endswith(("lm_head.weight", "embed_tokens.weight"))]
+
+
+def _full_weight_hint(ctx: ApiContext, partial: Path) -> str:
+    """Why a weights file is so large, read from the header of the part received: full-weight
+    modules (modules_to_save) are the usual cause, and are not supported anyway. '' otherwise."""
+    if partial.name != WEIGHTS_FILE:
+        return ""
+    try:
+        with open(partial, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= max_header_bytes(ctx.model_args):
+                return ""
+            names = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return ""
+    full = _full_weight_tensors(names) if isinstance(names, dict) else []
+    return (f"; it holds full-weight tensors ({', '.join(full[:3])[:300]}): modules_to_save is not supported, "
+            "save the adapter without it") if full else ""
 
 
 def _check_alone(ctx: ApiContext, file_name: str, staged: Path, size: int) -> None:
@@ -115,6 +142,9 @@ def _check_alone(ctx: ApiContext, file_name: str, staged: Path, size: int) -> No
         raise invalid(f"adapter_model.safetensors is corrupt: {e}") from None
     if not tensors:
         raise invalid("adapter_model.safetensors holds no tensors")
+    if full := _full_weight_tensors(tensors):
+        raise invalid(f"adapter_model.safetensors holds full-weight tensors ({', '.join(full[:3])[:300]}): "
+                      "modules_to_save is not supported, save the adapter without it")
 
 
 def _check_pair(ctx: ApiContext, finetune: Finetune, file_name: str, staged: Path) -> None:
@@ -143,7 +173,7 @@ def store_asset(ctx: ApiContext, account_id: str, finetune: Finetune, file_name:
         raise _immutable(file_name)
     limit = ctx.limits.max_config_bytes if file_name == CONFIG_FILE else ctx.limits.max_adapter_bytes
     try:
-        staged, size, sha256 = _stage(src, ctx.upload_dir, file_name, limit)
+        staged, size, sha256 = _stage(ctx, src, file_name, limit)
     except ApiError as e:
         record_refusal(ctx, account_id, finetune.id, file_name, e)
         raise
