@@ -94,6 +94,7 @@ def _stage(ctx: ApiContext, src: BinaryIO, file_name: str, limit: int) -> tuple[
             while chunk := src.read(CHUNK_SIZE):
                 size += len(chunk)
                 if size > limit:
+                    out.write(chunk[: len(chunk) - (size - limit)])  # up to the limit: its header explains
                     out.close()
                     raise ApiError(3006, f"{file_name} too large: the limit is {limit} bytes"
                                    + _full_weight_hint(ctx, staged), 413)
