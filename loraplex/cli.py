@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from loraplex import env
+from loraplex import config, env
 from loraplex.config import DEFAULT_HOST, DEFAULT_PORT
 from loraplex.logs import LOG_FORMATS
 
@@ -72,7 +72,8 @@ def _server_options(args: argparse.Namespace):
         data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
         dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
-        max_finetunes_per_account=args.max_finetunes_per_account, adapter_host_cache_bytes=args.adapter_host_cache,
+        max_finetunes_per_account=args.max_finetunes_per_account, max_adapter_bytes=args.max_adapter_size,
+        adapter_host_cache_bytes=args.adapter_host_cache,
         adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
         admin_token=env.admin_token(),
     )
@@ -130,7 +131,11 @@ def _finetunes(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "create":
         print_json(client.create_finetune(args.model, args.name, Path(args.folder), args.description, args.public))
-    else:
+    elif args.action == "get":
+        print_json(client.get_finetune(args.finetune))
+    elif args.action == "delete":
+        print_json(client.delete_finetune(args.finetune))
+    else:  # list: one JSON line per finetune, with its state (pending | ready | invalid) and state_reason
         for finetune in client.list_finetunes():
             print_json(finetune)
     return 0
@@ -208,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--storage", default=None, help="object store URL: file:///… or s3://bucket/prefix")
     serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
-    serve.add_argument("--max-lora-rank", type=int, default=8)
+    serve.add_argument("--max-lora-rank", type=int, default=config.DEFAULT_MAX_LORA_RANK,
+                       help=f"adapters of higher rank are refused; also the slot rank (default {config.DEFAULT_MAX_LORA_RANK})")
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--kv-cache-memory", type=_bytes_or_fraction, default=None,
                        help="KV cache: bytes, or a fraction (0, 1] of free memory (default: 0.25 of host, 0.9 of GPU)")
@@ -218,7 +224,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter-disk-cache", type=_byte_size, default=4 << 30,
                        help="bytes of downloaded adapter files kept on local disk (default 4GiB)")
     serve.add_argument("--adapter-workers", type=int, default=2, help="threads downloading and parsing adapters")
-    serve.add_argument("--max-finetunes-per-account", type=int, default=30)
+    serve.add_argument("--max-finetunes-per-account", type=int, default=config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
+                       help="finetunes per account, whatever their state "
+                            f"(default {config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT})")
+    serve.add_argument("--max-adapter-size", type=_byte_size, default=config.DEFAULT_MAX_ADAPTER_BYTES,
+                       help=f"largest adapter_model.safetensors accepted, e.g. 500MB (default {config.DEFAULT_MAX_ADAPTER_BYTES})")
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
@@ -230,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     accounts_sub.add_parser("list", parents=[data_dir])
 
-    finetunes = sub.add_parser("finetunes", help="upload and list finetunes (client)")
+    finetunes = sub.add_parser("finetunes", help="upload, list, show and delete finetunes (client)")
     finetunes_sub = finetunes.add_subparsers(dest="action", required=True)
     ft_create = finetunes_sub.add_parser("create", parents=[url], help="upload a PEFT folder as a finetune")
     ft_create.add_argument("model")
@@ -238,7 +248,11 @@ def _parser() -> argparse.ArgumentParser:
     ft_create.add_argument("folder")
     ft_create.add_argument("--description", default="")
     ft_create.add_argument("--public", action="store_true")
-    finetunes_sub.add_parser("list", parents=[url])
+    finetunes_sub.add_parser("list", parents=[url], help="one JSON line per finetune, with its state (pending | ready | invalid) and why")
+    ft_get = finetunes_sub.add_parser("get", parents=[url], help="one finetune, with its state and assets (JSON)")
+    ft_get.add_argument("finetune", help="id or name")
+    ft_delete = finetunes_sub.add_parser("delete", parents=[url], help="delete a finetune and its files")
+    ft_delete.add_argument("finetune", help="id or name")
 
     run = sub.add_parser("run", parents=[url], help="run a prompt on the server (client)")
     run.add_argument("model")

@@ -1,4 +1,4 @@
-"""The client commands (`loraplex finetunes create|list`, `loraplex run`), in wrangler's spirit:
+"""The client commands (`loraplex finetunes create|list|get|delete`, `loraplex run`), in wrangler's spirit:
 they talk to a loraplex server over its Workers AI API, as any tenant would."""
 
 from __future__ import annotations
@@ -69,18 +69,41 @@ class Client:
         return body
 
     def create_finetune(self, model: str, name: str, folder: Path, description: str = "", public: bool = False) -> dict:
-        """Refuses (before any call) unless both PEFT files are in `folder`."""
+        """Create the finetune and send both files; returns it as the server has it afterwards.
+        Refuses (before any call) unless both PEFT files are in `folder`. Run again after a
+        refusal: an account's finetune of that name that is not ready yet (pending or invalid)
+        for the same model is resumed, both files sent again (the server replaces them)."""
         missing = [f for f in Registry.REQUIRED_FILES if not (folder / f).is_file()]
         if missing:
             raise ClientError(f"{folder} is missing {', '.join(missing)}: a finetune needs "
                               + " and ".join(Registry.REQUIRED_FILES))
-        finetune = self._call("POST", "/finetunes", json={"model": model, "name": name, "description": description,
-                                                           "public": public})
+        finetune = self._unready_finetune(model, name)
+        if finetune is None:
+            finetune = self._call("POST", "/finetunes", json={"model": model, "name": name,
+                                                               "description": description, "public": public})
         for file_name in Registry.REQUIRED_FILES:
             with open(folder / file_name, "rb") as f:
-                self._call("POST", f"/finetunes/{finetune['id']}/finetune-assets",
-                           data={"file_name": file_name}, files={"file": (file_name, f)})
-        return finetune
+                try:
+                    self._call("POST", f"/finetunes/{finetune['id']}/finetune-assets",
+                               data={"file_name": file_name}, files={"file": (file_name, f)})
+                except ClientError as e:
+                    raise ClientError(f"{e}\nfinetune {name!r} (id {finetune['id']}) is not usable yet: fix "
+                                      f"{folder / file_name} and run the same command again, or delete it with "
+                                      f"`loraplex finetunes delete {finetune['id']}`") from None
+        return self.get_finetune(finetune["id"])
+
+    def _unready_finetune(self, model: str, name: str) -> dict | None:
+        """The account's finetune `name` if it exists for `model` and is not ready, else None."""
+        for finetune in self.list_finetunes():
+            if finetune["name"] == name and finetune["model"] == model and finetune.get("state") != "ready":
+                return finetune
+        return None
+
+    def get_finetune(self, id_or_name: str) -> dict:
+        return self._call("GET", f"/finetunes/{quote(id_or_name, safe='')}")
+
+    def delete_finetune(self, id_or_name: str) -> dict:
+        return self._call("DELETE", f"/finetunes/{quote(id_or_name, safe='')}")
 
     def list_finetunes(self) -> list[dict]:
         """All of the account's finetunes, every page of the listing."""

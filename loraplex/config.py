@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 DEFAULT_HOST = "127.0.0.1"  # `loraplex serve` binds here, and the client commands call it
 DEFAULT_PORT = 8787
 DEFAULT_DATA_DIR = "~/.local/share/loraplex"  # when LORAPLEX_DATA_DIR is not set (see env.data_dir)
+# Workers AI's published limits for LoRA finetunes (rank, file size, finetunes per account): the
+# defaults of `loraplex serve` and of the offline LLM, each configurable. MAX_LORA_RANK is also
+# the device slot rank (slots are zero-padded to it), so it sizes slot memory and LoRA compute.
+DEFAULT_MAX_LORA_RANK = 32
+DEFAULT_MAX_ADAPTER_BYTES = 300 * 10**6  # adapter_model.safetensors, at most
+DEFAULT_MAX_FINETUNES_PER_ACCOUNT = 100  # every finetune counts, whatever its state
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     max_loras: int = 8  # device slots
-    max_lora_rank: int = 8  # slot rank; adapters of higher rank are refused
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK  # slot rank; adapters of higher rank are refused
     host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory (pinned ones may exceed it)
     disk_cache_bytes: int = 4 << 30  # adapter files downloaded from the store, kept on local disk
     storage_url: str | None = None  # object store of tenants' adapters: file:///… or s3://bucket/prefix

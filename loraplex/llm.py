@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loraplex.adapters.storage import ObjectStore
-from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.config import DEFAULT_MAX_LORA_RANK, CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.engine.engine import LLMEngine
 
@@ -24,7 +24,7 @@ class LLM:
         model: str,
         *,
         max_loras: int = 8,
-        max_lora_rank: int = 8,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: int | None = None,

@@ -355,9 +355,9 @@ def test_scaled_overflow(bad, llama_args):
 
 def test_file_size_checked_before_reading(bad, llama_args):
     refused(bad, llama_args, 5004, "over the limit of 100", max_file_bytes=100)
-    with open(bad / WEIGHTS, "r+b") as f:  # a sparse 200 MiB file: refused from stat alone
-        f.truncate(200 * 2**20)
-    refused(bad, llama_args, 5004, str(200 * 2**20))
+    with open(bad / WEIGHTS, "r+b") as f:  # a sparse 400 MiB file (over the 300 MB default): refused from stat alone
+        f.truncate(400 * 2**20)
+    refused(bad, llama_args, 5004, str(400 * 2**20))
 
 
 # ---------------------------------------------------------------- corrupt safetensors (5004)

@@ -15,6 +15,7 @@ from openai import OpenAI
 
 from api_server import LiveServer, server_options
 from loraplex import LLM, SamplingParams
+from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 from tiny_models import make_peft_adapter, make_tiny_model
 
 MODEL = "@cf/test/tiny-llama"  # slashes: the Cloudflare SDK sends them %2F-encoded
@@ -31,14 +32,14 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapters(model_dir, tmp_path_factory):
-    """name → PEFT folder: two servable adapters and one of rank 16 (over the server's limit of 8)."""
+    """name → PEFT folder: two servable adapters and one of rank 40 (over the server's default limit of 32)."""
     import transformers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     root = tmp_path_factory.mktemp("adapters")
     specs = {"all-linear": dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
              "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-             "rank16": dict(r=16, lora_alpha=16, target_modules=["q_proj"])}
+             "rank40": dict(r=40, lora_alpha=16, target_modules=["q_proj"])}
     for seed, (name, spec) in enumerate(specs.items()):
         make_peft_adapter(base, root / name, seed=seed, **spec)
     return {name: root / name for name in specs}
@@ -142,8 +143,9 @@ def test_finetune_listing_and_fields(server, alice, alice_finetunes):
         listed = client.get(f"/accounts/{account_id}/ai/finetunes").json()["result"]
         assert {f["name"] for f in listed} == {"all-linear", "qv"}
         for f in listed:
-            assert set(f) == {"id", "name", "model", "description", "public", "created_at", "modified_at"}
-            assert f["model"] == MODEL and f["public"] is False
+            assert set(f) == {"id", "name", "model", "description", "public", "created_at", "modified_at", "state",
+                              "state_reason"}
+            assert f["model"] == MODEL and f["public"] is False and f["state"] == "ready"
         one = client.get(f"/accounts/{account_id}/ai/finetunes/qv").json()["result"]
         assert one["id"] == alice_finetunes["qv"] and one["state"] == "ready"
         assert {a["file_name"] for a in one["assets"]} == {"adapter_config.json", "adapter_model.safetensors"}
@@ -274,8 +276,8 @@ def test_finetune_errors(server, adapters):
         ok = client.post(f"{base}/{half['id']}/finetune-assets", data={"file_name": "adapter_config.json"}, files=files)
         assert ok.status_code == 200 and ok.json()["success"] is True
         again = client.post(f"{base}/{half['id']}/finetune-assets", data={"file_name": "adapter_config.json"},
-                            files=files)
-        assert_error(again, 400, 5004, "immutable")
+                            files=files)  # not ready yet: a re-sent file replaces the stored one
+        assert again.status_code == 200 and again.json()["success"] is True
         assert_error(client.post(run, json={"prompt": "x", "lora": "half"}), 400, 3039, "adapter_model.safetensors")
         for bad_name in ("../adapter_config.json", "/etc/passwd", "weights.bin"):
             r = client.post(f"{base}/{half['id']}/finetune-assets", data={"file_name": bad_name}, files=files)
@@ -285,12 +287,12 @@ def test_finetune_errors(server, adapters):
         big = client.post(base, json={"model": MODEL, "name": "big"}).json()["result"]
         for file_name in ("adapter_config.json", "adapter_model.safetensors"):
             r = client.post(f"{base}/{big['id']}/finetune-assets", data={"file_name": file_name},
-                            files={"file": (file_name, (adapters["rank16"] / file_name).read_bytes())})
-        assert_error(r, 400, 5004, "rank 16")
-        assert client.get(f"{base}/big").json()["result"]["state"] == "pending"
+                            files={"file": (file_name, (adapters["rank40"] / file_name).read_bytes())})
+        assert_error(r, 400, 5004, "rank 40")
+        assert client.get(f"{base}/big").json()["result"]["state"] == "invalid"
 
-        # the per-account limit (30): 28 more fit, the 31st is refused
-        for i in range(28):
+        # the per-account limit (100 by default): 98 more fit, the 101st is refused
+        for i in range(DEFAULT_MAX_FINETUNES_PER_ACCOUNT - 2):
             assert client.post(base, json={"model": MODEL, "name": f"n{i}"}).status_code == 200
         assert_error(client.post(base, json={"model": MODEL, "name": "one-too-many"}), 429, 3036)
         assert client.delete(f"{base}/n0").status_code == 200

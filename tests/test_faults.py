@@ -358,7 +358,8 @@ def _requests_during_outage(s3: S3Server, server: LiveServer, tenant: Tenant, na
         with tenant.client(server.url) as client:
             created = client.post("/finetunes", json={"model": MODEL, "name": "during-outage"}).json()["result"]
             results["pending_finetune"] = created["id"]
-            results["upload"] = upload_asset(client, created["id"], FILES[0], b'{"r": 4}')
+            results["upload"] = upload_asset(client, created["id"], FILES[0],  # a valid config (checked alone)
+                                             b'{"r": 4, "target_modules": ["q_proj"]}')
     finally:
         for thread in threads[1:]:
             thread.join(timeout=60)

@@ -644,7 +644,7 @@ def test_json_heavy_files_stay_within_memory(args, seeds, tmp_path, where, size)
     else:
         weights = st_file(dumps(Pairs([("__metadata__", {}), ("x", filler)])).encode(), b"")
     result = run_load(Workdir(tmp_path), args, TensorSpy(), cfg, weights)
-    loads = where == "config" and len(cfg) <= adapter_module._MAX_CONFIG_BYTES  # an unknown key is ignored
+    loads = where == "config" and len(cfg) <= adapter_module.MAX_CONFIG_BYTES  # an unknown key is ignored
     assert isinstance(result, LoraAdapter) == loads, result
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 from loraplex.adapters.registry import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -141,9 +142,9 @@ def test_name_unique_per_account(reg):
     assert reg.create_finetune(alice, "Shared", MODEL).name == "Shared"  # names are case-sensitive
 
 
-@pytest.mark.parametrize("limit", [30, 3])
+@pytest.mark.parametrize("limit", [DEFAULT_MAX_FINETUNES_PER_ACCOUNT, 3])
 def test_finetune_limit(db_path, limit):
-    kwargs = {} if limit == 30 else {"max_finetunes_per_account": limit}
+    kwargs = {} if limit == DEFAULT_MAX_FINETUNES_PER_ACCOUNT else {"max_finetunes_per_account": limit}
     reg = Registry(db_path, **kwargs)
     alice, _ = reg.create_account("alice")
     bob, _ = reg.create_account("bob")
@@ -281,7 +282,7 @@ def test_migration_from_v1(db_path):
     conn.close()
 
     with Registry(db_path) as reg:
-        assert reg.schema_version == SCHEMA_VERSION == 2
+        assert reg.schema_version == SCHEMA_VERSION == 3
         assert reg.authenticate("old-token") == "acct"
         assert reg.resolve_usable("acct", "complete").state == "ready"
         err = expect(3039, 400, reg.resolve_usable, "acct", "half")
@@ -289,7 +290,7 @@ def test_migration_from_v1(db_path):
         assert reg.get_finetune("acct", "f-half").created_at == now
         assert upload(reg, "acct", "f-half", CONFIG).state == "ready"  # the upgraded file is writable
         columns = {r[1] for r in reg._conn().execute("PRAGMA table_info(finetunes)")}
-        assert "state" in columns
+        assert {"state", "invalid_reason"} <= columns
     with Registry(db_path) as reg:  # reopening an up-to-date file is a no-op
         assert reg.schema_version == SCHEMA_VERSION
 

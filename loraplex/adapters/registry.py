@@ -17,8 +17,11 @@ Contracts:
   `close()` only when no call is in flight.
 - Tenancy: an account sees its own finetunes (by id or name) and other accounts' *public* ones by
   id only. Another account's private finetune is reported as not found (3037), never as
-  forbidden, so its existence is not revealed. Public finetunes are read-only to non-owners
-  (10000, status 403).
+  forbidden, so its existence is not revealed. A name only other accounts' *public* finetunes
+  carry is a 3037 that says to use the id (public finetunes are listed to everyone anyway).
+  Public finetunes are read-only to non-owners (10000, status 403).
+- Limit: every finetune counts against `max_finetunes_per_account`, whatever its state (pending
+  and invalid ones hold rows and objects too); the refusal says how many are not ready.
 - Secrets: the raw token is returned once by `create_account` / `create_token`; only its SHA-256
   is stored.
 - Names, ids and every other value reach SQL as parameters, never formatted into the SQL text.
@@ -42,6 +45,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
+
+from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 
 __all__ = ["Asset", "Finetune", "Registry", "RegistryError", "RegistrySchemaError", "MIGRATIONS"]
 
@@ -94,8 +99,9 @@ class Finetune:
     public: bool
     created_at: str  # ISO 8601 UTC, "2026-11-23T18:00:00.000000Z"
     modified_at: str
-    state: str  # "pending" (not all REQUIRED_FILES yet) | "ready"
+    state: str  # "pending" (not all REQUIRED_FILES yet) | "ready" | "invalid" (its last upload was refused)
     assets: dict[str, Asset]  # file name → Asset
+    state_reason: str | None = None  # why it is "invalid": the refusal's message; None otherwise
 
     @property
     def missing_files(self) -> tuple[str, ...]:
@@ -107,6 +113,8 @@ class Finetune:
 # Each migration is a list of single statements (executescript would commit the open transaction).
 # v1: accounts, tokens, finetunes, assets; a finetune's readiness was derived from its assets.
 # v2: readiness materialized as finetunes.state (backfilled), plus an index for list_public.
+# v3: invalid_reason: set when an upload to a not-yet-ready finetune is refused (shown as state
+#     "invalid"), cleared by its next accepted upload.
 MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE accounts (
@@ -149,6 +157,9 @@ MIGRATIONS: list[list[str]] = [
              AND a.file_name IN ('adapter_config.json', 'adapter_model.safetensors')) = 2""",
         "CREATE INDEX finetunes_public ON finetunes(public, created_at)",
     ],
+    [
+        "ALTER TABLE finetunes ADD COLUMN invalid_reason TEXT",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -179,9 +190,19 @@ def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
     return value
 
 
+# names a URL path cannot carry as a finetune: dot segments (clients and proxies resolve them away)
+# and the fixed segment of GET …/finetunes/public
+_UNADDRESSABLE_NAMES = {".": "a dot segment", "..": "a dot segment", "public": "the route …/finetunes/public"}
+
+
 def _check_name(name: object) -> str:
+    """1-64 of [A-Za-z0-9._-] (URL-safe as they are), and not a name that would not reach the
+    finetune as a URL path segment."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise _invalid("finetune name must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+    if name in _UNADDRESSABLE_NAMES:
+        raise _invalid(f"finetune name {name!r} cannot be used: in a URL path it is {_UNADDRESSABLE_NAMES[name]}, so "
+                       "the finetune could not be addressed by name; choose another name")
     return name
 
 
@@ -209,7 +230,8 @@ class Registry:
 
     REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-    def __init__(self, path: Path, *, max_finetunes_per_account: int = 30, busy_timeout_s: float = 10.0):
+    def __init__(self, path: Path, *, max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
+                 busy_timeout_s: float = 10.0):
         """Open (creating if needed) the registry file at `path` and migrate it to SCHEMA_VERSION.
         Raises RegistrySchemaError when the file's schema is newer than this code knows."""
         if isinstance(max_finetunes_per_account, bool) or not isinstance(max_finetunes_per_account, int) \
@@ -369,13 +391,19 @@ class Registry:
         now = _now()
         with self._write() as conn:
             self._require_account(conn, account_id)
-            (count,) = conn.execute("SELECT count(*) FROM finetunes WHERE account_id = ?", (account_id,)).fetchone()
+            (count, unready) = conn.execute("SELECT count(*), coalesce(sum(state != 'ready'), 0) FROM finetunes"
+                                            " WHERE account_id = ?", (account_id,)).fetchone()
             if count >= self.max_finetunes_per_account:
-                raise RegistryError(3036, f"account limited: at most {self.max_finetunes_per_account} "
-                                          "finetunes per account; delete one first")
-            if conn.execute("SELECT 1 FROM finetunes WHERE account_id = ? AND name = ?",
-                            (account_id, name)).fetchone():
-                raise _invalid(f"a finetune named {name!r} already exists in this account")
+                raise RegistryError(3036, f"account limited: at most {self.max_finetunes_per_account} finetunes per "
+                                          f"account, whatever their state ({unready} of yours are pending or invalid); "
+                                          "delete one first")
+            existing = conn.execute("SELECT id FROM finetunes WHERE account_id = ? AND name = ?",
+                                    (account_id, name)).fetchone()
+            if existing:
+                same = self._load(conn, existing[0])
+                hint = ("" if same.state == "ready" else
+                        f"; it is {same.state}: send the missing or corrected files to it, or delete it first")
+                raise _invalid(f"a finetune named {name!r} already exists in this account (id {same.id}){hint}")
             conn.execute(
                 "INSERT INTO finetunes (id, account_id, name, model, description, public, created_at,"
                 " modified_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
@@ -399,20 +427,24 @@ class Registry:
             return self._load(conn, self._find(conn, account_id, id_or_name))
 
     def resolve_usable(self, account_id: str, id_or_name: str) -> Finetune:
-        """Like get_finetune, but the finetune must be "ready": a pending one → 3039 (status 400)
-        naming the missing files. This is what inference calls before using an adapter."""
+        """Like get_finetune, but the finetune must be "ready": a pending or invalid one → 3039
+        (status 400) naming the missing files (and why the last upload was refused). This is what
+        inference calls before using an adapter."""
         finetune = self.get_finetune(account_id, id_or_name)
         if finetune.state != "ready":
             missing = ", ".join(finetune.missing_files) or "unknown"
-            raise RegistryError(3039, f"finetune {finetune.name!r} is missing files: {missing}")
+            why = f" (invalid: {finetune.state_reason})" if finetune.state_reason else ""
+            raise RegistryError(3039, f"finetune {finetune.name!r} is missing files: {missing}{why}")
         return finetune
 
     def add_asset(self, account_id: str, finetune_id: str, file_name: str, size: int, sha256: str,
-                  object_key: str) -> Finetune:
+                  object_key: str, replace: bool = False) -> Finetune:
         """Record an uploaded file of the account's own finetune and return the updated finetune.
-        Assets are immutable: a second upload of the same file name → 5004, as is a file name
-        outside REQUIRED_FILES or a malformed size/sha256/object_key. The asset row, the switch to
-        "ready" (once every required file is present) and the modified_at bump commit together.
+        A second upload of the same file name → 5004, unless `replace` and the finetune is not
+        ready yet (then the row is replaced; the caller deletes the old object if unused): assets
+        of a ready finetune are immutable. 5004 too for a file name outside REQUIRED_FILES or a
+        malformed size/sha256/object_key. The asset row, the switch to "ready" (once every
+        required file is present), clearing "invalid" and the modified_at bump commit together.
         Another account's finetune: 3037 if private, 10000 (status 403) if public."""
         if file_name not in self.REQUIRED_FILES:
             raise _invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
@@ -426,11 +458,23 @@ class Registry:
             finetune_id = self._find_owned(conn, account_id, finetune_id)
             if conn.execute("SELECT 1 FROM assets WHERE finetune_id = ? AND file_name = ?",
                             (finetune_id, file_name)).fetchone():
-                raise _invalid(f"{file_name} was already uploaded for this finetune; assets are immutable")
+                (state,) = conn.execute("SELECT state FROM finetunes WHERE id = ?", (finetune_id,)).fetchone()
+                if not replace or state == "ready":
+                    raise _invalid(f"{file_name} was already uploaded for this finetune; assets are immutable"
+                                   + (" once it is ready" if replace else ""))
+                conn.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (finetune_id, file_name))
             conn.execute("INSERT INTO assets (finetune_id, file_name, size, sha256, object_key, created_at)"
                          " VALUES (?, ?, ?, ?, ?, ?)", (finetune_id, file_name, size, sha256, object_key, _now()))
             self._refresh_state(conn, finetune_id)
             return self._load(conn, finetune_id)
+
+    def mark_invalid(self, account_id: str, finetune_id: str, reason: str) -> None:
+        """Record why an upload to the account's own finetune was refused: it shows as "invalid"
+        with `reason` (cut to 1000 characters) until its next accepted upload. A ready finetune
+        keeps its state (nothing of it changed); an unknown or deleted one is ignored."""
+        with self._write() as conn:
+            conn.execute("UPDATE finetunes SET invalid_reason = ?, modified_at = ? WHERE id = ? AND account_id = ?"
+                         " AND state != 'ready'", (str(reason)[:1000], _now(), finetune_id, account_id))
 
     def delete_finetune(self, account_id: str, id_or_name: str) -> Finetune:
         """Delete the account's own finetune (by id or name) with its asset rows; returns what was
@@ -452,7 +496,8 @@ class Registry:
         """Inside add_asset's transaction: bump modified_at; "ready" once every required file is in."""
         present = {r[0] for r in conn.execute("SELECT file_name FROM assets WHERE finetune_id = ?", (finetune_id,))}
         state = "ready" if present.issuperset(self.REQUIRED_FILES) else "pending"
-        conn.execute("UPDATE finetunes SET state = ?, modified_at = ? WHERE id = ?", (state, _now(), finetune_id))
+        conn.execute("UPDATE finetunes SET state = ?, invalid_reason = NULL, modified_at = ? WHERE id = ?",
+                     (state, _now(), finetune_id))
 
     def _find(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
         """Id of the finetune `account_id` may read as `id_or_name`, else 3037."""
@@ -464,6 +509,10 @@ class Registry:
             "UNION ALL SELECT id, 2 FROM finetunes WHERE public = 1 AND id = ? ORDER BY rank LIMIT 1",
             (account_id, id_or_name, account_id, id_or_name, id_or_name)).fetchone()
         if row is None:
+            if conn.execute("SELECT 1 FROM finetunes WHERE public = 1 AND name = ? LIMIT 1", (id_or_name,)).fetchone():
+                raise RegistryError(3037, f"finetune {id_or_name[:100]!r} not found in this account; another "
+                                          "account's public finetune is addressed by its id (GET …/finetunes/public "
+                                          "lists them)")
             raise _not_found(id_or_name)
         return row[0]
 
@@ -475,7 +524,8 @@ class Registry:
             raise RegistryError(10000, "forbidden: only the owning account can modify this finetune", 403)
         return finetune_id
 
-    _COLUMNS = "f.id, f.account_id, f.name, f.model, f.description, f.public, f.created_at, f.modified_at, f.state"
+    _COLUMNS = ("f.id, f.account_id, f.name, f.model, f.description, f.public, f.created_at, f.modified_at, f.state,"
+                " f.invalid_reason")
 
     def _load(self, conn: sqlite3.Connection, finetune_id: str) -> Finetune:
         found = self._load_many(conn, "f.id = ?", (finetune_id,))
@@ -493,4 +543,5 @@ class Registry:
                 f"JOIN finetunes f ON f.id = a.finetune_id WHERE {where} ORDER BY a.file_name", params):
             assets[fid][file_name] = Asset(file_name, size, sha256, object_key)
         return [Finetune(id=r[0], account_id=r[1], name=r[2], model=r[3], description=r[4], public=bool(r[5]),
-                         created_at=r[6], modified_at=r[7], state=r[8], assets=assets[r[0]]) for r in rows]
+                         created_at=r[6], modified_at=r[7], state="invalid" if r[8] != "ready" and r[9] else r[8],
+                         assets=assets[r[0]], state_reason=r[9] if r[8] != "ready" else None) for r in rows]

@@ -13,7 +13,7 @@ Contracts shared by both backends:
 * ``put_*`` is idempotent: the same content gives the same key, and an object already stored with
   the right size is not written again (its content is not re-read: a corrupted object of the right
   size is caught by the next fetch, and repaired by ``delete`` + ``put``). A stored object of the
-  wrong size is overwritten.
+  wrong size is overwritten. ``put_file(rewrite=True)`` writes in every case (constant work).
 * ``fetch_to`` writes a temporary file next to ``dest``, verifies it, fsyncs it and renames it into
   place atomically; on any failure the temporary file is removed and ``dest`` is left untouched.
 * Thread-safety: one store object may be used by several worker threads at once. Stores hold no
@@ -192,15 +192,17 @@ class ObjectStore(ABC):
 
     # -- public interface -------------------------------------------------------------------
 
-    def put_file(self, path: Path) -> ObjectInfo:
-        """Store the file's content; streamed, hashed first, not re-uploaded if already stored.
+    def put_file(self, path: Path, *, rewrite: bool = False) -> ObjectInfo:
+        """Store the file's content; streamed, hashed first, not re-uploaded if already stored
+        unless `rewrite` (then it is written whatever is stored: the same work, and time, whether
+        or not someone stored these bytes before — tenants' uploads use it, see api/uploads.py).
 
         The file is read twice (hash, then upload) and the upload is hashed again: if the file
         changed in between, the upload is refused with :class:`IntegrityError`.
         """
         path = Path(path)
         info = _hash_file(path)
-        return self._put(info, lambda: open(path, "rb"))
+        return self._put(info, lambda: open(path, "rb"), rewrite)
 
     def put_bytes(self, data: bytes) -> ObjectInfo:
         """Store ``data``; not re-uploaded if already stored."""
@@ -243,8 +245,8 @@ class ObjectStore(ABC):
 
     # -- backend primitives -----------------------------------------------------------------
 
-    def _put(self, info: ObjectInfo, open_source: Callable[[], BinaryIO]) -> ObjectInfo:
-        if self._size(info.key) == info.size:
+    def _put(self, info: ObjectInfo, open_source: Callable[[], BinaryIO], rewrite: bool = False) -> ObjectInfo:
+        if not rewrite and self._size(info.key) == info.size:
             return info
         self._upload(info, open_source)
         return info

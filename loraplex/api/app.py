@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.routing import compile_path
 
 from loraplex.api import admin, finetunes, openai, workers_ai
 from loraplex.api.context import ApiContext
@@ -63,9 +64,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
         app.include_router(router, prefix=API_PREFIX)
     if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)
+    (upload,) = [r for r in finetunes.router.routes if getattr(r, "endpoint", None) is finetunes.upload_asset]
+    upload_path, upload_methods = compile_path(API_PREFIX + upload.path)[0], upload.methods
 
-    def body_limit(path: str) -> int:
-        if path.endswith("/finetune-assets"):
+    def body_limit(scope) -> int:
+        """The upload limit for a request the asset-upload route will serve (its method and path
+        template, matched as Starlette's router matches it), else the JSON limit: never chosen
+        by what the raw path ends with."""
+        if scope.get("method") in upload_methods and upload_path.fullmatch(scope["path"]):
             return ctx.limits.max_upload_body_bytes
         return ctx.limits.max_json_body_bytes
 

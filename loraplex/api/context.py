@@ -16,17 +16,19 @@ from loraplex.adapters.registry import Finetune, Registry
 from loraplex.adapters.storage import ObjectStore
 from loraplex.api.errors import ApiError, invalid
 from loraplex.api.metrics import Metrics
+from loraplex.config import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_LORA_RANK
 from loraplex.engine.async_engine import AsyncEngine
+from loraplex.lora.adapter import MAX_CONFIG_BYTES
 from loraplex.models.hf_config import ModelArgs
 from loraplex.tokenizer import Tokenizer
 
 
 @dataclass
 class Limits:
-    max_adapter_bytes: int = 100 * 2**20  # adapter_model.safetensors
-    max_config_bytes: int = 2**20  # adapter_config.json
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # adapter_model.safetensors
+    max_config_bytes: int = MAX_CONFIG_BYTES  # adapter_config.json
     max_json_body_bytes: int = 4 * 2**20
-    max_lora_rank: int = 8
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
 
     @property
     def max_upload_body_bytes(self) -> int:

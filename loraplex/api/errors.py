@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from loraplex.adapters.registry import RegistryError
 from loraplex.adapters.storage import StorageError
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
-from loraplex.engine.async_engine import EngineFailure, QueueFull
+from loraplex.engine.async_engine import AdapterForgotten, EngineFailure, QueueFull
 from loraplex.logs import event
 from loraplex.lora.adapter import AdapterError
 
@@ -86,6 +86,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(exc.code, exc.message, exc.status)
     if isinstance(exc, AdapterError):
         return ApiError(exc.code, exc.message)
+    if isinstance(exc, AdapterForgotten):
+        return ApiError(3037, "finetune not found: it was deleted")
     if isinstance(exc, QueueFull):
         return ApiError(3040, str(exc), 429)
     if isinstance(exc, (StorageError, EngineFailure)):
@@ -126,5 +128,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # the expected kinds are registered one by one: Starlette sends a bare `Exception` handler to
     # its outermost middleware, which logs a traceback after answering
-    for kind in (ApiError, RegistryError, AdapterError, QueueFull, StorageError, EngineFailure, ValueError, Exception):
+    for kind in (ApiError, RegistryError, AdapterError, AdapterForgotten, QueueFull, StorageError, EngineFailure, ValueError, Exception):
         app.add_exception_handler(kind, _known)

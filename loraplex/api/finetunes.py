@@ -14,17 +14,17 @@ from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError, api_error_in, envelope, invalid
 from loraplex.api.pagination import PAGE_PARAMS, paginated
 from loraplex.api.schemas import ASSET_UPLOAD_BODY, FinetuneCreate, json_body
-from loraplex.api.uploads import check_file_name, delete_unused_objects, store_asset
+from loraplex.api.uploads import check_file_name, delete_unused_objects, record_refusal, store_asset
 
 router = APIRouter()
 PREFIX = "/accounts/{account_id}/ai/finetunes"
 
 
 def finetune_json(f: Finetune, detailed: bool = False) -> dict:
+    """`state` is "pending", "ready" or "invalid"; `state_reason` says why it is invalid (else null)."""
     out = {"id": f.id, "name": f.name, "model": f.model, "description": f.description, "public": f.public,
-           "created_at": f.created_at, "modified_at": f.modified_at}
+           "created_at": f.created_at, "modified_at": f.modified_at, "state": f.state, "state_reason": f.state_reason}
     if detailed:
-        out["state"] = f.state
         out["assets"] = [{"file_name": a.file_name, "size": a.size, "sha256": a.sha256} for a in f.assets.values()]
     return out
 
@@ -82,7 +82,10 @@ async def upload_asset(account_id: str, finetune_id: str, request: Request):
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as e:  # the body limit (possibly inside an exception group), or bad multipart framing
-        raise api_error_in(e) or invalid(f"the body is not a valid multipart form ({str(e)[:200]})") from None
+        error = api_error_in(e)
+        if error is not None:  # over the body limit: the file is too large for any finetune
+            await to_thread(record_refusal, ctx, account_id, finetune.id, "the upload", error)
+        raise error or invalid(f"the body is not a valid multipart form ({str(e)[:200]})") from None
     try:
         file_name = check_file_name(form.get("file_name"))
         upload = form.get("file")

@@ -18,16 +18,16 @@ def too_large(limit: int) -> ApiError:
 
 
 class BodyLimitMiddleware:
-    """ASGI middleware; `limit_for(path)` gives the byte limit of a route."""
+    """ASGI middleware; `limit_for(scope)` gives the byte limit of the request's route."""
 
-    def __init__(self, app, limit_for: Callable[[str], int]):
+    def __init__(self, app, limit_for: Callable[[dict], int]):
         self.app = app
         self.limit_for = limit_for
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _refuse(send, too_large(limit) if declared.isdigit()

@@ -15,7 +15,8 @@ from loraplex.adapters.registry import Registry
 from loraplex.adapters.storage import open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
-from loraplex.config import CacheConfig, EngineConfig, LoraConfig, MetricsConfig, ModelConfig, SchedulerConfig
+from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PER_ACCOUNT, DEFAULT_MAX_LORA_RANK,
+                             CacheConfig, EngineConfig, LoraConfig, MetricsConfig, ModelConfig, SchedulerConfig)
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
 
@@ -31,13 +32,13 @@ class ServerOptions:
     dtype: str = "auto"
     device: str = "auto"
     max_loras: int = 8
-    max_lora_rank: int = 8
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     max_model_len: int | None = None
     kv_cache_memory: int | float | None = None
     max_num_seqs: int = 128
     max_pending: int = 256  # requests in flight before 429 / 3040
-    max_finetunes_per_account: int = 30
-    max_adapter_bytes: int = 100 * 2**20
+    max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     retry_failed_adapter_after_s: float = 5.0
     adapter_host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory
     adapter_disk_cache_bytes: int = 4 << 30  # downloaded adapter files kept on local disk
@@ -52,7 +53,7 @@ class ServerOptions:
         return DEFAULT_MODEL_NAME if self.model == "default" else Path(self.model).name
 
 
-def open_registry(data_dir: Path, max_finetunes_per_account: int = 30) -> Registry:
+def open_registry(data_dir: Path, max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT) -> Registry:
     data_dir.mkdir(parents=True, exist_ok=True)
     return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
 

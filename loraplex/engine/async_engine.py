@@ -45,6 +45,10 @@ class EngineFailure(RuntimeError):
     """The engine failed while running this request (not the request's fault)."""
 
 
+class AdapterForgotten(LookupError):
+    """The adapter was forgotten (its finetune deleted): it is never registered or used again."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_pending: int = 256):
         self.engine = engine
@@ -55,6 +59,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._stats = engine.stats()
+        self._forgotten: set[str] = set()  # engine thread only: names never to be registered again
+        self._doomed: set[str] = set()  # engine thread only: forgotten but still used by requests
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -67,6 +73,7 @@ class AsyncEngine:
         self._stopping.set()
         self._commands.put((lambda: None, Future()))  # wake it up
         self._thread.join()
+        self.engine.close()  # its adapter download folder goes with it
 
     # -- event-loop side ---------------------------------------------------------------------
 
@@ -89,16 +96,25 @@ class AsyncEngine:
         first use, off the engine step."""
 
         def register(engine: LLMEngine) -> None:
+            if name in self._forgotten:
+                raise AdapterForgotten(name)
             if name not in engine.lora_names:
                 engine.register_lora(name, source)
 
         await self.call(register)
 
     async def forget_lora(self, name: str) -> bool:
-        """Unregister `name` unless unfinished requests still use it; returns whether it was."""
+        """Forget `name` for good (names must not be reused: finetune ids are uuids): it is never
+        registered again, new requests for it raise AdapterForgotten, and it is unregistered (slot,
+        host and disk copies dropped) now, or once the unfinished requests using it end (they
+        run to completion). Returns whether it was unregistered at once."""
 
         def remove(engine: LLMEngine) -> bool:
-            if name not in engine.lora_names or engine.lora_in_use(name):
+            self._forgotten.add(name)
+            if name not in engine.lora_names:
+                return False
+            if engine.lora_in_use(name):
+                self._doomed.add(name)
                 return False
             engine.remove_lora(name)
             return True
@@ -122,6 +138,8 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
         def add(engine: LLMEngine) -> None:
+            if lora is not None and lora in self._forgotten:
+                raise AdapterForgotten(lora)
             engine.add_request(request_id, prompt_token_ids, params, lora)
             self._deliver[request_id] = deliver
 
@@ -154,6 +172,7 @@ class AsyncEngine:
                 break
             if self.engine.has_unfinished():
                 self._step()
+            self._remove_doomed()
             self._stats = self.engine.stats()
         self._fail_all(EngineFailure("the server is shutting down"))
 
@@ -187,6 +206,13 @@ class AsyncEngine:
             if out.finished:
                 del self._deliver[out.request_id]
             deliver(out)
+
+    def _remove_doomed(self) -> None:
+        """Unregister the forgotten adapters whose last requests have ended."""
+        for name in [n for n in self._doomed if not self.engine.lora_in_use(n)]:
+            self._doomed.discard(name)
+            if name in self.engine.lora_names:
+                self.engine.remove_lora(name)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, deliver in list(self._deliver.items()):

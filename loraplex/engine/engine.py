@@ -140,7 +140,7 @@ class LLMEngine:
             retry_errored_after_s=lora.retry_failed_after_s,
             workers=lora.cache_workers,
         )
-        weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir, cache_lock)
+        self._close_cache = weakref.finalize(self, _close_cache, self.adapter_cache, cache_dir, cache_lock)
         self.lora_names: set[str] = set()
         self._adapter_identity: dict[str, str] = {}  # name → content identity (prefix-cache salt)
         # host→slot copies run on this thread, off the engine step; finished ones are taken
@@ -154,6 +154,12 @@ class LLMEngine:
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
+
+    def close(self) -> None:
+        """Stop the adapter cache's workers and remove this engine's download folder (idempotent;
+        also done when the engine is collected or the interpreter exits). The engine cannot load
+        adapters afterwards."""
+        self._close_cache()
 
     def add_lora(self, name: str, path: str | Path) -> LoraAdapter:
         """Validate a local PEFT folder now (AdapterError if it cannot be served) and register it."""

@@ -23,6 +23,7 @@ from re import _constants as _sre, _parser as _sre_parser  # the stdlib's regex 
 import numpy as np
 import torch
 
+from loraplex.config import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_LORA_RANK
 from loraplex.lora.safetensors_check import SafetensorsFormatError, TensorInfo, check_header
 from loraplex.models.hf_config import ModelArgs
 
@@ -50,7 +51,7 @@ _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _TENSOR_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[\w\-]+)?\.weight")
 # layer numbers as PEFT writes them: no leading zeros, ASCII digits only (int() accepts '٣' and 5000 digits)
 _MODULE_RE = re.compile(r"(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]{0,8})\.(?P<block>self_attn|mlp)\.\w+")
-_MAX_CONFIG_BYTES = 2**18  # PEFT writes ~1 KiB; rank_pattern and alpha_pattern for every module of 80 layers ~60 KiB
+MAX_CONFIG_BYTES = 2**18  # PEFT writes ~1 KiB; rank_pattern and alpha_pattern for every module of 80 layers ~60 KiB
 _NAME_LEN = 64  # longer than any module name a config regex is matched against (base names, _MODULE_RE keys)
 # a tenant's layers_pattern inside a group of its own: a top-level `|` in it must not split the
 # whole expression (one branch would match without the layer index)
@@ -352,14 +353,21 @@ def _read_file(file: Path, limit: int) -> bytearray:
     return data
 
 
-def _max_header_bytes(args: ModelArgs) -> int:
+def max_header_bytes(args: ModelArgs) -> int:
     """The longest safetensors header an adapter for `args` may have: 256 KiB (metadata, long names) plus 512 bytes
     per possible lora_A/lora_B tensor. Bounds what json.loads makes of it (up to ~25 bytes per byte)."""
     return 2**18 + 2**9 * 2 * len(TARGETS) * args.num_layers
 
 
 def _read_config(folder: Path, args: ModelArgs) -> dict:
-    data = _read_file(folder / "adapter_config.json", _MAX_CONFIG_BYTES)
+    return check_config_file(folder / "adapter_config.json", args)
+
+
+def check_config_file(file: Path, args: ModelArgs) -> dict:
+    """Read and validate an adapter_config.json on its own (no weights needed): size, JSON, every
+    key's value, targets and regexes for the base model `args`. Returns the config with defaults
+    filled in; raises AdapterError (5004) naming the offending key."""
+    data = _read_file(file, MAX_CONFIG_BYTES)
     try:
         cfg = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
@@ -370,7 +378,7 @@ def _read_config(folder: Path, args: ModelArgs) -> dict:
 def _read_safetensors(file: Path, max_file_bytes: int, args: ModelArgs) -> tuple[bytearray, dict[str, TensorInfo]]:
     data = _read_file(file, max_file_bytes)
     try:
-        return data, check_header(data, max_header_bytes=_max_header_bytes(args))
+        return data, check_header(data, max_header_bytes=max_header_bytes(args))
     except SafetensorsFormatError as e:
         raise _invalid(f"adapter_model.safetensors is corrupt: {e}") from None
 
@@ -423,6 +431,8 @@ def _parse_name(name: str, info: TensorInfo, cfg: dict, args: ModelArgs) -> tupl
         raise _invalid(f"tensor '{name}' is a DoRA magnitude; DoRA is not supported")
     if any(p.startswith("lora_embedding") for p in parts):
         raise _invalid(f"tensor '{name}' adapts an embedding; only {', '.join(TARGETS)} can be adapted")
+    if "modules_to_save" in parts or name.endswith(("lm_head.weight", "embed_tokens.weight")):
+        raise _invalid(f"tensor '{name}' is a full-weight module: modules_to_save is not supported")
     m = _TENSOR_RE.fullmatch(name)
     if m is None:
         raise _invalid(f"tensor '{name}' is not a lora_A/lora_B weight (full-weight or unknown tensors are not supported)")
@@ -444,8 +454,8 @@ def _parse_name(name: str, info: TensorInfo, cfg: dict, args: ModelArgs) -> tupl
     return layer, target, m["ab"], key
 
 
-def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, max_rank: int = 8,
-                 max_file_bytes: int = 100 * 2**20) -> LoraAdapter:
+def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, max_rank: int = DEFAULT_MAX_LORA_RANK,
+                 max_file_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> LoraAdapter:
     """Read and validate the PEFT LoRA folder `path` for the base model described by `args`.
 
     Every tensor must be the lora_A/lora_B weight of a module the config targets; a targeted
@@ -495,7 +505,8 @@ def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, 
                 raise _invalid(f"tensor '{tensor_name}' has shape {list(info.shape)}; module '{key}' of the base "
                                f"model with r={r} needs {list(want)}")
         if r > max_rank:
-            raise _invalid(f"module '{key}' has rank {r}, over the maximum rank {max_rank}")
+            raise _invalid(f"module '{key}' has rank {r}, over the maximum rank {max_rank} (raised by the server "
+                           "option --max-lora-rank, or LLM(max_lora_rank=...) offline)")
         ranks[layer, target] = r
 
     try:

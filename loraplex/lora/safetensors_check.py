@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 MAX_HEADER_BYTES = 100 * 2**20
 MAX_DIMS = 8
@@ -73,15 +73,40 @@ def check_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BY
     gap, or overrun).
     Returns name → TensorInfo (without "__metadata__"); raises SafetensorsFormatError otherwise.
     """
-    if len(data) < 8:
-        raise SafetensorsFormatError(f"file is {len(data)} bytes, too short for a safetensors header")
-    (n,) = struct.unpack("<Q", bytes(data[:8]))
-    if n > len(data) - 8:
-        raise SafetensorsFormatError(f"header length {n} exceeds the file size {len(data)} (truncated or corrupt)")
+    n = _header_length(bytes(data[:8]), len(data), max_header_bytes)
+    return _check_tensors(bytes(data[8 : 8 + n]), len(data) - 8 - n)
+
+
+def check_file(file: BinaryIO, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, TensorInfo]:
+    """`check_header` of an open file, reading only its length prefix and header (at most
+    8 + `max_header_bytes` bytes, whatever the file's size); the file is left positioned anywhere.
+    Nothing it reads outlives the call, not even in the traceback of a SafetensorsFormatError."""
+    file.seek(0, 2)
+    size = file.tell()
+    file.seek(0)
+    n = _header_length(file.read(8), size, max_header_bytes)
+    header = file.read(n)
+    if len(header) != n:
+        raise SafetensorsFormatError(f"file shrank to {8 + len(header)} bytes while its header was read")
+    return _check_tensors(header, size - 8 - n)
+
+
+def _header_length(prefix: bytes, size: int, max_header_bytes: int) -> int:
+    """The header length N the 8-byte `prefix` of a `size`-byte file declares, once checked."""
+    if size < 8 or len(prefix) < 8:
+        raise SafetensorsFormatError(f"file is {size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > size - 8:
+        raise SafetensorsFormatError(f"header length {n} exceeds the file size {size} (truncated or corrupt)")
     if n > max_header_bytes:
         raise SafetensorsFormatError(f"header length {n} exceeds the cap of {max_header_bytes} bytes")
+    return n
+
+
+def _check_tensors(raw_header: bytes, data_len: int) -> dict[str, TensorInfo]:
+    """Parse the header JSON and check its tensors tile a data section of `data_len` bytes."""
     try:
-        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
+        header = json.loads(raw_header.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit numbers, deep nesting
         raise SafetensorsFormatError(f"header is not valid UTF-8 JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
@@ -90,7 +115,6 @@ def check_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BY
     if meta is not None and not isinstance(meta, dict):
         raise SafetensorsFormatError("header '__metadata__' is not an object")
     tensors = {name: _check_entry(name, entry) for name, entry in header.items()}
-    data_len = len(data) - 8 - n
     position, previous = 0, None
     for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if info.begin < position:
