@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from loraplex import env
+from loraplex.config import HttpConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -64,6 +65,9 @@ def _server_options(args: argparse.Namespace):
         max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
         max_finetunes_per_account=args.max_finetunes_per_account, adapter_host_cache_bytes=args.adapter_host_cache,
         adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
+        http=HttpConfig(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                        body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout),
+        metrics_token=args.metrics_token or os.environ.get("LORAPLEX_METRICS_TOKEN") or None, docs=args.docs,
     )
 
 
@@ -71,15 +75,17 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loraplex.api.app import create_app
+    from loraplex.api.connections import raise_open_file_limit, uvicorn_config
     from loraplex.api.server import build_context
 
+    raise_open_file_limit()
     options = _server_options(args)
     if args.dev_account:
         _print_dev_help(*_dev_account(args.data_dir), args.host, args.port, options.served_name)
     app = create_app(build_context(options))
     print(f"serving {options.served_name} (and {options.served_name}-lora) on http://{args.host}:{args.port}",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(uvicorn_config(app, options.http, args.host, args.port, args.log_level)).run()
     return 0
 
 
@@ -178,6 +184,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="bytes of downloaded adapter files kept on local disk (default 4GiB)")
     serve.add_argument("--adapter-workers", type=int, default=2, help="threads downloading and parsing adapters")
     serve.add_argument("--max-finetunes-per-account", type=int, default=30)
+    http = HttpConfig()
+    serve.add_argument("--max-connections", type=int, default=http.max_connections,
+                       help=f"open connections at most; more are answered 503 (default {http.max_connections})")
+    serve.add_argument("--header-timeout", type=float, default=http.header_timeout_s, metavar="SECONDS",
+                       help=f"time for a request's headers to arrive (default {http.header_timeout_s:g})")
+    serve.add_argument("--body-timeout", type=float, default=http.body_timeout_s, metavar="SECONDS",
+                       help=f"longest pause within a request body (default {http.body_timeout_s:g})")
+    serve.add_argument("--keep-alive-timeout", type=float, default=http.keep_alive_timeout_s, metavar="SECONDS",
+                       help=f"idle keep-alive connections are closed after this (default {http.keep_alive_timeout_s:g})")
+    serve.add_argument("--metrics-token", default=None,
+                       help="/metrics wants 'Authorization: Bearer TOKEN' (or $LORAPLEX_METRICS_TOKEN); default: open")
+    serve.add_argument("--no-docs", dest="docs", action="store_false",
+                       help="do not serve /docs, /redoc and /openapi.json (served, without a token, by default)")
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")
 

@@ -13,6 +13,8 @@ legacy tokenizer.json puts a "▁" after special tokens and keeps extra leading 
 
 from __future__ import annotations
 
+import functools
+
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -290,8 +292,17 @@ class Tokenizer:
     # ------------------------------------------------------------ encode / decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a leading BOS)."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a leading BOS).
+        Releases the GIL while it runs (the batch entry point does; `encode` alone holds it), so a
+        long prompt tokenized in a worker thread does not stall the server's event loop."""
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token stands for more characters of
+        text, so a text of N characters has at least N / max_token_chars tokens (byte-level and
+        SentencePiece vocabularies spell each character with at least one character)."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1) or 1
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`, identical to transformers' `decode(ids, skip_special_tokens=...)`."""

@@ -8,14 +8,14 @@ local object store), `uploads/` (staging), `models/` (the converted default mode
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.storage import open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
-from loraplex.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.config import CacheConfig, EngineConfig, HttpConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
 
@@ -42,6 +42,9 @@ class ServerOptions:
     adapter_host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory
     adapter_disk_cache_bytes: int = 4 << 30  # downloaded adapter files kept on local disk
     adapter_workers: int = 2  # threads downloading and parsing adapters
+    http: HttpConfig = field(default_factory=HttpConfig)  # connection cap, header/body/keep-alive timeouts
+    metrics_token: str | None = None  # /metrics wants `Authorization: Bearer <it>`; None: /metrics is open
+    docs: bool = True  # serve /docs, /redoc and /openapi.json (public: they describe the API, hold no data)
 
     @property
     def served_name(self) -> str:
@@ -87,4 +90,6 @@ def build_context(opts: ServerOptions) -> ApiContext:
         limits=Limits(max_adapter_bytes=opts.max_adapter_bytes, max_lora_rank=opts.max_lora_rank),
         metrics=Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapter_cache.stats),
         upload_dir=opts.data_dir / "uploads",
+        metrics_token=opts.metrics_token,
+        docs=opts.docs,
     )
