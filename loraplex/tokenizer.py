@@ -319,6 +319,23 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when they are not whole UTF-8 characters (a
+        byte-level piece, or SentencePiece's `<0xNN>`); special tokens → their text's bytes."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.id_to_token(token_id) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        decoder = _byte_level_decoder()
+        if piece and all(ch in decoder for ch in piece):
+            return bytes(decoder[ch] for ch in piece)
+        return text.encode()
+
     # ------------------------------------------------------------ chat
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
@@ -347,6 +364,20 @@ class Tokenizer:
         """Rendered chat -> ids, without the post-processor's special tokens (the template writes them)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character → byte (the inverse of `bytes_to_unicode`)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 # ---------------------------------------------------------------- streaming

@@ -9,6 +9,7 @@ not in the text either.
 from __future__ import annotations
 
 import asyncio
+import codecs
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -99,13 +100,18 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return out
 
 
-def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as OpenAI shows it: its text, or `bytes:\\xNN…` when it is not whole UTF-8."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _chat_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
-    text = _token_text(tokenizer, token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"token": token_label(tokenizer, token_id), "logprob": logprob,
+            "bytes": list(tokenizer.token_bytes(token_id))}
 
 
 def chat_logprobs(tokenizer: Tokenizer, out: RequestOutput, start: int, end: int) -> dict:
@@ -120,21 +126,22 @@ def chat_logprobs(tokenizer: Tokenizer, out: RequestOutput, start: int, end: int
 
 
 class CompletionLogprobs:
-    """Completions' (legacy) `logprobs` of one choice, chunk by chunk: `text_offset` runs on
+    """Completions' (legacy) `logprobs` of one choice, chunk by chunk: `text_offset` (characters
+    of text before each token; a character split over tokens counts at its last byte) runs on
     across chunks."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.offset = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def of(self, out: RequestOutput, start: int, end: int) -> dict:
         tokens, offsets, tops = [], [], []
         for j in range(start, end):
-            text = _token_text(self.tokenizer, out.token_ids[j])
-            tokens.append(text)
+            tokens.append(token_label(self.tokenizer, out.token_ids[j]))
             offsets.append(self.offset)
-            self.offset += len(text)
+            self.offset += len(self._utf8.decode(self.tokenizer.token_bytes(out.token_ids[j])))
             pairs = out.top_logprobs[j].items() if out.top_logprobs else ()
-            tops.append({_token_text(self.tokenizer, t): lp for t, lp in pairs})
+            tops.append({token_label(self.tokenizer, t): lp for t, lp in pairs})
         return {"tokens": tokens, "token_logprobs": list(out.logprobs[start:end]), "top_logprobs": tops,
                 "text_offset": offsets}
