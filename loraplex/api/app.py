@@ -54,7 +54,11 @@ class RequestCounter:
             self.count(getattr(scope.get("route"), "path", "unmatched"), str(status))
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
+def create_app(ctx: ApiContext | None) -> FastAPI:
+    """The app serving `ctx` (None: an app to read the OpenAPI document from, serving nothing)."""
+    docs = ctx is None or ctx.docs
+    metrics_public = ctx is None or ctx.metrics_token is None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         quiet_accept_errors(asyncio.get_running_loop())
@@ -66,7 +70,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   description="Multi-tenant LoRA inference: Workers AI and OpenAI dialects.",
-                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if ctx.docs else None)
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
     for router in (workers_ai.router, finetunes.router, openai.router):
@@ -92,6 +96,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 raise ApiError(10000, "authentication error: /metrics wants the server's metrics token", 401)
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    install_docs(app, ctx.docs, metrics_public=ctx.metrics_token is None)
+    install_docs(app, docs, metrics_public=metrics_public)
 
     return app
