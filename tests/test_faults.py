@@ -752,7 +752,7 @@ def test_kv_cache_exhaustion_preempts_and_loses_nothing(model_dir, adapters, ref
         assert preemptions > 0, "the load was meant to force preemption"
         assert len(answers) == len(jobs)
         for job, out, (text, completion_tokens) in zip(jobs, expected, answers):
-            assert (text, completion_tokens) == (out.text, len(out.token_ids)), job
+            assert (text, completion_tokens) == (out.text, out.num_generated_tokens), job
         assert errors.messages() == []
         assert_all_free(server)
     finally:
