@@ -190,3 +190,18 @@ def test_server_is_healthy_after_the_hostile_bodies(server, ai, offline):
     assert reply.status_code == 200 and reply.json()["result"]["response"] == greedy(offline)
     assert errors.messages() == []
     server.wait_idle(timeout_s=60)
+
+
+def test_through_the_cloudflare_sdk(server, tenant, offline):
+    """What a Workers AI client meets: a lax boolean is a BadRequestError naming the field (5004);
+    a temperature of 1e-300 is greedy and equals the offline text."""
+    import cloudflare
+
+    account_id, token = tenant
+    cf = cloudflare.Cloudflare(api_token=token, base_url=f"{server.url}/client/v4", max_retries=0)
+    with pytest.raises(cloudflare.BadRequestError) as refused:
+        cf.ai.run(MODEL, account_id=account_id, prompt=PROMPT, raw="yes", max_tokens=8)
+    assert refused.value.status_code == 400
+    assert refused.value.body["errors"][0]["code"] == 5004 and "raw" in refused.value.body["errors"][0]["message"]
+    result = cf.ai.run(MODEL, account_id=account_id, prompt=PROMPT, raw=True, max_tokens=8, temperature=1e-300)
+    assert result["response"] == greedy(offline)
