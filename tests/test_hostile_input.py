@@ -205,3 +205,12 @@ def test_through_the_cloudflare_sdk(server, tenant, offline):
     assert refused.value.body["errors"][0]["code"] == 5004 and "raw" in refused.value.body["errors"][0]["message"]
     result = cf.ai.run(MODEL, account_id=account_id, prompt=PROMPT, raw=True, max_tokens=8, temperature=1e-300)
     assert result["response"] == greedy(offline)
+
+
+def test_the_engine_refuses_unbounded_stop_lists_too():
+    """The offline API (and anything else building SamplingParams) meets the same bounds."""
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)])
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop="x" * (MAX_STOP_STRING_CHARS + 1))
+    assert SamplingParams(temperature=1e-300).greedy and not SamplingParams(temperature=1e-4).greedy
