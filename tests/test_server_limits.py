@@ -80,7 +80,8 @@ def wait_for(condition, what: str) -> None:
 def assert_healthy(server: LiveServer, tenant: tuple[str, str], expected_text: str) -> None:
     """The server answers a normal generation with the offline text, and ends idle."""
     account_id, token = tenant
-    with httpx.Client(base_url=server.url, timeout=DEADLINE_S) as client:
+    no_reuse = httpx.Limits(max_keepalive_connections=0)  # (the server's keep-alive timeout is short)
+    with httpx.Client(base_url=server.url, timeout=DEADLINE_S, limits=no_reuse) as client:
         assert client.get("/healthz").status_code == 200
         reply = client.post(f"/client/v4/accounts/{account_id}/ai/run/{MODEL}",
                             headers={"Authorization": f"Bearer {token}"},
