@@ -14,6 +14,7 @@ from pathlib import Path
 from loraplex import config, env
 from loraplex.config import DEFAULT_HOST, DEFAULT_PORT
 from loraplex.logs import LOG_FORMATS
+from loraplex.config import HttpConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -72,10 +73,14 @@ def _server_options(args: argparse.Namespace):
         data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
         dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
+        prefix_caching=args.prefix_caching,
         max_finetunes_per_account=args.max_finetunes_per_account, max_adapter_bytes=args.max_adapter_size,
         adapter_host_cache_bytes=args.adapter_host_cache,
         adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
         admin_token=env.admin_token(),
+        http=HttpConfig(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                        body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout),
+        metrics_token=args.metrics_token or os.environ.get("LORAPLEX_METRICS_TOKEN") or None, docs=args.docs,
     )
 
 
@@ -86,10 +91,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from loraplex.api.app import create_app
     from loraplex.api.listen import serve
+    from loraplex.api.connections import raise_open_file_limit
     from loraplex.api.server import build_context
     from loraplex.logs import configure, event
 
     configure(args.log_format, args.log_level)
+    raise_open_file_limit()
     options = _server_options(args)
     dev_account = _dev_account(args.data_dir) if args.dev_account else None
     app = create_app(build_context(options))
@@ -102,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             print(f"serving {options.served_name} (and {options.served_name}-lora) on {url}", flush=True)
 
-    serve(app, args.host, args.port, args.log_level, args.log_format, announce)
+    serve(app, options.http, args.host, args.port, args.log_level, args.log_format, announce)
     return 0
 
 
@@ -216,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-lora-rank", type=int, default=config.DEFAULT_MAX_LORA_RANK,
                        help=f"adapters of higher rank are refused; also the slot rank (default {config.DEFAULT_MAX_LORA_RANK})")
     serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="compute every prompt in full (default: reuse the KV cache of a prompt prefix seen "
+                            "before with the same adapter, within one account)")
     serve.add_argument("--kv-cache-memory", type=_bytes_or_fraction, default=None,
                        help="KV cache: bytes, or a fraction (0, 1] of free memory (default: 0.25 of host, 0.9 of GPU)")
     serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
@@ -229,6 +239,19 @@ def _parser() -> argparse.ArgumentParser:
                             f"(default {config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT})")
     serve.add_argument("--max-adapter-size", type=_byte_size, default=config.DEFAULT_MAX_ADAPTER_BYTES,
                        help=f"largest adapter_model.safetensors accepted, e.g. 500MB (default {config.DEFAULT_MAX_ADAPTER_BYTES})")
+    http = HttpConfig()
+    serve.add_argument("--max-connections", type=int, default=http.max_connections,
+                       help=f"open connections at most; more are answered 503 (default {http.max_connections})")
+    serve.add_argument("--header-timeout", type=float, default=http.header_timeout_s, metavar="SECONDS",
+                       help=f"time for a request's headers to arrive (default {http.header_timeout_s:g})")
+    serve.add_argument("--body-timeout", type=float, default=http.body_timeout_s, metavar="SECONDS",
+                       help=f"longest pause within a request body (default {http.body_timeout_s:g})")
+    serve.add_argument("--keep-alive-timeout", type=float, default=http.keep_alive_timeout_s, metavar="SECONDS",
+                       help=f"idle keep-alive connections are closed after this (default {http.keep_alive_timeout_s:g})")
+    serve.add_argument("--metrics-token", default=None,
+                       help="/metrics wants 'Authorization: Bearer TOKEN' (or $LORAPLEX_METRICS_TOKEN); default: open")
+    serve.add_argument("--no-docs", dest="docs", action="store_false",
+                       help="do not serve /docs, /redoc and /openapi.json (served, without a token, by default)")
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",

@@ -13,6 +13,13 @@ DEFAULT_DATA_DIR = "~/.local/share/loraplex"  # when LORAPLEX_DATA_DIR is not se
 DEFAULT_MAX_LORA_RANK = 32
 DEFAULT_MAX_ADAPTER_BYTES = 300 * 10**6  # adapter_model.safetensors, at most
 DEFAULT_MAX_FINETUNES_PER_ACCOUNT = 100  # every finetune counts, whatever its state
+# Per-request bounds of SamplingParams (the engine refuses beyond them; the API's schemas use the
+# same numbers, so an HTTP client gets a 400 naming the field).
+MAX_STOP_STRINGS = 16  # stop strings per request
+MAX_STOP_STRING_CHARS = 256  # characters per stop string
+MAX_TOP_LOGPROBS = 20  # alternatives per token with `top_logprobs` (OpenAI's limit)
+GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature below this decodes greedily (exact in the limit)
+MIN_REPETITION_PENALTY = 0.01  # smaller ones divide logits into inf/NaN territory
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,16 @@ class MetricsConfig:
     finetune ids seen by a server process; later ones are counted under "other"."""
 
     max_finetune_labels: int = 100
+class HttpConfig:
+    """Connection-level bounds of the HTTP server (see loraplex/api/connections.py)."""
+
+    max_connections: int = 512  # open connections at most; one more is answered 503 and closed
+    header_timeout_s: float = 10.0  # from a connection's (or a keep-alive request's) first byte to its full headers
+    body_timeout_s: float = 30.0  # longest pause between two pieces of a request body
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this long
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "max_connections")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

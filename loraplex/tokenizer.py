@@ -13,6 +13,8 @@ legacy tokenizer.json puts a "▁" after special tokens and keeps extra leading 
 
 from __future__ import annotations
 
+import functools
+
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -290,8 +292,17 @@ class Tokenizer:
     # ------------------------------------------------------------ encode / decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a leading BOS)."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a leading BOS).
+        Releases the GIL while it runs (the batch entry point does; `encode` alone holds it), so a
+        long prompt tokenized in a worker thread does not stall the server's event loop."""
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token stands for more characters of
+        text, so a text of N characters has at least N / max_token_chars tokens (byte-level and
+        SentencePiece vocabularies spell each character with at least one character)."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1) or 1
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`, identical to transformers' `decode(ids, skip_special_tokens=...)`."""
@@ -307,6 +318,23 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when they are not whole UTF-8 characters (a
+        byte-level piece, or SentencePiece's `<0xNN>`); special tokens → their text's bytes."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.id_to_token(token_id) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        decoder = _byte_level_decoder()
+        if piece and all(ch in decoder for ch in piece):
+            return bytes(decoder[ch] for ch in piece)
+        return text.encode()
 
     # ------------------------------------------------------------ chat
 
@@ -336,6 +364,20 @@ class Tokenizer:
         """Rendered chat -> ids, without the post-processor's special tokens (the template writes them)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character → byte (the inverse of `bytes_to_unicode`)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 # ---------------------------------------------------------------- streaming

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from loraplex.api.app import create_app
+from loraplex.api.connections import uvicorn_config
 from loraplex.api.context import ApiContext
 from loraplex.api.server import ServerOptions, build_context
 
@@ -36,7 +37,7 @@ class LiveServer:
         ctx = build_context(options)
         app = create_app(ctx)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn_config(app, options.http, "127.0.0.1", port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

@@ -156,7 +156,7 @@ def test_finetune_listing_and_fields(server, alice, alice_finetunes):
 
 def test_streaming_run(server, alice, alice_finetunes, offline):
     account_id, token = alice
-    body = {"prompt": PROMPT, "raw": "true", "max_tokens": 10, "temperature": 0, "stream": True, "lora": "all-linear"}
+    body = {"prompt": PROMPT, "raw": True, "max_tokens": 10, "temperature": 0, "stream": True, "lora": "all-linear"}
     with http(server, token) as client, client.stream(
             "POST", f"/accounts/{account_id}/ai/run/{MODEL}", content=json.dumps(body),
             headers={"Content-Type": "text/plain"}) as response:

@@ -583,9 +583,35 @@ LONG_STREAMS = [(PROMPTS[0], None), (PROMPTS[0], "alpha"), (PROMPTS[0], "gamma")
                 (PROMPTS[1], "alpha"), (PROMPTS[1], "beta"), (PROMPTS[1], "gamma")]
 
 
-async def walk_away(client: httpx.AsyncClient, body: dict, events: int, cancel_after_s: float | None) -> int:
+class StreamHold:
+    """Keeps every stream from ending before its client left, however fast or slow the machine:
+    once any request of `engine` has LONG - 1 tokens, the engine's steps run nothing (commands,
+    aborts among them, still run between them) until `release()`; `held` tells the clients that
+    no more events will come, so those still waiting for events leave."""
+
+    def __init__(self, engine, monkeypatch):
+        self.held, self._released = threading.Event(), threading.Event()
+        step = engine.step
+
+        def holding_step():
+            if not self._released.is_set() and (self.held.is_set() or any(
+                    len(seq.output_token_ids) >= LONG - 1 for seq in engine._sequences.values())):
+                self.held.set()
+                self._released.wait(0.01)
+                return []
+            return step()
+
+        monkeypatch.setattr(engine, "step", holding_step)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+async def walk_away(client: httpx.AsyncClient, body: dict, events: int, cancel_after_s: float | None,
+                    hold: StreamHold) -> int:
     """Stream a run; leave after `events` SSE events (0: once the headers arrived), or after
-    `cancel_after_s` seconds whatever was received. Returns the events seen."""
+    `cancel_after_s` seconds whatever was received, or once the streams are held (no more
+    events will come). Returns the events seen. The stream must not end first."""
     seen = 0
 
     async def read() -> None:
@@ -601,31 +627,41 @@ async def walk_away(client: httpx.AsyncClient, body: dict, events: int, cancel_a
                     if seen == events:
                         return
 
-    if cancel_after_s is None:
-        await read()
-    else:
-        try:
-            await asyncio.wait_for(read(), cancel_after_s)
-        except TimeoutError:
-            pass
+    async def held() -> None:
+        while not hold.held.is_set():
+            await asyncio.sleep(0.01)
+
+    reading, waiting = asyncio.ensure_future(read()), asyncio.ensure_future(held())
+    try:
+        await asyncio.wait((reading, waiting), timeout=cancel_after_s, return_when=asyncio.FIRST_COMPLETED)
+        if reading.done():
+            reading.result()  # its assertion, if it failed
+    finally:
+        for task in (reading, waiting):
+            task.cancel()
+        await asyncio.gather(reading, waiting, return_exceptions=True)
     return seen
 
 
-async def hundred_walkaways(url: str, tenant: Tenant, streams: list, rng: random.Random) -> list[int]:
+async def hundred_walkaways(url: str, tenant: Tenant, streams: list, rng: random.Random, hold: StreamHold) -> list[int]:
     """100 clients at once over `streams` (prompt, adapter): most leave after 0-5 events, a fifth
-    after a random moment (before or after the first event). Returns the events each one saw."""
+    after a random moment (before or after the first event). Returns the events each one saw.
+    The streams are released once every client has left."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=f"{url}/client/v4/accounts/{tenant.account_id}/ai", limits=limits,
-                                 headers={"Authorization": f"Bearer {tenant.token}"}, timeout=120) as client:
-        clients = []
-        for i in range(100):
-            prompt, lora = streams[i % len(streams)]
-            body = run_body(prompt, lora, max_tokens=LONG, stream=True)
-            if i % 5 == 4:  # a fifth give up after a moment, whether or not the stream has begun
-                clients.append(walk_away(client, body, events=LONG, cancel_after_s=rng.uniform(0.05, 1.5)))
-            else:
-                clients.append(walk_away(client, body, events=i % 6, cancel_after_s=None))
-        return await asyncio.gather(*clients)
+    try:
+        async with httpx.AsyncClient(base_url=f"{url}/client/v4/accounts/{tenant.account_id}/ai", limits=limits,
+                                     headers={"Authorization": f"Bearer {tenant.token}"}, timeout=120) as client:
+            clients = []
+            for i in range(100):
+                prompt, lora = streams[i % len(streams)]
+                body = run_body(prompt, lora, max_tokens=LONG, stream=True)
+                if i % 5 == 4:  # a fifth give up after a moment, whether or not the stream has begun
+                    clients.append(walk_away(client, body, LONG, rng.uniform(0.05, 1.5), hold))
+                else:
+                    clients.append(walk_away(client, body, i % 6, None, hold))
+            return await asyncio.gather(*clients)
+    finally:
+        hold.release()
 
 
 @pytest.fixture(scope="module")
@@ -658,8 +694,9 @@ def test_hundred_streaming_clients_disconnect_mid_stream(walkaway_server, refere
     server, tenant = walkaway_server
     reference.outputs([(prompt, lora, 12) for lora in ("alpha", "beta", "gamma", None) for prompt in PROMPTS[:2]])
     aborted = record_aborts(server.ctx.engine.engine, monkeypatch)
+    hold = StreamHold(server.ctx.engine.engine, monkeypatch)
     with ErrorLog().watching() as errors:
-        seen = asyncio.run(hundred_walkaways(server.url, tenant, LONG_STREAMS, random.Random(0)))
+        seen = asyncio.run(hundred_walkaways(server.url, tenant, LONG_STREAMS, random.Random(0), hold))
         assert len(seen) == 100 and sum(seen) > 0
         assert_all_free(server)
         record_property("figures", {"clients": len(seen), "events_seen": sum(seen), "requests_aborted": len(aborted),
@@ -716,7 +753,7 @@ def test_kv_cache_exhaustion_preempts_and_loses_nothing(model_dir, adapters, ref
         assert preemptions > 0, "the load was meant to force preemption"
         assert len(answers) == len(jobs)
         for job, out, (text, completion_tokens) in zip(jobs, expected, answers):
-            assert (text, completion_tokens) == (out.text, len(out.token_ids)), job
+            assert (text, completion_tokens) == (out.text, out.num_generated_tokens), job
         assert errors.messages() == []
         assert_all_free(server)
     finally:

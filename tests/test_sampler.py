@@ -61,7 +61,8 @@ def test_greedy_equals_argmax(dtype):
 
 
 def test_empty_batch_and_row_count_mismatch():
-    assert sampler(torch.empty(0, 10), []) == ([], [])
+    out = sampler(torch.empty(0, 10), [])
+    assert (out.token_ids, out.logprobs, out.top_logprobs) == ([], [], None)
     with pytest.raises(ValueError):
         sampler(torch.zeros(2, 10), [_row()])
 

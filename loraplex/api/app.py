@@ -1,20 +1,29 @@
-"""The FastAPI application: routers under /client/v4, error handlers, body limits, metrics.
+"""The FastAPI application: routers under /client/v4, error handlers, body limits, metrics,
+docs.
 
 `create_app(ctx)` serves an ApiContext (see server.py for building one from options); the
 engine thread starts and stops with the app's lifespan.
+
+Routes without an account token: `/healthz` (liveness), `/` and, unless `ctx.docs` is off,
+`/docs`, `/redoc`, `/openapi.json` (docs.py). `/metrics` wants `Authorization: Bearer
+<ctx.metrics_token>` when the server has one (`--metrics-token`), and is open otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import compile_path
 
 from loraplex.api import admin, finetunes, openai, workers_ai
+from loraplex.api.connections import quiet_accept_errors
 from loraplex.api.context import ApiContext
-from loraplex.api.errors import install_error_handlers
+from loraplex.api.docs import install_docs
+from loraplex.api.errors import ApiError, install_error_handlers
 from loraplex.api.limits import BodyLimitMiddleware
 from loraplex.api.request_scope import RequestIdMiddleware
 
@@ -47,9 +56,14 @@ class RequestCounter:
             self.count(getattr(scope.get("route"), "path", "unmatched"), str(status))
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
+def create_app(ctx: ApiContext | None) -> FastAPI:
+    """The app serving `ctx` (None: an app to read the OpenAPI document from, serving nothing)."""
+    docs = ctx is None or ctx.docs
+    metrics_public = ctx is None or ctx.metrics_token is None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop())
         ctx.engine.start()
         try:
             yield
@@ -57,7 +71,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             ctx.engine.shutdown()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
-                  description="Multi-tenant LoRA inference: Workers AI and OpenAI dialects.")
+                  description="Multi-tenant LoRA inference: Workers AI and OpenAI dialects.",
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
     for router in (workers_ai.router, finetunes.router, openai.router):
@@ -84,7 +99,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return {"status": "ok", "model": ctx.model_name}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if ctx.metrics_token is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), ctx.metrics_token.encode()):
+                raise ApiError(10000, "authentication error: /metrics wants the server's metrics token", 401)
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    install_docs(app, docs, metrics_public=metrics_public)
 
     return app

@@ -48,6 +48,8 @@ class ApiContext:
     metrics: Metrics
     upload_dir: Path  # staging folder for uploads, on the data dir's disk
     admin_token: str | None = None  # the operator routes' bearer token; None: no operator routes
+    metrics_token: str | None = None  # /metrics wants this bearer token; None: /metrics is open
+    docs: bool = True  # serve /docs, /redoc and /openapi.json
 
     @property
     def served_names(self) -> tuple[str, str]:
@@ -71,17 +73,33 @@ class ApiContext:
         await self.engine.ensure_lora(finetune.id, source)
         return finetune.id
 
-    def encode_prompt(self, prompt: str, raw: bool) -> list[int]:
-        """`raw`: the text as is; otherwise one user turn through the chat template."""
+    async def encode_prompt(self, prompt: str, raw: bool) -> list[int]:
+        """`raw`: the text as is; otherwise one user turn through the chat template. Tokenized in
+        a worker thread, after the cheap size check (`check_prompt_chars`)."""
+        self.check_prompt_chars(len(prompt))
         if raw:
-            return self.tokenizer.encode(prompt)
-        return self.encode_chat([{"role": "user", "content": prompt}])
+            return await to_thread(self.tokenizer.encode, prompt)
+        return await self.encode_chat([{"role": "user", "content": prompt}])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The conversation through the chat template, rendered and tokenized in a worker thread
+        after the cheap size check (`check_prompt_chars`)."""
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages))
+        return await to_thread(self._encode_chat, messages)
+
+    def _encode_chat(self, messages: list[dict]) -> list[int]:
         try:
             return self.tokenizer.encode_chat(messages)
         except ValueError as e:  # the template refused the conversation (raise_exception)
             raise invalid(f"messages: {str(e)[:300]}") from None
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        """Refuse, before tokenizing, a prompt that cannot fit the context window whatever its
+        tokens: more characters than context × the longest token's characters."""
+        limit = self.max_model_len * self.tokenizer.max_token_chars
+        if num_chars >= limit:
+            raise invalid(f"the prompt has {num_chars} characters: more than the context window of "
+                          f"{self.max_model_len} tokens can hold (at most {limit} characters)")
 
     def check_max_tokens(self, max_tokens: int) -> None:
         if max_tokens >= self.max_model_len:

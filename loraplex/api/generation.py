@@ -1,15 +1,22 @@
 """One generation request as both dialects serve it: started eagerly (so that a failure before
 the first token — an adapter that will not load, a full queue — is a proper HTTP error), then
-read whole or as text deltas for streaming. When it ends (finished, failed or abandoned) it
+read whole or as deltas for streaming. When it ends (finished, failed or abandoned) it
 records its metrics and logs one line: request id, account, finetune, prompt and output token
-counts, TTFT, duration and finish reason — never the prompt, the output or the API token."""
+counts, TTFT, duration and finish reason — never the prompt, the output or the API token.
+
+A client that leaves is noticed at every stage that waits on the engine: before the first token
+(`start(..., request)`), while a non-streamed answer is generated (`complete(request)`), and
+mid-stream (the streaming response cancels its body). In each case the request is aborted in the
+engine at once: its KV blocks, its adapter slot and its admission slot are freed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import NamedTuple, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -21,29 +28,43 @@ from loraplex.logs import event
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
+
+class Delta(NamedTuple):
+    """New output since the previous delta: text, and the counted tokens [start, end)."""
+
+    text: str
+    token_start: int
+    token_end: int
+
 
 class Generation:
-    """Use `await Generation.start(...)`; then `complete()`, or `deltas()` and `aclose()`
-    (closing an unfinished generation aborts the request and frees its KV blocks)."""
+    """Use `await Generation.start(...)`; then `complete()`, or `deltas()` / `text_deltas()` and
+    `aclose()` (closing an unfinished generation aborts the request and frees its KV blocks)."""
 
     def __init__(self, ctx: ApiContext, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
         self._ctx = ctx
-        self._outputs = ctx.engine.generate(prompt_token_ids, params, adapter)
+        # the account salts the prefix cache: no tenant's cached prompt speeds up another's
+        self._outputs = ctx.engine.generate(prompt_token_ids, params, adapter, cache_salt=ACCOUNT_ID.get() or "")
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._sent_chars = 0
         self._adapter = adapter
         self._request_id, self._account = REQUEST_ID.get(), ACCOUNT_ID.get()
         self._ended = False
+        self._sent_tokens = 0
         self.num_prompt_tokens = len(prompt_token_ids)
         self.output: RequestOutput | None = None
 
     @classmethod
     async def start(cls, ctx: ApiContext, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None) -> Generation:
+                    adapter: str | None, request: Request | None = None) -> Generation:
+        """Queue the request and wait for its first output. If the client of `request` leaves
+        meanwhile, the request is aborted and ClientDisconnect raised."""
         gen = cls(ctx, prompt_token_ids, params, adapter)
         try:
-            await gen._advance()
+            await until_disconnect(request, gen._advance())
         except BaseException:
             await gen.aclose()
             raise
@@ -53,21 +74,9 @@ class Generation:
         """Run to the end (closing the generation, also on failure); the final output. If the
         client of `request` disconnects first, the request is aborted (its KV blocks freed at
         once) and ClientDisconnect raised."""
-        tasks: list[asyncio.Future] = []
         try:
-            if request is None:
-                return await self._run_to_end()
-            run, gone = asyncio.ensure_future(self._run_to_end()), asyncio.ensure_future(_disconnected(request))
-            tasks = [run, gone]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if run.done():
-                return run.result()
-            gone.result()  # what the watcher raised, if it failed
-            raise ClientDisconnect()
+            return await until_disconnect(request, self._run_to_end())
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # both unwound before aclose()
             await self.aclose()
 
     async def _run_to_end(self) -> RequestOutput:
@@ -75,23 +84,36 @@ class Generation:
             await self._advance()
         return self.output
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """New text since the previous delta (non-empty), until the request finishes."""
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """What is new since the previous delta (new text or new counted tokens), until the
+        request finishes; the last delta holds whatever was left (possibly nothing)."""
         while True:
-            text = self.output.text
-            if len(text) > self._sent_chars:
-                yield text[self._sent_chars:]
-                self._sent_chars = len(text)
-            if self.output.finished:
+            out = self.output
+            text, tokens = out.text[self._sent_chars:], max(out.num_generated_tokens, self._sent_tokens)
+            if text or tokens > self._sent_tokens or out.finished:
+                yield Delta(text, self._sent_tokens, tokens)
+                self._sent_chars, self._sent_tokens = self._sent_chars + len(text), tokens
+            if out.finished:
                 return
             await self._advance()
+
+    async def text_deltas(self) -> AsyncIterator[str]:
+        """New text since the previous delta (non-empty), until the request finishes."""
+        async for delta in self.deltas():
+            if delta.text:
+                yield delta.text
 
     async def aclose(self) -> None:
         await self._outputs.aclose()
         self._end("abort")  # a no-op when it had ended already
 
+    @property
+    def num_completion_tokens(self) -> int:
+        """Generated tokens, not counting a final end-of-sequence token (as OpenAI and vLLM do)."""
+        return self.output.num_generated_tokens
+
     def usage(self) -> dict:
-        completion = len(self.output.token_ids)
+        completion = self.num_completion_tokens
         return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.num_prompt_tokens + completion}
 
@@ -137,6 +159,24 @@ class Generation:
         event(log, "generation", request_id=self._request_id, account=self._account, finetune=self._adapter,
               prompt_tokens=self.num_prompt_tokens, output_tokens=output_tokens, ttft_s=ttft,
               duration_s=round(now - self._started, 6), finish_reason=finish_reason)
+
+
+async def until_disconnect(request: Request | None, work: Awaitable[_T]) -> _T:
+    """The result of `work`, unless the client of `request` leaves first: then `work` is
+    cancelled and ClientDisconnect raised. Both are unwound before this returns."""
+    if request is None:
+        return await work
+    run, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((run, gone), return_when=asyncio.FIRST_COMPLETED)
+        if run.done():
+            return run.result()
+        gone.result()  # what the watcher raised, if it failed
+        raise ClientDisconnect()
+    finally:
+        for task in (run, gone):
+            task.cancel()
+        await asyncio.gather(run, gone, return_exceptions=True)
 
 
 async def _disconnected(request: Request) -> None:

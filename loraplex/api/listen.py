@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import uvicorn
 
+from loraplex.api.connections import uvicorn_config
+from loraplex.config import HttpConfig
 from loraplex.logs import configure
 
 
@@ -22,8 +24,9 @@ class _Server(uvicorn.Server):
             self._on_bound(f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}")
 
 
-def serve(app, host: str, port: int, log_level: str, log_format: str, on_bound: Callable[[str], None]) -> None:
-    """Serve `app` until interrupted; `on_bound(url)` runs once the port is bound. Logging is
-    configured (again: harmless) by uvicorn with loraplex's formats."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=configure(log_format, log_level))
+def serve(app, http: HttpConfig, host: str, port: int, log_level: str, log_format: str,
+          on_bound: Callable[[str], None]) -> None:
+    """Serve `app` with the connection bounds of `http` until interrupted; `on_bound(url)` runs
+    once the port is bound. Logging is configured (again: harmless) by uvicorn with loraplex's formats."""
+    config = uvicorn_config(app, http, host, port, log_level, log_config=configure(log_format, log_level))
     _Server(config, on_bound).run()

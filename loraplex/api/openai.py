@@ -15,7 +15,7 @@ from loraplex.api.auth import authorize
 from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import invalid
-from loraplex.api.generation import Generation
+from loraplex.api.choices import Choices, CompletionLogprobs, chat_logprobs, choice_params
 from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest, json_body
 from loraplex.api.streaming import DONE, sse, sse_response
 from loraplex.core import SamplingParams
@@ -35,7 +35,9 @@ def split_model(ctx: ApiContext, model: str, lora: str | None) -> str | None:
     return lora
 
 
-def sampling_params(ctx: ApiContext, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+def sampling_params(ctx: ApiContext, body, prompt_len: int, max_tokens: int | None,
+                    top_logprobs: int | None) -> SamplingParams:
+    """`top_logprobs`: None → no logprobs; k → logprobs with k alternatives per token."""
     if max_tokens is not None:
         ctx.check_max_tokens(max_tokens)
     else:
@@ -48,6 +50,8 @@ def sampling_params(ctx: ApiContext, body, prompt_len: int, max_tokens: int | No
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         stop=body.stop,
+        logprobs=top_logprobs is not None,
+        top_logprobs=top_logprobs or 0,
     )
 
 
@@ -59,61 +63,84 @@ async def _start(request: Request, account_id: str, schema):
     return ctx, body, adapter
 
 
-def _usage_chunk(base: dict, gen: Generation, body) -> list[bytes]:
+def _usage_chunk(base: dict, choices: Choices, body) -> list[bytes]:
     if body.stream_options and body.stream_options.include_usage:
-        return [sse(base | {"choices": [], "usage": gen.usage()})]
+        return [sse(base | {"choices": [], "usage": choices.usage()})]
     return []
 
 
 @router.post(PREFIX + "/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(account_id: str, request: Request):
     ctx, body, adapter = await _start(request, account_id, ChatCompletionRequest)
-    prompt_ids = ctx.encode_chat([m.as_dict() for m in body.messages])
-    params = sampling_params(ctx, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
-    gen = await Generation.start(ctx, prompt_ids, params, adapter)
+    prompt_ids = await ctx.encode_chat([m.as_dict() for m in body.messages])
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(ctx, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, top)
+    choices = await Choices.start(ctx, prompt_ids, choice_params(params, body.n), adapter, request)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         chunk = base | {"object": "chat.completion.chunk"}
 
+        def event(index: int, delta: dict, finish_reason=None, logprobs=None) -> bytes:
+            return sse(chunk | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                             "finish_reason": finish_reason}]})
+
         async def events():
-            yield sse(chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]})
-            async for delta in gen.deltas():
-                yield sse(chunk | {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]})
-            yield sse(chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": gen.output.finish_reason}]})
-            for event in _usage_chunk(chunk, gen, body):
-                yield event
+            for i in range(body.n):
+                yield event(i, {"role": "assistant", "content": ""})
+            async for i, delta in choices.deltas():
+                out = choices.gens[i].output
+                if delta is None:
+                    yield event(i, {}, out.finish_reason)
+                elif delta.text or (body.logprobs and delta.token_end > delta.token_start):
+                    logprobs = chat_logprobs(ctx.tokenizer, out, delta.token_start, delta.token_end) \
+                        if body.logprobs else None
+                    yield event(i, {"content": delta.text}, logprobs=logprobs)
+            for e in _usage_chunk(chunk, choices, body):
+                yield e
             yield DONE
 
-        return sse_response(gen, events())
-    out = await gen.complete(request)
-    return base | {"object": "chat.completion", "usage": gen.usage(), "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
-         "logprobs": None}]}
+        return sse_response(choices, events())
+    outs = await choices.complete(request)
+    return base | {"object": "chat.completion", "usage": choices.usage(), "choices": [
+        {"index": i, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
+         "logprobs": chat_logprobs(ctx.tokenizer, out, 0, out.num_generated_tokens) if body.logprobs else None}
+        for i, out in enumerate(outs)]}
 
 
 @router.post(PREFIX + "/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(account_id: str, request: Request):
     ctx, body, adapter = await _start(request, account_id, CompletionRequest)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    prompt_ids = ctx.encode_prompt(prompt, raw=True)
-    gen = await Generation.start(ctx, prompt_ids, sampling_params(ctx, body, len(prompt_ids), body.max_tokens), adapter)
+    prompt_ids = await ctx.encode_prompt(prompt, raw=True)
+    params = sampling_params(ctx, body, len(prompt_ids), body.max_tokens, body.logprobs)
+    choices = await Choices.start(ctx, prompt_ids, choice_params(params, body.n), adapter, request)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "object": "text_completion"}
+    formatters = [CompletionLogprobs(ctx.tokenizer) for _ in range(body.n)]
+    wants_logprobs = body.logprobs is not None
     if body.stream:
+        def event(index: int, text: str, finish_reason=None, logprobs=None) -> bytes:
+            return sse(base | {"choices": [{"index": index, "text": text, "finish_reason": finish_reason,
+                                            "logprobs": logprobs}]})
+
         async def events():
-            async for delta in gen.deltas():
-                yield sse(base | {"choices": [{"index": 0, "text": delta, "finish_reason": None, "logprobs": None}]})
-            yield sse(base | {"choices": [{"index": 0, "text": "", "finish_reason": gen.output.finish_reason,
-                                           "logprobs": None}]})
-            for event in _usage_chunk(base, gen, body):
-                yield event
+            async for i, delta in choices.deltas():
+                out = choices.gens[i].output
+                if delta is None:
+                    yield event(i, "", out.finish_reason)
+                elif delta.text or (wants_logprobs and delta.token_end > delta.token_start):
+                    logprobs = formatters[i].of(out, delta.token_start, delta.token_end) if wants_logprobs else None
+                    yield event(i, delta.text, logprobs=logprobs)
+            for e in _usage_chunk(base, choices, body):
+                yield e
             yield DONE
 
-        return sse_response(gen, events())
-    out = await gen.complete(request)
-    return base | {"usage": gen.usage(), "choices": [
-        {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}]}
+        return sse_response(choices, events())
+    outs = await choices.complete(request)
+    return base | {"usage": choices.usage(), "choices": [
+        {"index": i, "text": out.text, "finish_reason": out.finish_reason,
+         "logprobs": formatters[i].of(out, 0, out.num_generated_tokens) if wants_logprobs else None}
+        for i, out in enumerate(outs)]}
 
 
 @router.get(PREFIX + "/models")

@@ -1,5 +1,9 @@
 """Request bodies of both dialects (pydantic v2). Unknown fields are ignored, as the hosted APIs
-do; known ones are checked for type and range, so a bad value is a 400 naming the field."""
+do; known ones are checked strictly for type (no "yes" for a boolean, no `true` or 1.5 for an
+integer; an integer is accepted for a number) and range, so a bad value is a 400 naming the field.
+
+The bounds a request may ask for live here and in loraplex/config.py (those SamplingParams
+enforces too); docs/RELIABILITY.md lists them."""
 
 from __future__ import annotations
 
@@ -7,17 +11,22 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_PROMPT_CHARS = 1 << 20  # the body limit bounds this too; the context window bounds tokens
+from loraplex.config import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY
+
+MAX_PROMPT_CHARS = 1 << 20  # a prompt, or all messages' contents together; checked before tokenizing
+MAX_CHOICES = 16  # OpenAI `n`
 
 
-class TextPart(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Strict):
     type: Literal["text"] = "text"
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class Message(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] = ""
 
@@ -25,14 +34,24 @@ class Message(BaseModel):
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
+    @property
+    def num_chars(self) -> int:
+        return len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content)
+
+
+def _check_messages(messages: list[Message]) -> list[Message]:
+    if sum(m.num_chars for m in messages) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the messages hold more than {MAX_PROMPT_CHARS} characters")
+    return messages
+
 
 Messages = Annotated[list[Message], Field(min_length=1, max_length=1024)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Sampling(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     frequency_penalty: Penalty | None = None
@@ -45,21 +64,23 @@ class RunRequest(_Sampling):
 
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     messages: Messages | None = None
-    raw: bool = False  # lax: "true" / "false" strings are accepted too
+    raw: bool = False
     stream: bool = False
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.6, ge=0, le=5)
     top_k: int | None = Field(None, ge=0, le=1_000_000)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10)
 
     @model_validator(mode="after")
     def _one_input(self) -> RunRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.messages is not None:
+            _check_messages(self.messages)
         return self
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
@@ -69,22 +90,33 @@ class _OpenAIRequest(_Sampling):
     temperature: float = Field(1.0, ge=0, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    n: Literal[1] = 1
+    stop: Stop | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: Messages
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatCompletionRequest:
+        _check_messages(self.messages)
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt per request
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
+        list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]], Field(min_length=1, max_length=1)]  # one prompt
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API: how many alternatives per token
+    echo: Literal[False] = False
 
 
-class FinetuneCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FinetuneCreate(_Strict):
 
     model: str = Field(min_length=1, max_length=256)
     name: str = Field(min_length=1, max_length=64)

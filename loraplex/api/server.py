@@ -8,7 +8,7 @@ local object store), `uploads/` (staging), `models/` (the converted default mode
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters.registry import Registry
@@ -16,7 +16,8 @@ from loraplex.adapters.storage import open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
 from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PER_ACCOUNT, DEFAULT_MAX_LORA_RANK,
-                             CacheConfig, EngineConfig, LoraConfig, MetricsConfig, ModelConfig, SchedulerConfig)
+                             CacheConfig, EngineConfig, HttpConfig, LoraConfig, MetricsConfig, ModelConfig,
+                             SchedulerConfig)
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
 
@@ -35,6 +36,7 @@ class ServerOptions:
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     max_model_len: int | None = None
     kv_cache_memory: int | float | None = None
+    prefix_caching: bool = CacheConfig().prefix_caching
     max_num_seqs: int = 128
     max_pending: int = 256  # requests in flight before 429 / 3040
     max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT
@@ -45,6 +47,9 @@ class ServerOptions:
     adapter_workers: int = 2  # threads downloading and parsing adapters
     admin_token: str | None = None  # enables the operator routes (/admin/…); see api/admin.py
     max_finetune_metric_labels: int = MetricsConfig().max_finetune_labels
+    http: HttpConfig = field(default_factory=HttpConfig)  # connection cap, header/body/keep-alive timeouts
+    metrics_token: str | None = None  # /metrics wants `Authorization: Bearer <it>`; None: /metrics is open
+    docs: bool = True  # serve /docs, /redoc and /openapi.json (public: they describe the API, hold no data)
 
     @property
     def served_name(self) -> str:
@@ -61,7 +66,7 @@ def open_registry(data_dir: Path, max_finetunes_per_account: int = DEFAULT_MAX_F
 def engine_config(opts: ServerOptions) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len),
-        cache=CacheConfig(kv_cache_memory=opts.kv_cache_memory),
+        cache=CacheConfig(kv_cache_memory=opts.kv_cache_memory, prefix_caching=opts.prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=opts.max_num_seqs),
         lora=LoraConfig(max_loras=opts.max_loras, max_lora_rank=opts.max_lora_rank,
                         retry_failed_after_s=opts.retry_failed_adapter_after_s,
@@ -92,4 +97,6 @@ def build_context(opts: ServerOptions) -> ApiContext:
                         MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels)),
         upload_dir=opts.data_dir / "uploads",
         admin_token=opts.admin_token,
+        metrics_token=opts.metrics_token,
+        docs=opts.docs,
     )

@@ -45,13 +45,13 @@ async def run(account_id: str, model_name: str, request: Request):
     ctx.check_max_tokens(body.max_tokens)
     adapter = await ctx.adapter_for(account_id, body.lora)
     if body.messages is not None:
-        prompt_ids = ctx.encode_chat([m.as_dict() for m in body.messages])
+        prompt_ids = await ctx.encode_chat([m.as_dict() for m in body.messages])
     else:
-        prompt_ids = ctx.encode_prompt(body.prompt, body.raw)
-    gen = await Generation.start(ctx, prompt_ids, sampling_params(body), adapter)
+        prompt_ids = await ctx.encode_prompt(body.prompt, body.raw)
+    gen = await Generation.start(ctx, prompt_ids, sampling_params(body), adapter, request)
     if body.stream:
         async def events():
-            async for delta in gen.deltas():
+            async for delta in gen.text_deltas():
                 yield sse({"response": delta})
             yield sse({"response": "", "usage": gen.usage()})
             yield DONE

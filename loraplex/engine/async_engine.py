@@ -122,10 +122,11 @@ class AsyncEngine:
         return await self.call(remove)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None, cache_salt: str = ""
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its cumulative outputs, the last one `finished`. Raises
-        QueueFull or ValueError (a request that can never run) before yielding anything."""
+        QueueFull or ValueError (a request that can never run) before yielding anything.
+        cache_salt: see LLMEngine.add_request."""
         if self._in_flight >= self.max_pending:
             raise QueueFull(f"too many requests in flight ({self.max_pending}); retry later")
         self._in_flight += 1
@@ -140,7 +141,7 @@ class AsyncEngine:
         def add(engine: LLMEngine) -> None:
             if lora is not None and lora in self._forgotten:
                 raise AdapterForgotten(lora)
-            engine.add_request(request_id, prompt_token_ids, params, lora)
+            engine.add_request(request_id, prompt_token_ids, params, lora, cache_salt)
             self._deliver[request_id] = deliver
 
         try:

@@ -278,11 +278,14 @@ class LLMEngine:
             entry.seq.num_computed_tokens += entry.num_tokens
             self.block_manager.cache_computed_blocks(entry.seq, entry.num_tokens)
         outputs = failed
-        for entry, token_id, logprob in zip(result.sampled, result.token_ids, result.logprobs):
+        top_logprobs = result.top_logprobs or [None] * len(result.sampled)
+        for entry, token_id, logprob, top in zip(result.sampled, result.token_ids, result.logprobs, top_logprobs):
             seq = entry.seq
             seq.output_token_ids.append(token_id)
             if seq.params.logprobs:
                 seq.output_logprobs.append(logprob)
+            if seq.params.top_logprobs:
+                seq.output_top_logprobs.append(top)
             self._update_text_and_finish(seq, token_id)
             outputs.append(seq.to_output())
         return outputs
@@ -322,13 +325,13 @@ class LLMEngine:
         params = seq.params
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             seq.finish_reason = "stop"
+            seq.ends_with_stop_token = True
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.text += detokenizer.flush()
-        if params.stop:
-            longest = max(len(s) for s in params.stop)
-            search_from = max(0, previous_len - longest + 1)
+        if params.stop:  # only the tail that the new text can complete a stop string in
+            search_from = max(0, previous_len - params.longest_stop + 1)
             hits = [i for i in (seq.text.find(s, search_from) for s in params.stop) if i >= 0]
             if hits:
                 seq.text = seq.text[: min(hits)]

@@ -25,6 +25,7 @@ class StepResult(NamedTuple):
     sampled: list[ScheduledSequence]  # the entries that sampled a token, in step order
     token_ids: list[int]
     logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None] | None = None  # None: no row asked for them
 
 
 def available_memory(device: torch.device) -> int:
@@ -123,7 +124,7 @@ class ModelRunner:
             for e in sampled
         ]
         out = self.sampler(logits, rows)
-        return StepResult(sampled, out.token_ids, out.logprobs)
+        return StepResult(sampled, out.token_ids, out.logprobs, out.top_logprobs)
 
     def _forward(self, decodes: list[ScheduledSequence], prefills: list[ScheduledSequence]) -> torch.Tensor:
         """The eager forward of one step → hidden [T, H], rows in decodes + prefills order."""

@@ -31,6 +31,8 @@ class Sequence:
     lora_slot: int = -1  # device slot while running with an adapter, else -1
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    ends_with_stop_token: bool = False  # finished on an end-of-sequence / stop token id (not counted)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -67,7 +69,7 @@ class Sequence:
         that streamed text only ever grows."""
         text = self.text
         if not self.finished and self.params.stop:
-            text = text[: max(0, len(text) - max(len(s) for s in self.params.stop) + 1)]
+            text = text[: max(0, len(text) - self.params.longest_stop + 1)]
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
@@ -76,6 +78,8 @@ class Sequence:
             finished=self.finished,
             finish_reason=self.finish_reason,
             logprobs=list(self.output_logprobs) if self.params.logprobs else None,
+            top_logprobs=list(self.output_top_logprobs) if self.params.top_logprobs else None,
+            num_generated_tokens=len(self.output_token_ids) - self.ends_with_stop_token,
             error=self.error,
             error_code=self.error_code,
         )

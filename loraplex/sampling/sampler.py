@@ -38,10 +38,13 @@ class SamplingRow:
 
 class SamplerOutput(NamedTuple):
     """`token_ids[i]` is row i's token; `logprobs[i]` is log_softmax(raw logits)[token] or None
-    when row i did not ask for logprobs."""
+    when row i did not ask for logprobs; `top_logprobs[i]` is {token: log_softmax(raw logits)}
+    of row i's `params.top_logprobs` most likely tokens (most likely first), or None when it
+    asked for none. Both are computed only for the rows that ask (off the hot path otherwise)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None] | None = None
 
 
 def _distinct_tokens(
@@ -110,7 +113,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = values.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumsum: 0 for the top token
     p = torch.where(top_p < 1, top_p, float("inf"))
-    values.masked_fill_(mass_before >= p[:, None], float("-inf"))
+    # rank > 0: the top token stays even when top_p underflowed to 0 in float32
+    values.masked_fill_((mass_before >= p[:, None]) & (rank > 0), float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, values)
 
 
@@ -143,14 +147,26 @@ class Sampler:
                 tokens[idx] = self._sample(x[idx].float(), [rows[i] for i in sampled])  # x[idx] copies
 
         logprobs: list[float | None] = [None] * n
+        top: list[dict[int, float] | None] | None = None
         wanted = [i for i, p in enumerate(params) if p.logprobs]
         if wanted:
             idx = torch.tensor(wanted, device=device)
             raw = logits[idx].float()
-            values = raw.gather(1, tokens[idx, None]).squeeze(1) - raw.logsumexp(dim=-1)
+            log_z = raw.logsumexp(dim=-1)
+            values = raw.gather(1, tokens[idx, None]).squeeze(1) - log_z
             for i, value in zip(wanted, values.tolist()):
                 logprobs[i] = value
-        return SamplerOutput(tokens.tolist(), logprobs)
+            k = max(params[i].top_logprobs for i in wanted)
+            if k:
+                top = [None] * n
+                top_values, top_ids = raw.topk(min(k, vocab), dim=-1)
+                top_values -= log_z[:, None]
+                for j, (ids, vals) in enumerate(zip(top_ids.tolist(), top_values.tolist())):
+                    i = wanted[j]
+                    keep = params[i].top_logprobs
+                    if keep:
+                        top[i] = dict(zip(ids[:keep], vals[:keep]))
+        return SamplerOutput(tokens.tolist(), logprobs, top)
 
     @staticmethod
     def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
