@@ -100,6 +100,9 @@ class MetricsConfig:
     finetune ids seen by a server process; later ones are counted under "other"."""
 
     max_finetune_labels: int = 100
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """Connection-level bounds of the HTTP server (see loraplex/api/connections.py)."""
 

@@ -120,8 +120,8 @@ def test_deleting_a_finetune_in_use_lets_its_request_finish_then_forgets_it(serv
     added, release = threading.Event(), threading.Event()
     real_add = engine.add_request
 
-    def gated_add(request_id, prompt, params, lora=None):  # runs on the engine thread
-        real_add(request_id, prompt, params, lora)
+    def gated_add(request_id, prompt, params, lora=None, cache_salt=""):  # runs on the engine thread
+        real_add(request_id, prompt, params, lora, cache_salt)
         if lora == finetune:
             added.set()
             assert release.wait(WAIT_S)
