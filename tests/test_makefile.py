@@ -30,7 +30,9 @@ def at(path: Path, t: int) -> None:
 
 
 def dry_run(project: Path, *args: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}  # make reads the environment too
+    # make reads the environment too; and under `make test` MAKELEVEL/MAKEFLAGS would make it a
+    # sub-make, which prints "Entering/Leaving directory" lines around the commands
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(["make", "-n", *args], cwd=project, capture_output=True, text=True, check=True, env=env)
     return done.stdout.splitlines()
 
