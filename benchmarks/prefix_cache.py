@@ -9,7 +9,7 @@ settings run with the prefix cache on and off, alternately, ROUNDS times each (t
 shared and noisy), in one process; the figures kept per mode are the medians over rounds.
 Every output of the "on" runs must equal the "off" runs' (greedy): checked, not assumed.
 
-    python benchmarks/prefix_cache.py [--rounds 1] [--out benchmarks/out]     # ~10 min per round on 2 busy cores
+    python benchmarks/prefix_cache.py [--rounds 1] [--out benchmarks/out]     # ~5 min a round on a quiet 2-core machine
 """
 
 from __future__ import annotations
