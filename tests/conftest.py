@@ -14,3 +14,13 @@ def default_model_dir() -> Path:
     from loraplex.models.default_model import ensure_default_model
 
     return ensure_default_model(PYTEST_DATA_DIR)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (tests/tiny_models.py), made once per test module that asks for it."""
+    from tiny_models import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", folder)
+    return folder

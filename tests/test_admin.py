@@ -12,17 +12,10 @@ import pytest
 from cloudflare import Cloudflare
 
 from api_server import LiveServer, server_options
-from tiny_models import make_peft_adapter, make_tiny_model
+from tiny_models import make_peft_adapter
 
 MODEL = "@cf/test/tiny-llama"
 ADMIN = "operator-secret-token"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

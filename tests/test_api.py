@@ -16,18 +16,11 @@ from openai import OpenAI
 from api_server import LiveServer, server_options
 from loraplex import LLM, SamplingParams
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
-from tiny_models import make_peft_adapter, make_tiny_model
+from tiny_models import make_peft_adapter
 
 MODEL = "@cf/test/tiny-llama"  # slashes: the Cloudflare SDK sends them %2F-encoded
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import random
 import shutil
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -33,6 +32,7 @@ from loraplex.adapters.registry import SCHEMA_VERSION, Registry, RegistryError
 from loraplex.core import RequestOutput
 from loraplex.client import wait_until_healthy
 from test_storage import _s3_env
+from error_log import ErrorLog
 from tiny_models import make_peft_adapter, make_tiny_model
 
 MODEL = "@cf/test/tiny-llama"
@@ -155,38 +155,6 @@ def assert_unavailable(response: httpx.Response) -> None:
     """A clean "out of capacity, retry later": 503 and code 3040 in the envelope."""
     assert response.status_code == 503, response.text
     assert error_code(response) == 3040
-
-
-class ErrorLog(logging.Handler):
-    """Collects ERROR records of the server's loggers (tracebacks of unhandled exceptions)."""
-
-    LOGGERS = ("uvicorn.error", "loraplex")
-
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @contextmanager
-    def watching(self):
-        for name in self.LOGGERS:
-            logging.getLogger(name).addHandler(self)
-        try:
-            yield self
-        finally:
-            for name in self.LOGGERS:
-                logging.getLogger(name).removeHandler(self)
-
-    def messages(self, but_client_disconnects: bool = False) -> list[str]:
-        """One line per record; `but_client_disconnects` leaves out the known issue of a client
-        that leaves before its body was read (see test_client_gone_before_its_body_is_no_server_error)."""
-        def kind(record: logging.LogRecord) -> str:
-            return record.exc_info[0].__name__ if record.exc_info else ""
-
-        return [record.getMessage().strip() + (f" ({kind(record)})" if kind(record) else "")
-                for record in self.records if not (but_client_disconnects and kind(record) == "ClientDisconnect")]
 
 
 def engine_call(server: LiveServer, fn):

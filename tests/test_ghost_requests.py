@@ -19,19 +19,11 @@ import pytest
 from api_server import LiveServer, server_options
 from loraplex import LLM, SamplingParams
 from loraplex.core import RequestOutput
-from tiny_models import make_tiny_model
 
 MODEL = "@cf/test/tiny-llama"
 LONG_PROMPT = "Once upon a time, " * 22  # ~400 tokens of a 512-token context: a long prefill
 PROMPT = "The capital of France is"
 DEADLINE_S = 60
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

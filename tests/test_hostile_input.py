@@ -15,18 +15,10 @@ from api_server import LiveServer, server_options
 from loraplex import LLM, SamplingParams
 from loraplex.api.schemas import MAX_PROMPT_CHARS
 from loraplex.config import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
-from test_faults import ErrorLog
-from tiny_models import make_tiny_model
+from error_log import ErrorLog
 
 MODEL = "@cf/test/tiny-llama"
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,12 @@ from api_server import LiveServer, server_options
 from loraplex import LLM, SamplingParams
 from loraplex.api import connections
 from loraplex.config import HttpConfig
-from test_faults import ErrorLog
-from tiny_models import make_tiny_model
+from error_log import ErrorLog
 
 MODEL = "@cf/test/tiny-llama"
 PROMPT = "The capital of France is"
 CAP = 8
 DEADLINE_S = 60  # what a wait may take at most on a loaded machine; never a measured figure
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,8 @@ import httpx
 import pytest
 
 from api_server import LiveServer, server_options
-from tiny_models import make_tiny_model
 
 METRICS_TOKEN = "metrics-secret-for-the-test"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
