@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from loraplex import errors
 from loraplex.adapters.registry import RegistryError
 from loraplex.adapters.storage import StorageError
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
@@ -31,6 +32,31 @@ log = logging.getLogger(__name__)
 STATUS_OF_CODE = {3006: 413, 3036: 429, 3037: 404, 3039: 400, 3040: 429, 5004: 400, 5005: 400, 5007: 400}
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+# domain error kind → (Workers AI code, HTTP status): the one table. Most specific kinds first;
+# the first row the error is an instance of answers.
+WIRE: list[tuple[type[errors.LoraplexError], int, int]] = [
+    (errors.TooLarge, 3006, 413),
+    (errors.AdapterFilesMissing, 3039, 400),
+    (errors.InvalidInput, 5004, 400),
+    (errors.FinetuneNotFound, 3037, 404),
+    (errors.ModelNotFound, 5007, 400),
+    (errors.NotFound, 7000, 404),
+    (errors.Unauthenticated, 10000, 401),
+    (errors.Forbidden, 10000, 403),
+    (errors.LimitReached, 3036, 429),
+    (errors.CapacityExhausted, 3040, 429),
+    (errors.Unavailable, 3040, 503),
+]
+
+
+def wire_of(error: errors.LoraplexError) -> tuple[int, int]:
+    """(Workers AI code, HTTP status) of a domain error."""
+    for kind, code, status in WIRE:
+        if isinstance(error, kind):
+            return code, status
+    return 3043, 500
 
 
 class ApiError(Exception):
@@ -82,6 +108,11 @@ def as_api_error(exc: Exception) -> ApiError:
     """The ApiError an exception from the layers below stands for."""
     if found := api_error_in(exc):
         return found
+    if isinstance(exc, errors.LoraplexError):
+        code, status = wire_of(exc)
+        if status >= 500:
+            log.warning("request failed: %r", exc)
+        return ApiError(code, exc.message, status)
     if isinstance(exc, RegistryError):
         return ApiError(exc.code, exc.message, exc.status)
     if isinstance(exc, AdapterError):
@@ -128,5 +159,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # the expected kinds are registered one by one: Starlette sends a bare `Exception` handler to
     # its outermost middleware, which logs a traceback after answering
-    for kind in (ApiError, RegistryError, AdapterError, AdapterForgotten, QueueFull, StorageError, EngineFailure, ValueError, Exception):
+    for kind in (ApiError, errors.LoraplexError, RegistryError, AdapterError, AdapterForgotten, QueueFull, StorageError, EngineFailure, ValueError, Exception):
         app.add_exception_handler(kind, _known)
