@@ -8,19 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from loraplex import config, env
-from loraplex.config import DEFAULT_HOST, DEFAULT_PORT
+from loraplex.config import DEFAULT_HOST, DEFAULT_PORT, HttpConfig, engine_config, engine_settings
 from loraplex.logs import LOG_FORMATS
-from loraplex.config import HttpConfig
 
 
 def _generate(args: argparse.Namespace) -> int:
     from loraplex import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, **_engine_settings(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     if args.raw:
         out = llm.generate([args.prompt], params)[0]
@@ -70,13 +70,9 @@ def _server_options(args: argparse.Namespace):
     from loraplex.api.server import ServerOptions
 
     return ServerOptions(
-        data_dir=args.data_dir, model=args.model, model_name=args.model_name, storage=args.storage,
-        dtype=args.dtype, device=args.device, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_model_len=args.max_model_len, max_pending=args.max_pending, kv_cache_memory=args.kv_cache_memory,
-        prefix_caching=args.prefix_caching,
+        data_dir=args.data_dir, engine=engine_config(args.model, **_engine_settings(args)), model_name=args.model_name,
+        max_pending=args.max_pending,
         max_finetunes_per_account=args.max_finetunes_per_account, max_adapter_bytes=args.max_adapter_size,
-        adapter_host_cache_bytes=args.adapter_host_cache,
-        adapter_disk_cache_bytes=args.adapter_disk_cache, adapter_workers=args.adapter_workers,
         admin_token=env.admin_token(),
         http=HttpConfig(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
                         body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout),
@@ -195,15 +191,37 @@ def _byte_size(text: str) -> int:
     return int(value)
 
 
+def _engine_flags() -> argparse.ArgumentParser:
+    """One flag per engine setting, named, parsed and documented from loraplex/config.py: the
+    setting's name with dashes and without a `_bytes` / `_s` unit suffix; `--no-NAME` for a
+    setting that is on by default."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--model", default="default", help='a Hugging Face folder, or "default"')
+    parsers = {"bytes": _byte_size, "bytes_or_fraction": _bytes_or_fraction}
+    for name, spec in engine_settings().items():
+        flag, parse, help_text = re.sub(r"_(bytes|s)$", "", name).replace("_", "-"), spec.metadata["parse"], spec.metadata["help"]
+        if parse is bool:
+            flags.add_argument(f"--no-{flag}" if spec.default else f"--{flag}", dest=name, default=spec.default,
+                               action="store_false" if spec.default else "store_true",
+                               help=f"{'turn off: ' if spec.default else ''}{help_text}")
+        else:
+            default = "" if spec.default is None else f" (default: {spec.default})"
+            metavar = {"bytes": "BYTES", "bytes_or_fraction": "BYTES|FRACTION"}.get(parse, "SECONDS" if name.endswith("_s") else None)
+            flags.add_argument(f"--{flag}", dest=name, type=parsers.get(parse, parse), default=spec.default,
+                               metavar=metavar, help=help_text + default)
+    return flags
+
+
+def _engine_settings(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in engine_settings()}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex")
     sub = parser.add_subparsers(dest="command", required=True)
     data_dir = argparse.ArgumentParser(add_help=False)
     data_dir.add_argument("--data-dir", type=Path, default=None, help=f"default: {env.DATA_DIR_HELP}")
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", default="default", help='a Hugging Face folder, or "default"')
-    model.add_argument("--dtype", default="auto")
-    model.add_argument("--device", default="auto")
+    model = _engine_flags()
     url = argparse.ArgumentParser(add_help=False)
     url.add_argument("--url", default=env.api_url(), help=f"the server (default: {env.API_URL_HELP})")
 
@@ -218,22 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None, help="the name clients use (default: derived from --model)")
     serve.add_argument("--host", default=DEFAULT_HOST)
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve.add_argument("--storage", default=None, help="object store URL: file:///… or s3://bucket/prefix")
-    serve.add_argument("--max-loras", type=int, default=8, help="device slots for adapters")
-    serve.add_argument("--max-lora-rank", type=int, default=config.DEFAULT_MAX_LORA_RANK,
-                       help=f"adapters of higher rank are refused; also the slot rank (default {config.DEFAULT_MAX_LORA_RANK})")
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                       help="compute every prompt in full (default: reuse the KV cache of a prompt prefix seen "
-                            "before with the same adapter, within one account)")
-    serve.add_argument("--kv-cache-memory", type=_bytes_or_fraction, default=None,
-                       help="KV cache: bytes, or a fraction (0, 1] of free memory (default: 0.25 of host, 0.9 of GPU)")
-    serve.add_argument("--max-pending", type=int, default=256, help="requests in flight before 429")
-    serve.add_argument("--adapter-host-cache", type=_byte_size, default=1 << 30,
-                       help="bytes of parsed adapters kept in host memory, e.g. 2GiB (default 1GiB)")
-    serve.add_argument("--adapter-disk-cache", type=_byte_size, default=4 << 30,
-                       help="bytes of downloaded adapter files kept on local disk (default 4GiB)")
-    serve.add_argument("--adapter-workers", type=int, default=2, help="threads downloading and parsing adapters")
+    serve.add_argument("--max-pending", type=int, default=config.DEFAULT_MAX_PENDING,
+                       help=f"requests in flight before 429 (default {config.DEFAULT_MAX_PENDING})")
     serve.add_argument("--max-finetunes-per-account", type=int, default=config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
                        help="finetunes per account, whatever their state "
                             f"(default {config.DEFAULT_MAX_FINETUNES_PER_ACCOUNT})")

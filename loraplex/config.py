@@ -1,8 +1,12 @@
-"""Frozen configuration, one dataclass per subsystem, combined into EngineConfig."""
+"""Frozen configuration, one dataclass per subsystem, combined into EngineConfig: the one source
+of every default. Each engine setting has one name (its field's), used by `LLM(**settings)`,
+`ServerOptions` and the `loraplex serve --flags` (flag = the name with dashes, without a `_bytes`
+or `_s` unit suffix); its help text lives here too (`setting`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"  # `loraplex serve` binds here, and the client commands call it
 DEFAULT_PORT = 8787
@@ -13,6 +17,7 @@ DEFAULT_DATA_DIR = "~/.local/share/loraplex"  # when LORAPLEX_DATA_DIR is not se
 DEFAULT_MAX_LORA_RANK = 32
 DEFAULT_MAX_ADAPTER_BYTES = 300 * 10**6  # adapter_model.safetensors, at most
 DEFAULT_MAX_FINETUNES_PER_ACCOUNT = 100  # every finetune counts, whatever its state
+DEFAULT_MAX_PENDING = 256  # requests in flight (queued or running) before 429 / "retry later"
 # Per-request bounds of SamplingParams (the engine refuses beyond them; the API's schemas use the
 # same numbers, so an HTTP client gets a 400 naming the field).
 MAX_STOP_STRINGS = 16  # stop strings per request
@@ -22,13 +27,19 @@ GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature below this decodes greedily (ex
 MIN_REPETITION_PENALTY = 0.01  # smaller ones divide logits into inf/NaN territory
 
 
+def setting(default: Any, help: str, parse: type | str | None = None) -> Any:
+    """A setting's default and one-line help. parse: how the CLI reads it when the default does
+    not say (None default): a type, or "bytes" ("2GiB") / "bytes_or_fraction" ("0.5")."""
+    return field(default=default, metadata={"help": help, "parse": parse or type(default)})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # a Hugging Face folder, or "default" for the embedded SmolLM2-135M-Instruct
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
-    device: str = "auto"  # cpu | cuda | auto
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA, with a graph-safe decode attention)
+    dtype: str = setting("auto", "float32 | bfloat16 | float16 | auto")
+    device: str = setting("auto", "cpu | cuda | auto")
+    max_model_len: int | None = setting(None, "context window (default: the model's)", int)
+    cuda_graphs: bool = setting(True, "replay CUDA graphs for decode steps (CUDA, graph-safe attention)")
 
 
 def _require_positive(config, *names: str) -> None:
@@ -40,11 +51,11 @@ def _require_positive(config, *names: str) -> None:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    # bytes (> 1) or a fraction of the free memory (0 < x <= 1) of the device; None: 0.9 of the
-    # free GPU memory after the weights, or 0.25 of the available host memory on CPU
-    kv_cache_memory: int | float | None = None
-    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before (same adapter)
+    block_size: int = setting(16, "tokens per KV block")
+    kv_cache_memory: int | float | None = setting(
+        None, "KV cache: bytes, or a fraction of free device memory (default: 0.9 of free GPU memory "
+        "after the weights; 0.25 of available host memory on CPU)", "bytes_or_fraction")
+    prefix_caching: bool = setting(True, "reuse the KV blocks of a prompt prefix seen before (same adapter)")
 
     def __post_init__(self) -> None:
         _require_positive(self, "block_size")
@@ -54,8 +65,8 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 128  # running sequences at most
-    max_num_batched_tokens: int = 1024  # tokens per step; longer prompts are prefilled in chunks
+    max_num_seqs: int = setting(128, "running sequences at most")
+    max_num_batched_tokens: int = setting(1024, "tokens per step; longer prompts are prefilled in chunks")
 
     def __post_init__(self) -> None:
         _require_positive(self, "max_num_seqs", "max_num_batched_tokens")
@@ -63,16 +74,18 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    max_loras: int = 8  # device slots
-    max_lora_rank: int = DEFAULT_MAX_LORA_RANK  # slot rank; adapters of higher rank are refused
-    host_cache_bytes: int = 1 << 30  # parsed adapters kept in host memory (pinned ones may exceed it)
-    disk_cache_bytes: int = 4 << 30  # adapter files downloaded from the store, kept on local disk
-    storage_url: str | None = None  # object store of tenants' adapters: file:///… or s3://bucket/prefix
-    retry_failed_after_s: float = 5.0  # an adapter whose load failed is tried again after this long
-    cache_workers: int = 2  # threads that download and parse adapters (off the engine step)
+    max_loras: int = setting(8, "device slots for adapters")
+    max_lora_rank: int = setting(DEFAULT_MAX_LORA_RANK, "highest adapter rank, also the slot rank")
+    adapter_host_cache_bytes: int = setting(1 << 30, "parsed adapters kept in host memory (pinned ones may exceed it)",
+                                            "bytes")
+    adapter_disk_cache_bytes: int = setting(4 << 30, "adapter files downloaded from the store, kept on local disk",
+                                            "bytes")
+    storage: str | None = setting(None, "object store of adapters: file:///… or s3://bucket/prefix", str)
+    retry_failed_adapter_after_s: float = setting(5.0, "seconds before an adapter whose load failed is tried again")
+    adapter_workers: int = setting(2, "threads that download and parse adapters (off the engine step)")
 
     def __post_init__(self) -> None:
-        _require_positive(self, "max_loras", "max_lora_rank", "cache_workers")
+        _require_positive(self, "max_loras", "max_lora_rank", "adapter_workers")
         if self.max_lora_rank > 64:
             raise ValueError(f"max_lora_rank is at most 64, got {self.max_lora_rank}")
 
@@ -84,6 +97,28 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data_dir: str | None = None  # the default model and the adapter download cache; None: LORAPLEX_DATA_DIR
+
+
+_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, LoraConfig)
+
+
+def engine_settings() -> dict[str, Any]:
+    """Every engine setting, by its one name → its dataclass field (the model itself excluded)."""
+    return {f.name: f for section in _SECTIONS for f in fields(section) if f.name != "model"}
+
+
+def engine_config(model: str, data_dir: str | None = None, **settings: Any) -> EngineConfig:
+    """An EngineConfig from settings named as in `engine_settings()` (others: TypeError); the
+    sections check their values (ValueError)."""
+    unknown = set(settings) - set(engine_settings())
+    if unknown:
+        raise TypeError(f"unknown engine settings: {', '.join(sorted(unknown))}")
+
+    def build(section, **given):
+        return section(**given, **{f.name: settings[f.name] for f in fields(section) if f.name in settings})
+
+    return EngineConfig(model=build(ModelConfig, model=model), cache=build(CacheConfig),
+                        scheduler=build(SchedulerConfig), lora=build(LoraConfig), data_dir=data_dir)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from loraplex.config import (GREEDY_BELOW_TEMPERATURE, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
                              MIN_REPETITION_PENALTY)
+from loraplex.errors import LoraplexError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -78,14 +79,6 @@ class SamplingParams:
         return max(map(len, self.stop), default=0)
 
 
-@dataclass(frozen=True)
-class AdapterRef:
-    """Names one LoRA adapter: a stable id and where its PEFT folder lives."""
-
-    name: str
-    path: str
-
-
 @dataclass
 class RequestOutput:
     """The result of one request (or its state so far, while streaming).
@@ -107,5 +100,4 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     num_generated_tokens: int = 0
-    error: str | None = None  # why a request failed (finish_reason "error"), e.g. its adapter would not load
-    error_code: int | None = None  # the Workers AI error code for `error`
+    error: LoraplexError | None = None  # why it failed (finish_reason "error"), e.g. its adapter would not load

@@ -10,8 +10,9 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from loraplex.adapters.cache import LocalSource
 from loraplex.adapters.storage import ObjectStore
-from loraplex.config import DEFAULT_MAX_LORA_RANK, CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex.config import engine_config
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.engine.engine import LLMEngine
 
@@ -19,41 +20,16 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        *,
-        max_loras: int = 8,
-        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        kv_cache_memory: int | float | None = None,
-        block_size: int = 16,
-        max_num_seqs: int = 128,
-        max_num_batched_tokens: int = 1024,
-        host_cache_bytes: int = 1 << 30,
-        disk_cache_bytes: int = 4 << 30,
-        adapter_store: str | ObjectStore | None = None,
-        cuda_graphs: bool = True,
-        prefix_caching: bool = True,
-    ):
-        """adapter_store: the object store (or its URL) that `register_lora` sources point into.
-        cuda_graphs: decode steps replay CUDA graphs where the device and attention backend allow.
-        prefix_caching: a prompt prefix computed before (same adapter content) is not computed again."""
-        self.config = EngineConfig(
-            model=ModelConfig(str(model), dtype=dtype, device=device, max_model_len=max_model_len, cuda_graphs=cuda_graphs),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, prefix_caching=prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-            lora=LoraConfig(
-                max_loras=max_loras,
-                max_lora_rank=max_lora_rank,
-                host_cache_bytes=host_cache_bytes,
-                disk_cache_bytes=disk_cache_bytes,
-                storage_url=adapter_store if isinstance(adapter_store, str) else None,
-            ),
-        )
-        self.engine = LLMEngine(self.config, None if isinstance(adapter_store, str) else adapter_store)
+    def __init__(self, model: str, *, storage: str | ObjectStore | None = None, **settings):
+        """model: a Hugging Face folder, or "default" (the embedded SmolLM2-135M-Instruct).
+        storage: the object store (or its URL) that `engine.register_lora` sources point into.
+        settings: any engine setting by name (`loraplex.config.engine_settings()`: dtype, device,
+        max_loras, max_lora_rank, kv_cache_memory, prefix_caching, cuda_graphs, …), defaults from
+        loraplex/config.py."""
+        if isinstance(storage, str):
+            settings["storage"] = storage
+        self.config = engine_config(str(model), **settings)
+        self.engine = LLMEngine(self.config, None if isinstance(storage, str) else storage)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -86,8 +62,8 @@ class LLM:
         return self._run([self.tokenizer.encode_chat(c) for c in conversations], params, lora)
 
     def add_lora(self, name: str, path: str | Path) -> None:
-        """Validate and register a PEFT LoRA folder under `name` (raises AdapterError)."""
-        self.engine.add_lora(name, path)
+        """Validate and register a PEFT LoRA folder under `name` (raises AdapterInvalid)."""
+        self.engine.register_lora(name, LocalSource(Path(path)), load_now=True)
 
     def remove_lora(self, name: str) -> None:
         self.engine.remove_lora(name)

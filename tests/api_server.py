@@ -16,6 +16,7 @@ from loraplex.api.app import create_app
 from loraplex.api.connections import uvicorn_config
 from loraplex.api.context import ApiContext
 from loraplex.api.server import ServerOptions, build_context
+from loraplex.config import engine_config, engine_settings
 
 
 def free_port() -> int:
@@ -66,6 +67,9 @@ class LiveServer:
 
 
 def server_options(model_dir: Path, data_dir: Path, **overrides) -> ServerOptions:
-    defaults = dict(data_dir=data_dir, model=str(model_dir), model_name="@cf/test/tiny-llama", dtype="float32",
-                    device="cpu", max_loras=2, kv_cache_memory=32 << 20)
+    """Options for a test server on `model_dir`; overrides name engine settings (config.engine_settings)
+    or ServerOptions fields."""
+    settings = dict(dtype="float32", device="cpu", max_loras=2, kv_cache_memory=32 << 20)
+    settings |= {name: overrides.pop(name) for name in list(overrides) if name in engine_settings()}
+    defaults = dict(data_dir=data_dir, engine=engine_config(str(model_dir), **settings), model_name="@cf/test/tiny-llama")
     return ServerOptions(**(defaults | overrides))

@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplex.lora.adapter import TARGETS, AdapterError, LoraAdapter, load_adapter
+from loraplex.api.errors import wire_of
+from loraplex.errors import AdapterInvalid
+from loraplex.lora.adapter import TARGETS, LoraAdapter, load_adapter
 from loraplex.models.hf_config import read_model_args
 from tiny_models import make_peft_adapter, make_tiny_model
 
@@ -106,11 +108,11 @@ def edit_tensors(folder: Path, edit) -> None:
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
 
 
-def refused(folder, args, code: int, *needles: str, **kwargs) -> AdapterError:
-    with pytest.raises(AdapterError) as info:
+def refused(folder, args, code: int, *needles: str, **kwargs) -> AdapterInvalid:
+    with pytest.raises(AdapterInvalid) as info:
         load_adapter(folder, args, **kwargs)
     err = info.value
-    assert isinstance(err, ValueError) and err.code == code, (err.code, err.message)
+    assert isinstance(err, ValueError) and wire_of(err)[0] == code, (wire_of(err)[0], err.message)
     for needle in needles:
         assert needle in err.message, (needle, err.message)
     return err
@@ -406,7 +408,7 @@ def test_truncated_file(bad, llama_args):
 
 
 def test_fuzzed_files_never_crash(bad, llama_args):
-    """Random byte flips in a valid file: every outcome is a load or an AdapterError."""
+    """Random byte flips in a valid file: every outcome is a load or an AdapterInvalid."""
     good_bytes = (bad / WEIGHTS).read_bytes()
     rng = random.Random(0)
     outcomes = {"ok": 0, "refused": 0}
@@ -421,8 +423,8 @@ def test_fuzzed_files_never_crash(bad, llama_args):
         try:
             load_adapter(bad, llama_args)
             outcomes["ok"] += 1
-        except AdapterError as e:
-            assert e.code == 5004
+        except AdapterInvalid as e:
+            assert wire_of(e)[0] == 5004
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
 
@@ -435,15 +437,15 @@ FUZZ_VALUES = [None, 0, -1, 1.5, float("nan"), 10**400, "x", "(", "", [], {}, [1
 
 
 def test_fuzzed_configs_never_crash(bad, llama_args):
-    """Every odd value of every key the loader reads: a load or an AdapterError, never anything else."""
+    """Every odd value of every key the loader reads: a load or an AdapterInvalid, never anything else."""
     base = json.loads((bad / CONFIG).read_text())
     for key in FUZZ_KEYS:
         for value in FUZZ_VALUES:
             (bad / CONFIG).write_text(json.dumps(base | {key: value}))
             try:
                 load_adapter(bad, llama_args)
-            except AdapterError as e:
-                assert e.code == 5004 and e.message
+            except AdapterInvalid as e:
+                assert wire_of(e)[0] == 5004 and e.message
 
 
 @pytest.mark.parametrize("text", ['{"r": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000])

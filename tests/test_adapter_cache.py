@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from loraplex.adapters import cache as cache_module
 from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE, AdapterCache, AdapterState, LocalSource, RemoteSource
 from loraplex.adapters.storage import IntegrityError, StoreUnavailable, open_store
-from loraplex.lora.adapter import AdapterError, load_adapter
+from loraplex.api.errors import wire_of
+from loraplex.errors import AdapterInvalid
+from loraplex.lora.adapter import load_adapter
 from loraplex.models.hf_config import read_model_args
 from test_storage import BUCKET, _s3_env, rclone_s3  # noqa: F401  (rclone_s3 is a pytest fixture)
 from tiny_models import make_tiny_model
@@ -399,10 +401,10 @@ def test_invalid_adapter_is_errored_with_5004(store, rank16, make_cache):
     slow = WrappedStore(store)
     cache = make_cache(slow, retry_errored_after_s=60)
     cache.register("big", upload(store, rank16))
-    with pytest.raises(AdapterError) as err:
+    with pytest.raises(AdapterInvalid) as err:
         cache.load_now("big")
-    assert err.value.code == 5004 and "rank 16" in err.value.message
-    assert cache.state("big") is S.ERRORED and cache.error("big").code == 5004
+    assert wire_of(err.value)[0] == 5004 and "rank 16" in err.value.message
+    assert cache.state("big") is S.ERRORED and wire_of(cache.error("big"))[0] == 5004
     calls = sum(slow.calls.values())
     assert cache.prefetch("big") is S.ERRORED  # not retried before retry_errored_after_s
     assert sum(slow.calls.values()) == calls and cache.stats()["errors"] == 1

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.cache import RemoteSource
 from loraplex.adapters.storage import ObjectStore, StoreUnavailable, open_store
+from loraplex.api.errors import wire_of
 from tiny_models import make_tiny_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -81,7 +82,7 @@ def make_llm(base_dir, tmp_path, monkeypatch, **kwargs) -> LLM:
 
 def test_slow_load_blocks_no_one_and_fetches_once(base_dir, tmp_path, monkeypatch):
     slow = SlowCountingStore(open_store(str(tmp_path / "store")), delay=0.4)
-    llm = make_llm(base_dir, tmp_path, monkeypatch, max_loras=2, adapter_store=slow)
+    llm = make_llm(base_dir, tmp_path, monkeypatch, max_loras=2, storage=slow)
     engine = llm.engine
     engine.register_lora("slow", upload(slow.inner, write_adapter(tmp_path / "a", seed=1)))
     llm.add_lora("resident", write_adapter(tmp_path / "b", seed=2))
@@ -99,7 +100,7 @@ def test_slow_load_blocks_no_one_and_fetches_once(base_dir, tmp_path, monkeypatc
         outs = engine.step()
         ids = {o.request_id for o in outs}
         if not any(r.startswith("cold-") for r in ids) and not any(r.startswith("cold-") for r in finished):
-            assert busy_left <= ids, (ids, engine.adapter_cache.state("slow"))  # a token every step
+            assert busy_left <= ids, (ids, engine.adapters.tiers.state("slow"))  # a token every step
             steps_while_loading += bool(busy_left)
         finished.update({o.request_id: o for o in outs if o.finished})
         busy_left -= set(finished)
@@ -114,8 +115,8 @@ def test_200_adapters_through_8_slots_match_each_alone(base_dir, tmp_path, monke
     # small host and disk budgets force evictions in every tier
     store = open_store(str(tmp_path / "store"))
     llm = make_llm(
-        base_dir, tmp_path, monkeypatch, max_loras=8, host_cache_bytes=40 << 10, disk_cache_bytes=400 << 10,
-        adapter_store=store,
+        base_dir, tmp_path, monkeypatch, max_loras=8, adapter_host_cache_bytes=40 << 10, adapter_disk_cache_bytes=400 << 10,
+        storage=store,
     )
     names = [f"ft-{i}" for i in range(200)]
     for i, name in enumerate(names):
@@ -126,7 +127,7 @@ def test_200_adapters_through_8_slots_match_each_alone(base_dir, tmp_path, monke
     prompts = [[256] + [rng.randrange(256) for _ in range(rng.randrange(2, 12))] for _ in chosen]
     outs = llm.generate(prompts, GREEDY, lora=chosen)
     assert all(o.finish_reason == "length" for o in outs)
-    stats = llm.engine.adapter_cache.stats()
+    stats = llm.engine.adapters.tiers.stats()
     assert len(set(chosen)) > 8
     for name in sorted(set(chosen))[:40]:  # each adapter alone, in a batch of its own
         mine = [i for i, c in enumerate(chosen) if c == name]
@@ -140,7 +141,7 @@ def test_200_adapters_through_8_slots_match_each_alone(base_dir, tmp_path, monke
 
 def test_corrupt_object_and_store_outage_fail_only_their_requests(base_dir, tmp_path, monkeypatch):
     store = SlowCountingStore(open_store(str(tmp_path / "store")))
-    llm = make_llm(base_dir, tmp_path, monkeypatch, max_loras=4, adapter_store=store)
+    llm = make_llm(base_dir, tmp_path, monkeypatch, max_loras=4, storage=store)
     engine = llm.engine
     good = upload(store.inner, write_adapter(tmp_path / "good", seed=1))
     bad = upload(store.inner, write_adapter(tmp_path / "bad", seed=2))
@@ -152,12 +153,12 @@ def test_corrupt_object_and_store_outage_fail_only_their_requests(base_dir, tmp_
     engine.register_lora("bad", bad)
     outs = llm.generate([[256, 1, 2], [256, 3, 4], [256, 5, 6]], GREEDY, lora=["good", "bad", None])
     assert outs[0].finish_reason == "length" and outs[2].finish_reason == "length"
-    assert outs[1].finish_reason == "error" and "bad" in outs[1].error and outs[1].token_ids == []
+    assert outs[1].finish_reason == "error" and "bad" in outs[1].error.message and outs[1].token_ids == []
 
     store.down = True  # the store goes away: only requests needing a fetch fail
     engine.register_lora("unreachable", upload(store.inner, write_adapter(tmp_path / "c", seed=3)))
     outs = llm.generate([[256, 7], [256, 8], [256, 9]], GREEDY, lora=["good", "unreachable", None])
     assert [o.finish_reason for o in outs] == ["length", "error", "length"]
-    assert outs[1].error_code == 3040
+    assert wire_of(outs[1].error)[0] == 3040
     manager = engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks

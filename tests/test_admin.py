@@ -104,7 +104,7 @@ def test_residency_per_tier(server, tenant):
 def test_loads_in_flight_are_shown(server, tenant):
     """A download held back in the store shows as loading; released, the request completes."""
     ids = tenant[2]
-    cache = server.ctx.engine.engine.adapter_cache
+    cache = server.ctx.engine.engine.adapters.tiers
     release = threading.Event()
     fetch_to = cache._store.fetch_to
 

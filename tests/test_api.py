@@ -432,21 +432,28 @@ def test_metrics(server, alice, alice_finetunes):
 # --- the CLI's client and operator commands ---------------------------------------------------
 
 def test_serve_flags_reach_the_engine_config(tmp_path):
-    from loraplex.api.server import engine_config
     from loraplex.cli import _byte_size, _parser, _server_options
+    from loraplex.config import engine_config
 
-    args = _parser().parse_args(["serve", "--data-dir", str(tmp_path), "--adapter-host-cache", "512MiB",
-                                 "--adapter-disk-cache", "2GB", "--adapter-workers", "3", "--max-loras", "4"])
-    lora = engine_config(_server_options(args)).lora
-    assert (lora.host_cache_bytes, lora.disk_cache_bytes, lora.cache_workers, lora.max_loras) == (2**29, 2 * 10**9, 3, 4)
+    def options(*flags):
+        return _server_options(_parser().parse_args(["serve", "--data-dir", str(tmp_path), *flags]))
+
+    assert options().engine == engine_config("default")  # no flag: every default from config.py
+    engine = options("--adapter-host-cache", "512MiB", "--adapter-disk-cache", "2GB", "--adapter-workers", "3",
+                     "--max-loras", "4", "--block-size", "32", "--max-num-batched-tokens", "512", "--no-cuda-graphs",
+                     "--retry-failed-adapter-after", "0.5").engine
+    lora = engine.lora
+    assert (lora.adapter_host_cache_bytes, lora.adapter_disk_cache_bytes, lora.adapter_workers, lora.max_loras,
+            lora.retry_failed_adapter_after_s) == (2**29, 2 * 10**9, 3, 4, 0.5)
+    assert (engine.cache.block_size, engine.scheduler.max_num_batched_tokens, engine.model.cuda_graphs) == (32, 512, False)
     assert _byte_size("1.5GiB") == 3 * 2**29 and _byte_size("123") == 123
     for bad in ("lots", "5XB", "-1", "GiB"):
         with pytest.raises(argparse.ArgumentTypeError):
             _byte_size(bad)
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--adapter-host-cache", "a lot"])
-    with pytest.raises(ValueError, match="cache_workers"):
-        engine_config(_server_options(_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--adapter-workers", "0"])))
+    with pytest.raises(ValueError, match="adapter_workers"):
+        options("--adapter-workers", "0")
 
 
 def test_cli_commands(server, adapters, tmp_path, monkeypatch, capsys):

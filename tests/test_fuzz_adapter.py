@@ -1,6 +1,6 @@
 """Property-based fuzzing of the adapter parser (`load_adapter`) and the safetensors header check.
 
-Properties: `load_adapter` returns a valid LoraAdapter or raises AdapterError (code 3039 or 5004, a
+Properties: `load_adapter` returns a valid LoraAdapter or raises AdapterInvalid (code 3039 or 5004, a
 message of at most 1000 characters), never another exception; each call takes under 2 s of CPU; its Python
 allocations stay under 4 x the files' size + 8 MiB (tracemalloc), and the tensors it makes never
 outgrow the file (declared sizes are never trusted). `check_header` returns TensorInfo consistent
@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
 import loraplex.lora.adapter as adapter_module
-from loraplex.lora.adapter import TARGETS, AdapterError, LoraAdapter, load_adapter
+from loraplex.api.errors import wire_of
+from loraplex.errors import AdapterInvalid
+from loraplex.lora.adapter import TARGETS, LoraAdapter, load_adapter
 from loraplex.lora.safetensors_check import DTYPE_BITS, SafetensorsFormatError, TensorInfo, check_header
 from loraplex.models.hf_config import read_model_args
 
@@ -149,8 +151,8 @@ class TensorSpy:
             yield self
 
 
-def check_error(err: AdapterError) -> None:
-    assert isinstance(err, AdapterError) and err.code in (3039, 5004), (type(err), err)
+def check_error(err: AdapterInvalid) -> None:
+    assert isinstance(err, AdapterInvalid) and wire_of(err)[0] in (3039, 5004), (type(err), err)
     assert isinstance(err.message, str) and 0 < len(err.message) <= 1000 and str(err) == err.message
 
 
@@ -171,7 +173,7 @@ def check_adapter(adapter: LoraAdapter, args, max_rank: int, weights_size: int) 
 
 
 def run_load(work: Workdir, args, spy: TensorSpy, config: bytes | None, weights: bytes | None, *, max_rank: int = 8,
-             max_file_bytes: int = 100 * MiB) -> LoraAdapter | AdapterError:
+             max_file_bytes: int = 100 * MiB) -> LoraAdapter | AdapterInvalid:
     """One fuzz example: write the files, load them under tracemalloc, check every part of the contract."""
     size = work.place(config, weights)
     spy.excess = 0
@@ -180,7 +182,7 @@ def run_load(work: Workdir, args, spy: TensorSpy, config: bytes | None, weights:
     try:
         try:
             result = load_adapter(work.path, args, max_rank=max_rank, max_file_bytes=max_file_bytes)
-        except AdapterError as e:
+        except AdapterInvalid as e:
             result = e
         elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         peak = tracemalloc.get_traced_memory()[1]
@@ -189,9 +191,9 @@ def run_load(work: Workdir, args, spy: TensorSpy, config: bytes | None, weights:
     assert cpu < TIME_LIMIT_S and elapsed < 10 * TIME_LIMIT_S, f"load took {cpu:.2f} s of CPU, {elapsed:.2f} s"
     assert peak <= 4 * size + 8 * MiB, f"peak Python allocation {peak} bytes for {size} bytes of files"
     assert spy.excess <= 0, f"float32 tensors {spy.excess} bytes larger than twice the file's data section"
-    if isinstance(result, AdapterError):
+    if isinstance(result, AdapterInvalid):
         check_error(result)
-        assert (result.code == 3039) == (config is None or weights is None), (result.code, result.message)
+        assert (wire_of(result)[0] == 3039) == (config is None or weights is None), (wire_of(result)[0], result.message)
     else:
         check_adapter(result, args, max_rank, len(weights))
     return result
@@ -497,7 +499,7 @@ def test_fuzzed_configs(args, seeds, tmp_path):
     def run(case, max_rank):
         i, config = case
         result = run_load(work, args, spy, config, seeds[seed_names[i]][1], max_rank=max_rank)
-        outcomes["refused" if isinstance(result, AdapterError) else "ok"] += 1
+        outcomes["refused" if isinstance(result, AdapterInvalid) else "ok"] += 1
 
     with spy.installed():
         run()
@@ -522,7 +524,7 @@ def test_fuzzed_safetensors_headers(args, seeds, tmp_path):
         result = run_load(work, args, spy, seeds[seed][0], weights, max_rank=max_rank, max_file_bytes=limit)
         if not edited and limit >= len(weights) and max_rank >= 3:
             assert isinstance(result, LoraAdapter), result  # an untouched seed still loads
-        outcomes["refused" if isinstance(result, AdapterError) else "ok"] += 1
+        outcomes["refused" if isinstance(result, AdapterInvalid) else "ok"] += 1
 
     with spy.installed():
         run()
@@ -585,7 +587,7 @@ def test_mutated_adapter_folders(args, seeds, tmp_path):
         config, weights = files
         limit = data.draw(file_limits(len(weights or b"")))
         result = run_load(work, args, spy, config, weights, max_rank=max_rank, max_file_bytes=limit)
-        outcomes["refused" if isinstance(result, AdapterError) else "ok"] += 1
+        outcomes["refused" if isinstance(result, AdapterInvalid) else "ok"] += 1
 
     with spy.installed():
         run()
@@ -620,7 +622,7 @@ def test_nesting_just_under_the_json_depth_limit(args, seeds, tmp_path, where):
             result = run_load(work, args, spy, dumps(json.loads(cfg) | NESTED_CONFIGS[key](value)).encode(), weights)
         else:
             result = run_load(work, args, spy, cfg, st_file(dumps(NESTED_HEADERS[key](value)).encode(), bytes(4)))
-        return not (isinstance(result, AdapterError) and "JSON" in result.message)
+        return not (isinstance(result, AdapterInvalid) and "JSON" in result.message)
 
     with spy.installed():
         deepest, too_deep = 1, sys.getrecursionlimit() + 10
@@ -654,5 +656,5 @@ def test_layer_numbers_not_as_peft_writes_them(args, seeds, tmp_path, layer):
     cfg, _, tensors = seeds["list"]
     renamed = {name.replace("layers.1.", f"layers.{layer}."): t for name, t in tensors.items()}
     result = run_load(Workdir(tmp_path), args, TensorSpy(), cfg, save_safetensors(renamed))
-    assert isinstance(result, AdapterError) and result.code == 5004, result
+    assert isinstance(result, AdapterInvalid) and wire_of(result)[0] == 5004, result
     assert "does not name a module" in result.message or len(result.message) == 1000  # cut short: a long name

@@ -138,7 +138,7 @@ def test_deleting_a_finetune_in_use_lets_its_request_finish_then_forgets_it(serv
     assert log.messages() == []
     assert deleted[0].status_code == 200
     assert answer[0].status_code == 200 and answer[0].json()["result"]["response"] == baseline
-    wait_for(lambda: finetune not in engine.lora_names, "the engine to forget the adapter")
+    wait_for(lambda: finetune not in engine.adapters.names, "the engine to forget the adapter")
     # (the cache deletes folders on its worker threads)
     wait_for(lambda: not any(p.name.startswith(finetune) for p in folder.iterdir()), "its disk copy to go")
     assert_error(tenant.run(finetune), 404, 3037)

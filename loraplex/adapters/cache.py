@@ -61,9 +61,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from loraplex import errors
 from loraplex.adapters.storage import ObjectStore, validate_key
 from loraplex.logs import event
-from loraplex.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from loraplex.lora.adapter import LoraAdapter, load_adapter
 from loraplex.models.hf_config import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class AdapterCache:
 
     def load_now(self, name: str) -> LoraAdapter:
         """Bring `name` to IN_HOST on a worker and wait for it; retries an ERRORED adapter at once.
-        Raises what the job raised (AdapterError, StorageError …). Blocks: not for worker threads."""
+        Raises what the job raised (AdapterInvalid, StorageError …). Blocks: not for worker threads."""
         with self._lock:
             e = self._get(name)
             self._start_locked(e, force=True)
@@ -496,7 +497,7 @@ class AdapterCache:
                 doomed = self._evict_disk_locked(keep=e)
         if not current:
             _remove([folder])
-            raise AdapterError(3037, f"adapter {e.name!r} was unregistered or replaced while downloading")
+            raise errors.FinetuneNotFound(f"adapter {e.name!r} was unregistered or replaced while downloading")
         _remove(doomed)
         event(log, "adapter loaded", adapter=e.name, tier="disk", source="remote", bytes=size,
               seconds=round(time.perf_counter() - t0, 6))
@@ -504,7 +505,7 @@ class AdapterCache:
         return folder
 
     def _parse(self, e: _Entry, folder: Path) -> LoraAdapter:
-        """disk → host: parse and validate (AdapterError on anything unservable)."""
+        """disk → host: parse and validate (AdapterInvalid on anything unservable)."""
         t0 = time.perf_counter()
         adapter = load_adapter(folder, self._args, name=e.name, max_rank=self._max_rank)
         if self._pin_memory:

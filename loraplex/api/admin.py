@@ -1,5 +1,5 @@
 """Operator routes, outside the tenant API: `GET /admin/adapters` (which adapter is resident in
-which tier, see engine/residency.py).
+which tier: AdapterResidency.snapshot, adapters/residency.py).
 
 They exist only when the server has an admin token (`LORAPLEX_ADMIN_TOKEN`, read by `loraplex
 serve`); otherwise every /admin/ path is 404 like any unknown route. Callers send
@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError
-from loraplex.engine.residency import residency_snapshot
 
 router = APIRouter(prefix="/admin")
 
@@ -33,4 +32,4 @@ def _authorize_operator(request: Request) -> ApiContext:
 async def adapters(request: Request):
     """One snapshot, taken on the engine thread, of slots, host and disk tiers and loads in flight."""
     ctx = _authorize_operator(request)
-    return await ctx.engine.call(residency_snapshot)
+    return await ctx.engine.call(lambda engine: engine.adapters.snapshot())

@@ -2,8 +2,10 @@
 
     {"result": null, "success": false, "errors": [{"code": N, "message": "…"}], "messages": []}
 
-Every exception that reaches a handler becomes such a response: ApiError and the typed errors of
-the layers below carry their own code and status; FastAPI's validation errors are 400 / 5004;
+Every exception that reaches a handler becomes such a response: ApiError carries its own code and
+status; the domain errors of the layers below (loraplex/errors.py) are mapped by `WIRE`, the one
+table of kind → code and status; object-store failures are 503 / 3040 with a generic message (the
+details go to the log); FastAPI's validation errors are 400 / 5004;
 unknown routes 404 / 7000, wrong methods 405 / 7001; anything unexpected 500 / 3043 with a
 generic message (the details go to the log only).
 """
@@ -22,9 +24,7 @@ from loraplex import errors
 from loraplex.adapters.registry import RegistryError
 from loraplex.adapters.storage import StorageError
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
-from loraplex.engine.async_engine import AdapterForgotten, EngineFailure, QueueFull
 from loraplex.logs import event
-from loraplex.lora.adapter import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,9 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(code, exc.message, status)
     if isinstance(exc, RegistryError):
         return ApiError(exc.code, exc.message, exc.status)
-    if isinstance(exc, AdapterError):
-        return ApiError(exc.code, exc.message)
-    if isinstance(exc, AdapterForgotten):
-        return ApiError(3037, "finetune not found: it was deleted")
-    if isinstance(exc, QueueFull):
-        return ApiError(3040, str(exc), 429)
-    if isinstance(exc, (StorageError, EngineFailure)):
+    if isinstance(exc, StorageError):
         log.warning("request failed: %r", exc)
-        return ApiError(3040, "temporarily out of capacity: storage or engine unavailable, retry later", 503)
+        return ApiError(3040, "temporarily out of capacity: storage unavailable, retry later", 503)
     if isinstance(exc, ValueError):  # the engine's and SamplingParams' refusals name the bad input
         return invalid(str(exc)[:1000])
     log.exception("unexpected error", exc_info=exc)
@@ -159,5 +153,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # the expected kinds are registered one by one: Starlette sends a bare `Exception` handler to
     # its outermost middleware, which logs a traceback after answering
-    for kind in (ApiError, errors.LoraplexError, RegistryError, AdapterError, AdapterForgotten, QueueFull, StorageError, EngineFailure, ValueError, Exception):
+    for kind in (ApiError, errors.LoraplexError, RegistryError, StorageError, ValueError, Exception):
         app.add_exception_handler(kind, _known)

@@ -21,7 +21,6 @@ from typing import NamedTuple, TypeVar
 from starlette.requests import ClientDisconnect, Request
 
 from loraplex.api.context import ApiContext
-from loraplex.api.errors import ApiError
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.logs import event
@@ -128,8 +127,7 @@ class Generation:
             raise
         if out.finish_reason == "error":
             self._end("error")
-            code = out.error_code or 3040
-            raise ApiError(code, out.error or "generation failed", 503 if code == 3040 else None)
+            raise out.error
         self.output = out
         self._observe(out)
 

@@ -36,8 +36,9 @@ from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.adapters.registry import Finetune, Registry
 from loraplex.adapters.storage import CHUNK_SIZE, key_for
 from loraplex.api.context import ApiContext
-from loraplex.api.errors import ApiError, invalid
-from loraplex.lora.adapter import AdapterError, check_config_file, load_adapter, max_header_bytes
+from loraplex.api.errors import ApiError, as_api_error, invalid
+from loraplex.errors import AdapterInvalid
+from loraplex.lora.adapter import check_config_file, load_adapter, max_header_bytes
 from loraplex.lora.safetensors_check import SafetensorsFormatError, check_file
 
 # refusals that are about the uploaded file itself (its content or size): they mark the finetune invalid
@@ -130,7 +131,7 @@ def _full_weight_hint(ctx: ApiContext, partial: Path) -> str:
 
 
 def _check_alone(ctx: ApiContext, file_name: str, staged: Path, size: int) -> None:
-    """What one file can be checked for without the other (AdapterError or ApiError, 5004)."""
+    """What one file can be checked for without the other (AdapterInvalid or ApiError, 5004)."""
     if size == 0:
         raise invalid(f"{file_name} is empty")
     if file_name == CONFIG_FILE:
@@ -149,7 +150,7 @@ def _check_alone(ctx: ApiContext, file_name: str, staged: Path, size: int) -> No
 
 
 def _check_pair(ctx: ApiContext, finetune: Finetune, file_name: str, staged: Path) -> None:
-    """With the other file already stored: the full validation serving applies (AdapterError)."""
+    """With the other file already stored: the full validation serving applies (AdapterInvalid)."""
     other = CONFIG_FILE if file_name == WEIGHTS_FILE else WEIGHTS_FILE
     with tempfile.TemporaryDirectory(dir=ctx.upload_dir) as tmp:
         folder = Path(tmp)
@@ -161,9 +162,9 @@ def _check_pair(ctx: ApiContext, finetune: Finetune, file_name: str, staged: Pat
 
 def record_refusal(ctx: ApiContext, account_id: str, finetune_id: str, file_name: str, error: Exception) -> None:
     """A refusal of the file's content or size marks the finetune invalid (see CONTENT_REFUSALS)."""
-    code, message = getattr(error, "code", None), getattr(error, "message", str(error))
-    if code in CONTENT_REFUSALS:
-        ctx.registry.mark_invalid(account_id, finetune_id, f"{file_name} was refused: {message}")
+    refusal = as_api_error(error)
+    if refusal.code in CONTENT_REFUSALS:
+        ctx.registry.mark_invalid(account_id, finetune_id, f"{file_name} was refused: {refusal.message}")
 
 
 def store_asset(ctx: ApiContext, account_id: str, finetune: Finetune, file_name: str, src: BinaryIO) -> Finetune:
@@ -200,7 +201,7 @@ def store_asset(ctx: ApiContext, account_id: str, finetune: Finetune, file_name:
                 with LOCKS.hold(replaced.object_key):
                     _delete_if_unused(ctx, replaced.object_key)
             return updated
-    except (ApiError, AdapterError) as e:
+    except (ApiError, AdapterInvalid) as e:
         record_refusal(ctx, account_id, finetune.id, file_name, e)
         raise
     finally:

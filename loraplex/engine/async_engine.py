@@ -6,7 +6,7 @@ Contracts:
   only enqueues commands (`_commands`, a thread-safe queue) and awaits their futures; outputs come
   back through `loop.call_soon_threadsafe`. Nothing here blocks the event loop.
 - Admission: at most `max_pending` requests are in flight (queued or running); one more raises
-  `QueueFull` (Workers AI code 3040) before anything is queued. The count is kept on the event
+  `QueueFull` before anything is queued. The count is kept on the event
   loop's thread only.
 - Streams: `generate` yields cumulative RequestOutputs (text so far, finished on the last one).
   When the consumer stops early (a client disconnecting cancels it), the request is aborted and
@@ -26,7 +26,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from loraplex import errors
 from loraplex.adapters.cache import LocalSource, RemoteSource
+from loraplex.config import DEFAULT_MAX_PENDING
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.engine.engine import EngineStats, LLMEngine
 
@@ -35,22 +37,24 @@ _T = TypeVar("_T")
 Deliver = Callable[[RequestOutput | BaseException], None]
 
 
-class QueueFull(Exception):
-    """Too many requests in flight; the caller may retry later (Workers AI 3040)."""
-
-    code = 3040
+class QueueFull(errors.CapacityExhausted):
+    """Too many requests in flight; the caller may retry later."""
 
 
-class EngineFailure(RuntimeError):
+class EngineFailure(errors.Unavailable):
     """The engine failed while running this request (not the request's fault)."""
 
 
-class AdapterForgotten(LookupError):
+class AdapterForgotten(errors.FinetuneNotFound):
     """The adapter was forgotten (its finetune deleted): it is never registered or used again."""
+
+    def __init__(self, name: str):
+        super().__init__("finetune not found: it was deleted")
+        self.name = name
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_pending: int = 256):
+    def __init__(self, engine: LLMEngine, max_pending: int = DEFAULT_MAX_PENDING):
         self.engine = engine
         self.max_pending = max_pending
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
@@ -98,7 +102,7 @@ class AsyncEngine:
         def register(engine: LLMEngine) -> None:
             if name in self._forgotten:
                 raise AdapterForgotten(name)
-            if name not in engine.lora_names:
+            if name not in engine.adapters.names:
                 engine.register_lora(name, source)
 
         await self.call(register)
@@ -111,7 +115,7 @@ class AsyncEngine:
 
         def remove(engine: LLMEngine) -> bool:
             self._forgotten.add(name)
-            if name not in engine.lora_names:
+            if name not in engine.adapters.names:
                 return False
             if engine.lora_in_use(name):
                 self._doomed.add(name)
@@ -212,7 +216,7 @@ class AsyncEngine:
         """Unregister the forgotten adapters whose last requests have ended."""
         for name in [n for n in self._doomed if not self.engine.lora_in_use(n)]:
             self._doomed.discard(name)
-            if name in self.engine.lora_names:
+            if name in self.engine.adapters.names:
                 self.engine.remove_lora(name)
 
     def _fail_all(self, error: BaseException) -> None:

@@ -4,21 +4,29 @@ The scheduler never touches tensors. Each step it first serves the running seque
 token each, or the next chunk of a long prompt), preempting the newest running sequence by
 recompute when blocks run out, then admits waiting sequences in arrival order while the token
 budget, the sequence limit and free blocks allow; an admitted sequence starts after the longest
-prefix of its tokens that the block manager has cached (prefix caching). A waiting sequence whose adapter is not ready
-(still loading below the slots) or cannot get a device slot (all held by running sequences) is
-skipped, never left blocking the queue; it is admitted at the first step after that changes.
+prefix of its tokens that the block manager has cached (prefix caching). A waiting sequence
+whose adapter is not in a device slot yet is skipped, never left blocking the queue: the
+residency manager is asked to bring it (`want`), and the sequence is admitted at the first step
+after it is there.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
 from loraplex.kvcache.block_manager import BlockManager
-from loraplex.lora.slot_table import SlotTable
+
+
+class SlotResidency(Protocol):
+    """What the scheduler asks of the adapters' residency (AdapterResidency implements it)."""
+
+    def acquire(self, name: str) -> int | None: ...  # its slot, held for one running sequence; None if not in one
+    def release(self, name: str) -> None: ...
+    def want(self, name: str) -> bool: ...  # start bringing it into a slot; True if every slot is held
+    def set_draining(self, wanted: bool) -> None: ...  # wanted: some adapter waits for a held slot
 
 
 class ScheduledSequence(NamedTuple):
@@ -33,8 +41,6 @@ class ScheduledSequence(NamedTuple):
 
 class SchedulerOutput(NamedTuple):
     scheduled: list[ScheduledSequence]  # in running order
-    preempted: list[Sequence]
-    lora_loads: list[tuple[int, str]]  # (slot, adapter name): reserved slots to copy adapters into
 
     @property
     def is_empty(self) -> bool:
@@ -46,15 +52,11 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         block_manager: BlockManager,
-        slot_table: SlotTable,
-        adapter_ready: Callable[[str], bool] = lambda name: True,
+        adapters: SlotResidency,
     ):
-        """adapter_ready(name): is the adapter in host memory, ready to be copied into a slot?
-        The engine's answer also starts its load when it is not."""
         self.config = config
         self.block_manager = block_manager
-        self.slot_table = slot_table
-        self.adapter_ready = adapter_ready
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0  # sequences preempted so far (their cache dropped, recomputed later)
@@ -77,7 +79,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
-        preempted: list[Sequence] = []
+        preempted = False
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop
@@ -85,7 +87,7 @@ class Scheduler:
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted.append(victim)
+                preempted = True
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
@@ -93,17 +95,15 @@ class Scheduler:
             self.block_manager.allocate(seq, n)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
-        lora_loads: list[tuple[int, str]] = []
         if not preempted:
-            self._admit(scheduled, budget, lora_loads)
-        return SchedulerOutput(scheduled, preempted, lora_loads)
+            self._admit(scheduled, budget)
+        return SchedulerOutput(scheduled)
 
-    def _admit(self, scheduled: list[ScheduledSequence], budget: int, lora_loads: list[tuple[int, str]]) -> None:
+    def _admit(self, scheduled: list[ScheduledSequence], budget: int) -> None:
         """Admit waiting sequences in arrival order. One whose adapter is not in a slot yet is
-        skipped (others go ahead): when its adapter is in host memory, a slot is reserved and
-        a copy into it requested (`lora_loads`); it is admitted once the copy is done. When every
-        slot is held, a held slot is set draining so that the oldest skipped adapter gets it
-        before any newer request, and no adapter starves."""
+        skipped (others go ahead) and its adapter wanted; it is admitted once the adapter is in
+        a slot. When every slot is held, a held slot is set draining so that the oldest skipped
+        adapter gets it before any newer request, and no adapter starves."""
         starved = False
         blocks = self.block_manager
         for seq in list(self.waiting):
@@ -114,9 +114,9 @@ class Scheduler:
             if not blocks.can_allocate(seq, n, prefix):
                 break
             if seq.lora is not None:
-                slot = self.slot_table.acquire(seq.lora)
+                slot = self.adapters.acquire(seq.lora)
                 if slot is None:
-                    starved |= self._request_slot(seq.lora, lora_loads)
+                    starved |= self.adapters.want(seq.lora)
                     continue
                 seq.lora_slot = slot
             self.waiting.remove(seq)
@@ -126,18 +126,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
-        self.slot_table.set_draining(starved)
-
-    def _request_slot(self, name: str, lora_loads: list[tuple[int, str]]) -> bool:
-        """Start getting `name` into a slot if it is not on its way; True if no slot is free."""
-        table = self.slot_table
-        if table.slot_of(name) is not None or not self.adapter_ready(name):
-            return name == table.draining  # loading, draining, or still below the slots
-        slot = table.reserve(name)
-        if slot is None:
-            return True
-        lora_loads.append((slot, name))
-        return False
+        self.adapters.set_draining(starved)
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's cache; it recomputes prompt + output when readmitted first."""
@@ -150,5 +139,5 @@ class Scheduler:
     def _drop_resources(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         if seq.lora_slot >= 0:
-            self.slot_table.release(seq.lora)
+            self.adapters.release(seq.lora)
             seq.lora_slot = -1

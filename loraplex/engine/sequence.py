@@ -8,6 +8,7 @@ from enum import Enum
 import torch
 
 from loraplex.core import FinishReason, RequestOutput, SamplingParams
+from loraplex.errors import LoraplexError
 
 
 class SequenceStatus(Enum):
@@ -40,8 +41,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # the block manager's memo
     text: str = ""
     finish_reason: FinishReason | None = None
-    error: str | None = None
-    error_code: int | None = None
+    error: LoraplexError | None = None  # why it failed (finish_reason "error")
 
     @property
     def num_tokens(self) -> int:
@@ -81,5 +81,4 @@ class Sequence:
             top_logprobs=list(self.output_top_logprobs) if self.params.top_logprobs else None,
             num_generated_tokens=len(self.output_token_ids) - self.ends_with_stop_token,
             error=self.error,
-            error_code=self.error_code,
         )

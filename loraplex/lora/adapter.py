@@ -1,4 +1,4 @@
-"""PEFT LoRA folders → validated, scaled float32 factors (`LoraAdapter`), or a typed `AdapterError`.
+"""PEFT LoRA folders → validated, scaled float32 factors (`LoraAdapter`), or `AdapterInvalid`.
 
 Only `adapter_config.json` and `adapter_model.safetensors` are read; nothing is ever unpickled. The
 safetensors header is checked by `safetensors_check` before the bytes reach the safetensors
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from loraplex.config import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_LORA_RANK
+from loraplex.errors import AdapterFilesMissing, AdapterInvalid
 from loraplex.lora.safetensors_check import SafetensorsFormatError, TensorInfo, check_header
 from loraplex.models.hf_config import ModelArgs
 
@@ -59,21 +60,8 @@ _LAYERS_PATTERN_TEMPLATE = r"(?:^|.*?\.)(?:{})\.(?P<idx>\d+)\."
 _MAX_REGEX_PATHS = 100_000  # per module name, summed over a config's regexes: ~10 ms of re per name at worst
 
 
-class AdapterError(ValueError):
-    """A PEFT folder that cannot be served. `code` is the Workers AI error code: 3039 when
-    adapter_config.json or adapter_model.safetensors is missing, else 5004; `message` names the
-    offending key or tensor."""
-
-    def __init__(self, code: int, message: str):
-        if len(message) > 1000:  # names and values come from tenant files: keep messages bounded
-            message = message[:997] + "..."
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> AdapterError:
-    return AdapterError(5004, message)
+def _invalid(message: str) -> AdapterInvalid:
+    return AdapterInvalid(message)
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,7 +243,7 @@ def _check_config(cfg, args: ModelArgs) -> dict:
     return cfg
 
 
-def _too_many_regexes() -> AdapterError:
+def _too_many_regexes() -> AdapterInvalid:
     return _invalid("adapter_config.json holds too many regexes (rank_pattern, alpha_pattern, target_modules, "
                     "exclude_modules, layers_pattern) to match them in bounded time")
 
@@ -366,7 +354,7 @@ def _read_config(folder: Path, args: ModelArgs) -> dict:
 def check_config_file(file: Path, args: ModelArgs) -> dict:
     """Read and validate an adapter_config.json on its own (no weights needed): size, JSON, every
     key's value, targets and regexes for the base model `args`. Returns the config with defaults
-    filled in; raises AdapterError (5004) naming the offending key."""
+    filled in; raises AdapterInvalid naming the offending key."""
     data = _read_file(file, MAX_CONFIG_BYTES)
     try:
         cfg = json.loads(data.decode("utf-8"))
@@ -460,25 +448,25 @@ def load_adapter(path: str | Path, args: ModelArgs, *, name: str | None = None, 
 
     Every tensor must be the lora_A/lora_B weight of a module the config targets; a targeted
     module with neither tensor is left out (PEFT would leave it a zero delta). Blocking (file I/O,
-    parsing): call it from a worker thread. Raises AdapterError (3039 for a missing or unreadable
-    folder/file, 5004 for anything unservable); never returns a partially checked adapter.
+    parsing): call it from a worker thread. Raises AdapterFilesMissing for a missing or unreadable
+    folder/file, AdapterInvalid for anything unservable; never returns a partially checked adapter.
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise AdapterError(3039, f"adapter folder {folder} does not exist (or is not a folder)")
+        raise AdapterFilesMissing(f"adapter folder {folder} does not exist (or is not a folder)")
     if not (folder / "adapter_config.json").is_file():
-        raise AdapterError(3039, f"{folder} has no adapter_config.json")
+        raise AdapterFilesMissing(f"{folder} has no adapter_config.json")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         if (folder / "adapter_model.bin").exists():
-            raise AdapterError(3039, f"{folder} has only adapter_model.bin: pickled .bin files are never loaded; "
-                                     "convert it to adapter_model.safetensors")
-        raise AdapterError(3039, f"{folder} has no adapter_model.safetensors")
+            raise AdapterFilesMissing(f"{folder} has only adapter_model.bin: pickled .bin files are never loaded; "
+                                      "convert it to adapter_model.safetensors")
+        raise AdapterFilesMissing(f"{folder} has no adapter_model.safetensors")
     try:
         cfg = _read_config(folder, args)
         data, infos = _read_safetensors(weights, max_file_bytes, args)
     except OSError as e:
-        raise AdapterError(3039, f"{folder}: adapter files cannot be read ({e.strerror or e})") from None
+        raise AdapterFilesMissing(f"{folder}: adapter files cannot be read ({e.strerror or e})") from None
 
     pairs: dict[tuple[int, str], dict[str, tuple[str, TensorInfo]]] = {}
     keys: dict[tuple[int, str], str] = {}

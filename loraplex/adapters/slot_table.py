@@ -1,4 +1,5 @@
-"""Which adapter sits in which device slot: pure bookkeeping, no tensors (the scheduler's view)."""
+"""The device tier of adapter residency: which adapter sits in which slot. Pure bookkeeping, no
+tensors (the weights are in lora/slots.py); owned by AdapterResidency (adapters/residency.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ class SlotTable:
 
     Pure bookkeeping, used by the engine thread only. A slot's life: `reserve` (the adapter's
     copy into it starts, off the engine step) → `loaded` (copy done; idle) → `acquire`/`release`
-    by running sequences. A slot being loaded or held is never evicted; among idle slots the
-    least recently used is reused first. While some request waits for a slot, one held adapter
+    by running sequences → `remove` (adapter unregistered) or eviction. Eviction policy: `reserve`
+    reuses an empty slot, else the least recently released idle one (LRU); a slot being loaded or
+    held is never evicted. While some request waits for a slot, one held adapter
     is *draining*: it takes no new holders, so its slot frees and no adapter starves.
     """
 
@@ -23,7 +25,7 @@ class SlotTable:
         self._idle: OrderedDict[str, None] = OrderedDict()  # loaded, unheld: LRU first
         self._empty: list[int] = list(range(num_slots - 1, -1, -1))
         self.draining: str | None = None
-        self.evicted: list[tuple[str, int]] = []  # (adapter, slot) displaced by `reserve`; the engine drains it
+        self.evicted: list[tuple[str, int]] = []  # (adapter, slot) displaced by `reserve`; the owner drains it
 
     @property
     def num_occupied(self) -> int:
@@ -38,9 +40,6 @@ class SlotTable:
 
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
-
-    def is_loading(self, name: str) -> bool:
-        return name in self._loading
 
     def acquire(self, name: str) -> int | None:
         """Hold a loaded adapter's slot for one running sequence; None if it is not loaded (or
@@ -91,8 +90,8 @@ class SlotTable:
             if name == self.draining:
                 self.draining = None  # drained: its slot is idle now
 
-    def evict(self, name: str) -> bool:
-        """Forget an idle adapter (e.g. removed, or its copy failed); False if held or loading."""
+    def remove(self, name: str) -> bool:
+        """Free an idle adapter's slot (unregistered, or its copy failed); False if held or loading."""
         if name not in self._slot_of:
             return True
         if self._holders[name] or name in self._loading:
@@ -105,4 +104,4 @@ class SlotTable:
         """A copy into `name`'s slot failed: the slot goes back to the empty pool."""
         self._loading.discard(name)
         self._idle[name] = None
-        self.evict(name)
+        self.remove(name)
