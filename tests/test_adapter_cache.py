@@ -17,6 +17,7 @@ from loraplex.adapters import cache as cache_module
 from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE, AdapterCache, AdapterState, LocalSource, RemoteSource
 from loraplex.adapters.storage import IntegrityError, StoreUnavailable, open_store
 from loraplex.api.errors import wire_of
+from loraplex.config import LoraConfig, engine_settings
 from loraplex.errors import AdapterInvalid
 from loraplex.lora.adapter import load_adapter
 from loraplex.models.hf_config import read_model_args
@@ -111,8 +112,10 @@ def make_cache(args, tmp_path):
     made = []
 
     def make(store=None, **kwargs) -> AdapterCache:
+        """kwargs: LoraConfig settings (adapter_host_cache_bytes, adapter_workers, …) or AdapterCache's own."""
         kwargs.setdefault("disk_dir", tmp_path / "disk")
-        made.append(AdapterCache(args, max_rank=8, store=store, **kwargs))
+        settings = {name: kwargs.pop(name) for name in list(kwargs) if name in engine_settings()}
+        made.append(AdapterCache(args, LoraConfig(max_lora_rank=8, **settings), store=store, **kwargs))
         return made[-1]
 
     yield make
@@ -161,7 +164,7 @@ def test_prefetch_returns_at_once_and_walks_the_states(store, folders, make_cach
 
 def test_concurrent_prefetch_is_single_flight(store, folders, make_cache):
     slow = WrappedStore(store, delay_s=0.1)
-    cache = make_cache(slow, workers=4)
+    cache = make_cache(slow, adapter_workers=4)
     source = upload(store, folders[0])
     cache.register("a", source)
     barrier = threading.Barrier(20)
@@ -236,7 +239,7 @@ def test_register_is_idempotent_and_replacing_drops_copies(store, folders, make_
 
 def test_host_eviction_respects_pins(store, folders, make_cache, sizes):
     slow = WrappedStore(store)
-    cache = make_cache(slow, host_budget_bytes=sizes[0])
+    cache = make_cache(slow, adapter_host_cache_bytes=sizes[0])
     for i, name in enumerate("abc"):
         cache.register(name, upload(store, folders[i]))
     cache.pin("a")
@@ -259,7 +262,7 @@ def test_host_eviction_respects_pins(store, folders, make_cache, sizes):
 
 def test_downloaded_files_removed_underneath_are_fetched_again(store, folders, make_cache, sizes, tmp_path):
     counting = WrappedStore(store)
-    cache = make_cache(counting, host_budget_bytes=sizes[0])
+    cache = make_cache(counting, adapter_host_cache_bytes=sizes[0])
     cache.register("a", upload(store, folders[0]))
     cache.register("b", upload(store, folders[1]))
     cache.load_now("a")
@@ -278,7 +281,7 @@ def test_pinned_adapters_hold_back_new_loads_not_the_budget(store, folders, make
     """Requests queued for many cold adapters pin each one: loads start only while the pinned host
     copies take less than the budget (plus the jobs in flight), the rest wait in request order."""
     counting = WrappedStore(store)
-    cache = make_cache(counting, host_budget_bytes=sizes[0], workers=1)
+    cache = make_cache(counting, adapter_host_cache_bytes=sizes[0], adapter_workers=1)
     names = ["a", "b", "c", "d"]
     for i, name in enumerate(names):
         cache.register(name, upload(store, folders[i + 1]))
@@ -305,7 +308,7 @@ def test_pinned_adapters_hold_back_new_loads_not_the_budget(store, folders, make
 
 
 def test_a_zero_host_budget_still_loads_one_pinned_adapter_at_a_time(store, folders, make_cache):
-    cache = make_cache(store, host_budget_bytes=0, workers=2)
+    cache = make_cache(store, adapter_host_cache_bytes=0, adapter_workers=2)
     for i, name in enumerate("ab"):
         cache.register(name, upload(store, folders[i + 1]))
         cache.pin(name)
@@ -318,7 +321,7 @@ def test_a_zero_host_budget_still_loads_one_pinned_adapter_at_a_time(store, fold
 
 
 def test_hot_adapter_survives_a_scan_of_cold_ones(store, folders, make_cache, sizes):
-    cache = make_cache(store, host_budget_bytes=3 * sizes[0])
+    cache = make_cache(store, adapter_host_cache_bytes=3 * sizes[0])
     names = ["hot"] + [f"cold{i}" for i in range(6)]
     for name, folder in zip(names, folders):
         cache.register(name, upload(store, folder))
@@ -334,7 +337,7 @@ def test_hot_adapter_survives_a_scan_of_cold_ones(store, folders, make_cache, si
 
 def test_disk_eviction_deletes_unpinned_files_only(store, folders, make_cache, sizes, tmp_path):
     slow = WrappedStore(store)
-    cache = make_cache(slow, host_budget_bytes=1, disk_budget_bytes=2 * sizes[1])
+    cache = make_cache(slow, adapter_host_cache_bytes=1, adapter_disk_cache_bytes=2 * sizes[1])
     sources = {name: upload(store, folders[i]) for i, name in enumerate("abcd", start=1)}
     for name, source in sources.items():
         cache.register(name, source)
@@ -353,7 +356,7 @@ def test_local_source_folder_is_never_deleted(store, folders, make_cache, tmp_pa
     local = tmp_path / "my-adapter"
     shutil.copytree(folders[0], local)
     files = sorted(local.iterdir())
-    cache = make_cache(store, host_budget_bytes=1, disk_budget_bytes=1)
+    cache = make_cache(store, adapter_host_cache_bytes=1, adapter_disk_cache_bytes=1)
     cache.register("local", LocalSource(local))
     assert cache.state("local") is S.ON_DISK
     assert cache.load_now("local").path == str(local)
@@ -370,7 +373,7 @@ def test_local_source_folder_is_never_deleted(store, folders, make_cache, tmp_pa
 
 
 def test_local_only_cache_needs_no_store(folders, args):
-    with AdapterCache(args, max_rank=8) as cache:
+    with AdapterCache(args, LoraConfig(max_lora_rank=8)) as cache:
         cache.register("x", LocalSource(folders[2]))
         assert cache.load_now("x").rank == 4
 
@@ -399,14 +402,14 @@ def test_corrupted_object_errors_and_others_still_load(store, folders, make_cach
 
 def test_invalid_adapter_is_errored_with_5004(store, rank16, make_cache):
     slow = WrappedStore(store)
-    cache = make_cache(slow, retry_errored_after_s=60)
+    cache = make_cache(slow, retry_failed_adapter_after_s=60)
     cache.register("big", upload(store, rank16))
     with pytest.raises(AdapterInvalid) as err:
         cache.load_now("big")
     assert wire_of(err.value)[0] == 5004 and "rank 16" in err.value.message
     assert cache.state("big") is S.ERRORED and wire_of(cache.error("big"))[0] == 5004
     calls = sum(slow.calls.values())
-    assert cache.prefetch("big") is S.ERRORED  # not retried before retry_errored_after_s
+    assert cache.prefetch("big") is S.ERRORED  # not retried before retry_failed_adapter_after_s
     assert sum(slow.calls.values()) == calls and cache.stats()["errors"] == 1
 
 
@@ -414,7 +417,7 @@ def test_store_outage_then_retry(store, folders, make_cache):
     flaky = WrappedStore(store)
     flaky.down = True
     changes = []
-    cache = make_cache(flaky, retry_errored_after_s=0.3, on_change=changes.append)
+    cache = make_cache(flaky, retry_failed_adapter_after_s=0.3, on_change=changes.append)
     cache.register("a", upload(store, folders[0]))
     cache.prefetch("a")
     wait_state(cache, "a", S.ERRORED)

@@ -40,6 +40,9 @@ def run(root, names, graphs: str | None, device: str = "cpu") -> tuple[list[list
     llm = LLM(str(root / "base"), dtype="float32", device=device, max_loras=2, kv_cache_memory=4 << 20)
     for name in names:
         llm.add_lora(name, root / name)
+    # both adapters into their slots first, so that no request waits for a copy below and the
+    # batch sizes do not depend on how fast the copy thread runs
+    llm.generate([[1, 2]] * len(names), SamplingParams(max_tokens=1), lora=names)
     if graphs is not None:
         llm.engine.runner.enable_decode_graphs(max_batch=12, max_model_len=llm.engine.max_model_len,
                                                capture=graphs == "capture")

@@ -97,17 +97,8 @@ def test_preemption_and_chunked_prefill_keep_outputs(family_model):
     llm = make_llm(folder, kv_cache_memory=12 * args_bytes, block_size=4, max_num_batched_tokens=16)
     assert llm.engine.block_manager.num_blocks == 12
     prompts = random_prompts([5, 11, 26, 2, 8, 14, 3, 20], seed=2)
-    preempted = []
-    schedule = llm.engine.scheduler.schedule
-
-    def counting_schedule():
-        plan = schedule()
-        preempted.extend(plan.preempted)
-        return plan
-
-    llm.engine.scheduler.schedule = counting_schedule
     outs = llm.generate(prompts, GREEDY)
-    assert preempted, "the budget was meant to force preemption"
+    assert llm.engine.scheduler.num_preemptions > 0, "the budget was meant to force preemption"
     for prompt, out in zip(prompts, outs):
         assert_matches_transformers(hf_model, prompt, out)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

@@ -5,7 +5,7 @@ everything below them. Each registered name moves through `AdapterState`:
 
     REMOTE ──prefetch──▶ DOWNLOADING ──worker──▶ LOADING ──worker──▶ IN_HOST
     ON_DISK ─prefetch──▶ LOADING                  (LocalSource adapters start ON_DISK)
-    DOWNLOADING / LOADING ──failure──▶ ERRORED ──prefetch, once retry_errored_after_s passed──▶ …
+    DOWNLOADING / LOADING ──failure──▶ ERRORED ──prefetch, once retry_failed_adapter_after_s passed──▶ …
     IN_HOST ──host eviction──▶ ON_DISK (its files still there) or REMOTE
     ON_DISK ──disk eviction──▶ REMOTE   (an IN_HOST adapter stays IN_HOST; only its files go)
     LOADING ──its downloaded files gone from disk──▶ DOWNLOADING   (fetched again)
@@ -13,7 +13,7 @@ everything below them. Each registered name moves through `AdapterState`:
 Contracts:
 
 - Threads: every blocking step (store downloads, which verify hashes; reading and parsing the
-  safetensors file; deleting folders) runs in a `ThreadPoolExecutor(workers)`. The public methods
+  safetensors file; deleting folders) runs in a `ThreadPoolExecutor(adapter_workers)`. The public methods
   only do bookkeeping and return at once, except `load_now` (waits for its job; never call it
   from `on_change` or another callback running on a worker) and `close` (waits for the workers).
 - Locking: one `threading.Lock` guards the entries, every field of them, the byte totals and the
@@ -36,7 +36,7 @@ Contracts:
   evicts each other, not a hot one. Both tiers rank by the same history.
 - Pins: a pinned adapter (reference count > 0) and its downloaded files are never evicted, and
   neither is anything with a job in flight or the entry being inserted.
-- Admission: at most `workers` jobs are in flight, and a new one starts only while the pinned
+- Admission: at most `adapter_workers` jobs are in flight, and a new one starts only while the pinned
   adapters in host memory take less than the host budget (or none is pinned); other prefetches
   wait in a FIFO and start, in request order, as jobs finish and pins are dropped. So requests
   queued for many cold adapters cannot pull them all into memory: the host tier exceeds its
@@ -63,6 +63,7 @@ from typing import Callable
 
 from loraplex import errors
 from loraplex.adapters.storage import ObjectStore, validate_key
+from loraplex.config import LoraConfig
 from loraplex.logs import event
 from loraplex.lora.adapter import LoraAdapter, load_adapter
 from loraplex.models.hf_config import ModelArgs
@@ -136,21 +137,22 @@ class AdapterCache:
     REMOTE), not per poll of `state` or `host_adapter`.
     """
 
-    def __init__(self, args: ModelArgs, *, max_rank: int, store: ObjectStore | None = None,
-                 disk_dir: Path | None = None, disk_budget_bytes: int = 2 << 30, host_budget_bytes: int = 1 << 30,
-                 workers: int = 2, retry_errored_after_s: float = 5.0,
-                 on_change: Callable[[str], None] | None = None, pin_memory: bool = False) -> None:
-        """pin_memory: keep host copies in page-locked memory (CUDA engines: async slot copies)."""
-        self._args, self._max_rank, self._store = args, max_rank, store
+    def __init__(self, args: ModelArgs, config: LoraConfig = LoraConfig(), *, store: ObjectStore | None = None,
+                 disk_dir: Path | None = None, on_change: Callable[[str], None] | None = None,
+                 pin_memory: bool = False) -> None:
+        """config: max_lora_rank, the budgets (adapter_host_cache_bytes, adapter_disk_cache_bytes),
+        adapter_workers and retry_failed_adapter_after_s. pin_memory: keep host copies in
+        page-locked memory (CUDA engines: async slot copies)."""
+        self._args, self._max_rank, self._store = args, config.max_lora_rank, store
         self._pin_memory = pin_memory
         self._own_dir = disk_dir is None and store is not None
         if self._own_dir:  # a temporary folder of our own, removed by close()
             disk_dir = tempfile.mkdtemp(prefix="loraplex-adapters-")
         self._disk_dir = Path(disk_dir) if disk_dir is not None else None
-        self._disk_budget, self._host_budget = disk_budget_bytes, host_budget_bytes
-        self._retry_after, self._on_change = retry_errored_after_s, on_change
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-cache")
-        self._workers, self._in_flight = workers, 0
+        self._disk_budget, self._host_budget = config.adapter_disk_cache_bytes, config.adapter_host_cache_bytes
+        self._retry_after, self._on_change = config.retry_failed_adapter_after_s, on_change
+        self._workers, self._in_flight = config.adapter_workers, 0
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="adapter-cache")
         self._deferred: deque[tuple[int, _Entry]] = deque()  # (ticket, entry) waiting for room to load
         self._tickets = itertools.count()
         self._lock = threading.Lock()
@@ -203,7 +205,7 @@ class AdapterCache:
 
     def prefetch(self, name: str) -> AdapterState:
         """Start whatever brings `name` to IN_HOST (or join the job in flight); returns at once with
-        the state after the call. An ERRORED adapter is retried only once `retry_errored_after_s`
+        the state after the call. An ERRORED adapter is retried only once `retry_failed_adapter_after_s`
         has passed since its failure."""
         with self._lock:
             e = self._get(name)

@@ -89,11 +89,8 @@ class AdapterResidency:
         """load_slot(slot, adapter): the host → device copy (runs on this object's copy thread).
         on_change(): called from worker threads when a load or copy finished or failed."""
         cache_dir, lock = _private_cache_dir(data_dir)
-        self.tiers = AdapterCache(
-            args, max_rank=config.max_lora_rank, store=store, disk_dir=cache_dir,
-            disk_budget_bytes=config.adapter_disk_cache_bytes, host_budget_bytes=config.adapter_host_cache_bytes,
-            on_change=lambda name: on_change(), pin_memory=pin_memory,
-            retry_errored_after_s=config.retry_failed_adapter_after_s, workers=config.adapter_workers)
+        self.tiers = AdapterCache(args, config, store=store, disk_dir=cache_dir, on_change=lambda name: on_change(),
+                                  pin_memory=pin_memory)
         self.slots = SlotTable(config.max_loras)
         self._load_slot, self._bytes_per_slot, self._on_change = load_slot, bytes_per_slot, on_change
         self._identity: dict[str, str] = {}  # registered name → content identity
@@ -214,12 +211,6 @@ class AdapterResidency:
         return failures
 
     # -- reports ---------------------------------------------------------------------------------
-
-    def state(self, name: str) -> str:
-        """Where `name` is: "in_slot", "copying", or its state below the slots (AdapterState value)."""
-        if self.slots.slot_of(name) is not None:
-            return "copying" if name in self._copies else "in_slot"
-        return self.tiers.state(name).value
 
     def snapshot(self) -> dict:
         """Every tier at once (engine thread):

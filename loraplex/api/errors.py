@@ -28,8 +28,6 @@ from loraplex.logs import event
 
 log = logging.getLogger(__name__)
 
-# Workers AI codes → HTTP status, where the code alone decides it
-STATUS_OF_CODE = {3006: 413, 3036: 429, 3037: 404, 3039: 400, 3040: 429, 5004: 400, 5005: 400, 5007: 400}
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -60,13 +58,14 @@ def wire_of(error: errors.LoraplexError) -> tuple[int, int]:
 
 
 class ApiError(Exception):
-    """A refused request: HTTP `status`, Workers AI `code`, and a message safe to show the caller."""
+    """A refused request: HTTP `status` (default: the code's in `WIRE`), Workers AI `code`, and a
+    message safe to show the caller. For what only the API layer knows (auth, routes, body limits)."""
 
     def __init__(self, code: int, message: str, status: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = status if status is not None else STATUS_OF_CODE.get(code, 400)
+        self.status = status if status is not None else next((s for _, c, s in WIRE if c == code), 400)
 
 
 def invalid(message: str) -> ApiError:

@@ -4,7 +4,6 @@ residency's worker threads load adapters meanwhile)."""
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 from pathlib import Path
 from typing import NamedTuple
@@ -24,9 +23,6 @@ from loraplex.kvcache.block_manager import BlockManager
 from loraplex.lora.adapter import LoraAdapter
 from loraplex.models.loader import load_model
 from loraplex.tokenizer import IncrementalDetokenizer, Tokenizer
-
-log = logging.getLogger(__name__)
-
 
 class EngineStats(NamedTuple):
     """A snapshot of the engine's queues and resources (for metrics)."""
