@@ -1,9 +1,15 @@
-"""What several benchmarks need: random PEFT adapters for a model folder."""
+"""What several benchmarks need: random PEFT adapters, popularity cases, prompts, results files.
+
+Benchmarks import this module (Python puts the script's folder on sys.path) and the package,
+never each other."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
+CASES = ["distinct", "uniform", "zipf", "identical"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -31,3 +37,59 @@ def make_adapters(model_dir: Path, folder: Path, count: int, rank: int = 8, seed
         model.save_pretrained(folder, selected_adapters=[name])
         assert (folder / name / "adapter_model.safetensors").is_file(), f"peft did not write {folder / name}"
     return names
+
+
+def make_peft_adapters(model_dir: Path, folder: Path, count: int = 16, rank: int = 8):
+    """`count` peft adapters (rank `rank`, N(0, 0.02) weights on LORA_TARGETS), saved as PEFT folders
+    under `folder`; returns (the peft model holding them all, names adapter-0…, their folders)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS)
+    names = [f"adapter-{i}" for i in range(count)]
+    peft_model = get_peft_model(base, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for pname, p in peft_model.named_parameters():
+            if "lora_" in pname:
+                p.normal_(0.0, 0.02)
+    paths = []
+    for name in names:
+        peft_model.save_pretrained(folder, selected_adapters=[name])
+        paths.append(next(folder.rglob(f"{name}/adapter_config.json")).parent)
+    return peft_model.eval(), names, paths
+
+
+def assignment(case: str, seed: int = 0, num_adapters: int = 16, num_requests: int = 64) -> list[int]:
+    """Adapter index per request for one of Punica's popularity CASES: distinct (round robin),
+    uniform, zipf(1.5), identical (all adapter 0)."""
+    rng = random.Random(seed)
+    if case == "distinct":
+        return [i % num_adapters for i in range(num_requests)]
+    if case == "uniform":
+        return [rng.randrange(num_adapters) for _ in range(num_requests)]
+    if case == "zipf":
+        weights = [1 / (k + 1) ** 1.5 for k in range(num_adapters)]
+        return rng.choices(range(num_adapters), weights=weights, k=num_requests)
+    return [0] * num_requests
+
+
+def prompts_for(tokenizer, num_requests: int = 64) -> list[list[int]]:
+    """`num_requests` short chat prompts, encoded with `tokenizer.encode_chat`."""
+    topics = ["rivers", "stars", "bread", "trains", "music", "forests", "robots", "oceans"]
+    return [
+        tokenizer.encode_chat([{"role": "user", "content": f"Write about {topics[i % 8]}, note {i}."}])
+        for i in range(num_requests)
+    ]
+
+
+def save_results(rows: list[dict], out: Path, name: str, plot_rows) -> None:
+    """rows as out/NAME.json, and `plot_rows(rows, path)` drawn to out/NAME.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    plot_rows(rows, out / f"{name}.png")
+    print(f"wrote {out / name}.json and .png")

@@ -17,8 +17,6 @@ shared and noisy; peft, much slower, runs once).
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import shutil
 import tempfile
 import time
@@ -26,21 +24,9 @@ from pathlib import Path
 
 import torch
 
+from common import CASES, assignment, make_peft_adapters, prompts_for, save_results
+
 NUM_ADAPTERS, RANK, NUM_REQUESTS, MAX_TOKENS, PEFT_BATCH, REPEATS = 16, 8, 64, 32, 16, 3
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CASES = ["distinct", "uniform", "zipf", "identical"]
-
-
-def assignment(case: str, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    if case == "distinct":
-        return [i % NUM_ADAPTERS for i in range(NUM_REQUESTS)]
-    if case == "uniform":
-        return [rng.randrange(NUM_ADAPTERS) for _ in range(NUM_REQUESTS)]
-    if case == "zipf":
-        weights = [1 / (k + 1) ** 1.5 for k in range(NUM_ADAPTERS)]
-        return rng.choices(range(NUM_ADAPTERS), weights=weights, k=NUM_REQUESTS)
-    return [0] * NUM_REQUESTS
 
 
 def make_wide_model(default_dir: Path, folder: Path) -> Path:
@@ -57,37 +43,6 @@ def make_wide_model(default_dir: Path, folder: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_dir / name, folder / name)
     return folder
-
-
-def make_adapters(model_dir: Path, folder: Path):
-    """16 peft adapters with random weights, saved as PEFT folders; returns (peft model, paths)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
-    names = [f"adapter-{i}" for i in range(NUM_ADAPTERS)]
-    peft_model = get_peft_model(base, config, adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.add_adapter(name, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for pname, p in peft_model.named_parameters():
-            if "lora_" in pname:
-                p.normal_(0.0, 0.02)
-    paths = []
-    for name in names:
-        peft_model.save_pretrained(folder, selected_adapters=[name])
-        paths.append(next(folder.rglob(f"{name}/adapter_config.json")).parent)
-    return peft_model.eval(), names, paths
-
-
-def prompts_for(tokenizer) -> list[list[int]]:
-    topics = ["rivers", "stars", "bread", "trains", "music", "forests", "robots", "oceans"]
-    return [
-        tokenizer.encode_chat([{"role": "user", "content": f"Write about {topics[i % 8]}, note {i}."}])
-        for i in range(NUM_REQUESTS)
-    ]
 
 
 def time_loraplex(llm, prompts, loras) -> float:
@@ -120,11 +75,11 @@ def time_peft(peft_model, pad_id: int, prompts, adapter_names) -> float:
 def bench_model(label: str, model_dir: Path, work: Path) -> list[dict]:
     from loraplex import LLM, SamplingParams
 
-    peft_model, names, paths = make_adapters(model_dir, work / f"{label}-adapters")
+    peft_model, names, paths = make_peft_adapters(model_dir, work / f"{label}-adapters", NUM_ADAPTERS, RANK)
     llm = LLM(str(model_dir), dtype="float32", device="cpu", max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
     for name, path in zip(names, paths):
         llm.add_lora(name, path)
-    prompts = prompts_for(llm.tokenizer)
+    prompts = prompts_for(llm.tokenizer, NUM_REQUESTS)
     warm = SamplingParams(max_tokens=2, temperature=0.0)
     llm.generate(prompts[:2], warm, lora=[names[0], None])
     pad_id = llm.tokenizer.pad_token_id or 0
@@ -132,7 +87,7 @@ def bench_model(label: str, model_dir: Path, work: Path) -> list[dict]:
     tokens = NUM_REQUESTS * MAX_TOKENS
     rows = []
     for case in CASES:
-        chosen = [names[i] for i in assignment(case)]
+        chosen = [names[i] for i in assignment(case, 0, NUM_ADAPTERS, NUM_REQUESTS)]
         lora_s = base_s = float("inf")
         for _ in range(REPEATS):
             lora_s = min(lora_s, time_loraplex(llm, prompts, chosen))
@@ -193,14 +148,6 @@ def main() -> None:
             model_dir = default_dir if label == "default" else make_wide_model(default_dir, work / "wide")
             rows += bench_model(label, model_dir, work)
     save_results(rows, Path(args.out), "lora_overhead", plot)
-
-
-def save_results(rows: list[dict], out: Path, name: str, plot_rows) -> None:
-    """rows as out/NAME.json, and `plot_rows(rows, path)` drawn to out/NAME.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    plot_rows(rows, out / f"{name}.png")
-    print(f"wrote {out / name}.json and .png")
 
 
 if __name__ == "__main__":

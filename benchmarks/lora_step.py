@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from lora_overhead import CASES, assignment, make_adapters, prompts_for, save_results
+from common import CASES, assignment, make_peft_adapters, prompts_for, save_results
 
 STEP_KINDS = ("decode", "prefill")
 
@@ -109,7 +109,7 @@ def main() -> None:
     model_dir = ensure_default_model(env.data_dir())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        _, names, paths = make_adapters(model_dir, Path(tmp) / "adapters")
+        _, names, paths = make_peft_adapters(model_dir, Path(tmp) / "adapters")
         llm = LLM(str(model_dir), dtype="float32", device="cpu", max_loras=len(names), max_lora_rank=8)
         for name, path in zip(names, paths):
             llm.add_lora(name, path)

@@ -18,17 +18,15 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_adapters  # noqa: E402
+from common import make_adapters
 
-from loraplex import LLM, SamplingParams  # noqa: E402
-from loraplex.env import data_dir  # noqa: E402
-from loraplex.models.default_model import ensure_default_model  # noqa: E402
+from loraplex import LLM, SamplingParams
+from loraplex.env import data_dir
+from loraplex.models.default_model import ensure_default_model
 
 ADAPTERS, REQUESTS, SYSTEM_TOKENS, MAX_TOKENS, CONCURRENCY = 8, 64, 1024, 16, 4
 
