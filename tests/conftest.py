@@ -24,3 +24,15 @@ def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_model("llama", folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """A private copy of `triton_ops` loaded under Triton's interpreter (TRITON_INTERPRET=1); skips without triton."""
+    from loraplex.lora.ops import torch_ops
+    from module_loading import load_interpreted
+
+    pytest.importorskip("triton")
+    mod = load_interpreted(Path(torch_ops.__file__).with_name("triton_ops.py"), "loraplex.lora.ops._triton_ops_interpreted")
+    assert type(mod._shrink_kernel).__name__ == "InterpretedFunction"
+    return mod

@@ -9,65 +9,21 @@ other tests are unaffected), and compiled on CUDA in the `cuda`-marked test.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from module_loading import load_interpreted
 from loraplex.lora import ops
 from loraplex.lora.ops import cpu_ops, torch_ops
+from lora_cases import HAS_CUDA, LENGTHS, POPULARITY, base_rows, make_batch
 
-HAS_CUDA = torch.cuda.is_available()
 RANKS = {"r1": (1,), "r2": (2,), "r8": (8,), "r16": (16,), "mixed": (1, 2, 8, 16)}
-POPULARITY = ("distinct", "uniform", "zipf", "identical")
-LENGTHS = {"decode": [1] * 12, "mixed": [1, 17, 1, 1, 33, 5, 1, 1, 24, 1, 2, 1]}
 
 
-@pytest.fixture(scope="module")
-def interp():
-    pytest.importorskip("triton")
-    mod = load_interpreted(Path(torch_ops.__file__).with_name("triton_ops.py"), "loraplex.lora.ops._triton_ops_interpreted")
-    assert type(mod._shrink_kernel).__name__ == "InterpretedFunction"
-    return mod
 
 
 # ---------------------------------------------------------------- batches and weights
-
-
-def make_batch(pop: str, lengths: list[int], num_slots: int, rng: np.random.Generator,
-               num_base: int = 2, grouped: bool = True):
-    """(seg_starts, seg_slots, T) for requests of `lengths` tokens with adapters drawn by `pop`.
-
-    `num_base` requests get no adapter (-1). With `grouped`, requests are stably sorted by slot
-    (as a runner would) and equal neighbours merge into one segment; without it, a slot may own
-    several non-adjacent segments.
-    """
-    n = len(lengths)
-    if pop == "distinct":
-        slots = np.arange(n) % num_slots
-    elif pop == "uniform":
-        slots = rng.integers(0, num_slots, n)
-    elif pop == "zipf":
-        slots = (rng.zipf(1.5, n) - 1) % num_slots
-    elif pop == "identical":
-        slots = np.zeros(n, dtype=np.int64)
-    else:
-        raise ValueError(pop)
-    slots = slots.astype(np.int64)
-    slots[rng.choice(n, num_base, replace=False)] = -1
-    order = np.argsort(slots, kind="stable") if grouped else np.arange(n)
-    starts, seg_slots, pos = [0], [], 0
-    for i in order:
-        pos += lengths[i]
-        if grouped and seg_slots and seg_slots[-1] == slots[i]:
-            starts[-1] = pos
-        else:
-            seg_slots.append(int(slots[i]))
-            starts.append(pos)
-    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    return as_i32(starts), as_i32(seg_slots), pos
 
 
 def make_weights(num_slots: int, ranks: tuple[int, ...], n_in: int, n_out: int, gen: torch.Generator):
@@ -104,11 +60,6 @@ def ref_expand(h, b, seg_starts, seg_slots, y, offset):
             for t in range(st[g], st[g + 1]):
                 ref[t, offset : offset + n] += b[w].double() @ h[t].double()
     return ref
-
-
-def base_rows(seg_starts, seg_slots):
-    st = seg_starts.tolist()
-    return [t for g, w in enumerate(seg_slots.tolist()) if w < 0 for t in range(st[g], st[g + 1])]
 
 
 def check_case(mod, pop, ranks, lengths, *, n_in=96, n_out=80, dtype=torch.float32, grouped=True,

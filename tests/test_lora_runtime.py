@@ -13,8 +13,7 @@ import torch
 from loraplex.lora.layers import CpuLoraRuntime, LoraBatch, LoraRuntime
 from loraplex.lora.ops import cpu_ops
 from loraplex.lora.slots import PackedLoraWeights
-from test_lora_ops import make_batch
-from test_sgmv_lora import LEFT, N_IN, RIGHT, SLICES, make_lora_weights, ref_lora
+from lora_cases import LEFT, N_IN, RIGHT, SLICES, make_batch, make_lora_weights, ref_lora
 
 OFFSETS = [LEFT + sum(SLICES[:i]) for i in range(len(SLICES))]
 WIDTH = LEFT + sum(SLICES) + RIGHT

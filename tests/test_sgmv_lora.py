@@ -12,35 +12,7 @@ import pytest
 import torch
 
 from loraplex.lora.ops import cpu_ops, torch_ops
-from test_lora_ops import HAS_CUDA, LENGTHS, POPULARITY, base_rows, interp, make_batch  # noqa: F401
-
-SLICES = (64, 32, 32)  # q/k/v-like output widths
-N_IN, RANK, LEFT, RIGHT = 96, 8, 5, 7  # y has LEFT + sum(SLICES) + RIGHT columns
-
-
-def make_lora_weights(num_slots: int, gen: torch.Generator, dtype=torch.float32, rank: int = RANK):
-    """(lora_a [S, 3R, IN], lora_b [S, N_i, R] views of [S, R, N_i] storage); slot w uses rank 1 + w % R."""
-    a = torch.randn(num_slots, len(SLICES) * rank, N_IN, generator=gen) / N_IN**0.5
-    b_storage = [torch.randn(num_slots, rank, n, generator=gen) / rank**0.5 for n in SLICES]
-    for w in range(num_slots):
-        r = 1 + w % rank
-        for i, b in enumerate(b_storage):
-            a[w, i * rank + r : (i + 1) * rank] = 0
-            b[w, r:] = 0
-    return a.to(dtype), [b.to(dtype).transpose(1, 2) for b in b_storage]
-
-
-def ref_lora(x, a, bs, offsets, seg_starts, seg_slots, y):
-    ref, rank = y.double().clone(), bs[0].shape[2]
-    starts = seg_starts.tolist()
-    for g, w in enumerate(seg_slots.tolist()):
-        for t in range(starts[g], starts[g + 1]):
-            if w < 0:
-                continue
-            for i, (b, offset) in enumerate(zip(bs, offsets)):
-                h = a[w, i * rank : (i + 1) * rank].double() @ x[t].double()
-                ref[t, offset : offset + b.shape[1]] += b[w].double() @ h
-    return ref
+from lora_cases import HAS_CUDA, LEFT, LENGTHS, N_IN, POPULARITY, RANK, RIGHT, SLICES, base_rows, make_batch, make_lora_weights, ref_lora
 
 
 def lora_case(mod, pop, lengths, *, seed=0, dtype=torch.float32, device="cpu", tol=1e-5, rank=RANK):
@@ -126,7 +98,7 @@ def test_cpu_ops_refuse_a_slot_past_the_weights():
 
 
 @pytest.mark.parametrize("pop", ["distinct", "zipf"])
-def test_triton_interpreted_sgmv_lora(interp, pop):  # noqa: F811
+def test_triton_interpreted_sgmv_lora(interp, pop):
     lora_case(interp, pop, LENGTHS["mixed"], seed=21)
 
 
