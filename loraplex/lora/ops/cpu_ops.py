@@ -1,22 +1,18 @@
 """SGMV ops for CPU: numba kernels for float32, the torch reference for other dtypes.
 
-Same signatures and semantics as `torch_ops` (see its "Semantics:" docstrings). Why a kernel: a
-step with many adapters has many segments, and one GEMM call per segment per projection per
-layer costs more in call overhead than in arithmetic (prefill included: measured in
-benchmarks/RESULTS.md). These kernels take the whole batch in one call; tokens of a segment are
-adjacent, so their adapter's A and B stay in cache while it runs. `sgmv_lora` does a packed
-linear's shrink and every slice's expand in one call: in small decode batches the Python and
-dispatch cost of separate calls outweighed their arithmetic. An engine goes further: it prepares
-the arguments once (`kernel_weights` per linear, `token_slots` per step) and calls `lora_delta`.
+Same signatures and semantics as `torch_ops` (see its "Semantics:" docstrings). These kernels
+take the whole batch in one call, instead of one GEMM per segment per projection per layer;
+tokens of a segment are adjacent, so their adapter's A and B stay in cache while it runs.
+`sgmv_lora` does a packed linear's shrink and every slice's expand in one call. An engine goes
+further: it prepares the arguments once (`kernel_weights` per linear, `token_slots` per step)
+and calls `lora_delta`.
 
-Calls of fewer than PARALLEL_MIN_TOKENS tokens (decode steps) run serially; larger ones (prefill)
-share their pieces of work among numba's threads. Measured in a model's forward on 2 cores, base-only
-against LoRA (benchmarks/RESULTS.md): parallel kernels made decode steps of 16-32 tokens slower
-(identical 0.84-0.89x against 0.94-0.95x serial), but 1,024-token prefill steps faster (0.96-0.99x
-against 0.90-0.93x) and 64-token decode steps too. Both drivers split a batch the same way, so a
-token's delta is bitwise the same in either. numba's `omp` layer binds to the OpenMP runtime torch
-bundles once torch is loaded (checked with LD_DEBUG=bindings), and both launch from the engine's
-thread, so they share its worker threads (as the paged-attention kernel does).
+Threads: calls of fewer than PARALLEL_MIN_TOKENS tokens (decode steps) run serially on the
+calling thread; larger ones (prefill) share their pieces of work among numba's threads. Both
+drivers split a batch the same way, so a token's delta is bitwise the same in either. numba's
+`omp` layer binds to the OpenMP runtime torch bundles once torch is loaded, and both launch from
+the engine's thread, so they share its worker threads (as the paged-attention kernel does).
+Why these choices, with the measurements: benchmarks/RESULTS.md, "LoRA cost inside one model step".
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ def _token_slots(seg_starts, seg_slots, num_tokens):  # pragma: no cover - jitte
 
 
 # The kernels index through 1-D row views: numba then knows the inner loops are unit-stride with
-# non-negative indices, and LLVM vectorises them (several times faster than 3-D indexing).
+# non-negative indices, and LLVM vectorises them.
 
 
 @numba.njit(fastmath=True, cache=True)
@@ -105,7 +101,7 @@ def _lora_token(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover -
 @numba.njit(fastmath=True, cache=True)
 def _lora_block4(x, lora_a, lora_b_t, offsets, w, t, y, h):  # pragma: no cover - jitted
     """Tokens t..t+3's deltas, all through slot w: each row of A and B is loaded once for the
-    four (1.2-1.6x faster than token by token, benchmarks/RESULTS.md); h: [4, n*R] scratch."""
+    four (see benchmarks/RESULTS.md); h: [4, n*R] scratch."""
     rank, dim = lora_b_t[0].shape[1], lora_a.shape[2]
     x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
     for r in range(lora_a.shape[1]):
