@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api_server import LiveServer, server_options
-from test_fuzz_adapter import edited_file, fuzz, mutated, split_file
+from adapter_fuzzing import edited_file, fuzz, mutated, split_file
 from upload_client import CONFIG, MODEL, WEIGHTS, ErrorLog, Tenant, connection, make_model_and_adapter
 
 EXAMPLES = 40  # per test: bounded, the suite stays quick (the deep profile of test_fuzz_adapter runs many more)
