@@ -59,6 +59,22 @@ def alice(server):
     tenant.close()
 
 
+@pytest.fixture(autouse=True)
+def no_script_errors(driver):
+    """After each test: the pages logged no script error and no failed load of their own files
+    (refused API calls are expected answers, shown in words, and are not counted)."""
+    yield
+    problems = [e["message"] for e in driver.get_log("browser")
+                if e["level"] == "SEVERE" and (e["source"] == "javascript" or "/console/" in e["message"])]
+    assert not problems, problems
+
+
+def open_page(driver, server, page: str) -> None:
+    """Load a console page afresh (a reload: the tab's session survives it)."""
+    driver.get(f"{server.url}/console/#/{page}")
+    driver.refresh()
+
+
 def by_css(driver, selector):
     return driver.find_element("css selector", selector)
 
@@ -66,7 +82,7 @@ def by_css(driver, selector):
 def sign_in(driver, server, account_id: str, token: str) -> None:
     driver.get(server.url + "/console/")
     driver.execute_script("sessionStorage.clear()")
-    driver.get(server.url + "/console/#/finetunes")
+    open_page(driver, server, "finetunes")
     account = wait_for(lambda: by_css(driver, "#account-id"), "the sign-in form")
     account.send_keys(account_id)
     by_css(driver, "#api-token").send_keys(token)
@@ -158,3 +174,152 @@ def test_upload_refusals_show_the_servers_message_inline(driver, server, alice, 
     by_css(driver, "#upload").click()
     wait_for(lambda: "while creating the finetune" in by_css(driver, "#upload-error").text, "the name refusal")
     assert "broken" in by_css(driver, "#upload-error").text
+
+
+def set_value(driver, selector: str, value) -> None:
+    element = by_css(driver, selector)
+    element.clear()
+    element.send_keys(str(value))
+
+
+def ask(driver, prompt: str) -> dict[str, tuple[str, int, int]]:
+    """Send `prompt` from the playground; per side (text, prompt tokens, completion tokens) of the new answers."""
+    before = {side: len(driver.find_elements("css selector", f"#{side}-output .answer")) for side in ("left", "right")}
+    set_value(driver, "#prompt", prompt)
+    by_css(driver, "#send").click()
+    out = {}
+    for side in ("left", "right"):
+        answer = wait_for(lambda: (a := driver.find_elements("css selector", f"#{side}-output .answer"))[before[side]:]
+                          and a[-1].get_attribute("data-done") == "true" and a[-1], f"the {side} answer")
+        assert not answer.find_elements("css selector", ".error"), text_of(driver, answer)
+        out[side] = (text_of(driver, answer), int(answer.get_attribute("data-prompt-tokens")),
+                     int(answer.get_attribute("data-completion-tokens")))
+    return out
+
+
+def api_answer(tenant, body: dict, lora: str | None) -> tuple[str, int, int]:
+    reply = tenant.client.post(f"/run/{MODEL}", json=body | ({"lora": lora} if lora else {}))
+    assert reply.status_code == 200, reply.text
+    result = reply.json()["result"]
+    return result["response"], result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"]
+
+
+def run_snippet(driver, button: str, token: str) -> str:
+    """Click a "Copy as" button, run the snippet shown (Python or shell) with the token in the
+    environment, close the dialog; the snippet's standard output."""
+    by_css(driver, button).click()
+    code = text_of(driver, wait_for(lambda: by_css(driver, "#snippet-dialog").is_displayed() and by_css(driver, "#snippet-code"),
+                                    "the snippet"))
+    assert token not in code  # the snippet reads the token from the environment
+    by_css(driver, "#snippet-close").click()
+    command = ["bash", "-c", code] if code.startswith("curl") else [sys.executable, "-c", code]
+    env = os.environ | {"CLOUDFLARE_API_TOKEN": token, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(command, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    return done.stdout.decode("utf-8")
+
+
+def test_playground_side_by_side_gives_the_apis_answers(driver, server, alice):
+    open_page(driver, server, "playground")
+    wait_for(lambda: "polite" in [o.get_attribute("value") for o in driver.find_elements("css selector", "#right-model option")],
+             "the finetune in the playground's picker")
+    from selenium.webdriver.support.select import Select
+    assert Select(by_css(driver, "#left-model")).first_selected_option.get_attribute("value") == ""  # the base model
+    Select(by_css(driver, "#right-model")).select_by_value("polite")
+    assert "broken" not in [o.get_attribute("value") for o in driver.find_elements("css selector", "#right-model option")]
+    set_value(driver, "#temperature", 0)
+    set_value(driver, "#seed", 7)
+    set_value(driver, "#max-tokens", 12)
+    layout = driver.execute_script("return ['#left-stats', '#right-stats', '#left-output'].map("
+                                   "s => JSON.stringify(document.querySelector(s).getBoundingClientRect()))")
+    sampling = {"temperature": 0, "seed": 7, "max_tokens": 12}
+    chat = ask(driver, PROMPT)
+    first_turn = [{"role": "user", "content": PROMPT}]
+    assert chat["left"] == api_answer(alice, sampling | {"messages": first_turn}, None)
+    assert chat["right"] == api_answer(alice, sampling | {"messages": first_turn}, "polite")
+    assert chat["left"][0] != chat["right"][0]  # the adapter changes the answer
+    assert layout == driver.execute_script("return ['#left-stats', '#right-stats', '#left-output'].map("
+                                           "s => JSON.stringify(document.querySelector(s).getBoundingClientRect()))")
+    stats = by_css(driver, "#right-stats").text
+    assert f"{chat['right'][1]} prompt + {chat['right'][2]} completion tokens" in stats and "first token" in stats
+    # the request each side sent, run by the SDKs and curl: the same text
+    assert run_snippet(driver, "#right-copy-openaiPython", alice.token) == chat["right"][0] + "\n"
+    assert run_snippet(driver, "#right-copy-cloudflarePython", alice.token) == chat["right"][0] + "\n"
+    assert json.loads(run_snippet(driver, "#left-copy-curl", alice.token))["result"]["response"] == chat["left"][0]
+    # the second turn carries each side's own history
+    second = ask(driver, "And then?")
+    for side, lora in (("left", None), ("right", "polite")):
+        history = first_turn + [{"role": "assistant", "content": chat[side][0]}, {"role": "user", "content": "And then?"}]
+        assert second[side] == api_answer(alice, sampling | {"messages": history}, lora)
+    screenshot(driver, "playground")
+    # raw mode: the prompt as is, no history
+    by_css(driver, "#raw").click()
+    raw = ask(driver, "Once upon a time")
+    for side, lora in (("left", None), ("right", "polite")):
+        assert raw[side] == api_answer(alice, sampling | {"prompt": "Once upon a time", "raw": True}, lora)
+    assert run_snippet(driver, "#right-copy-openaiPython", alice.token) == raw["right"][0] + "\n"
+
+
+def test_status_page_shows_slots_caches_and_traffic(driver, server, alice):
+    open_page(driver, server, "status")
+    wait_for(lambda: "admin token" in by_css(driver, "#admin-error").text, "the ask for the admin token")
+    tokens = wait_for(lambda: int(re.search(r"(\d+) tokens generated", by_css(driver, "#tile-throughput").text).group(1)),
+                      "the token counter")
+    assert tokens == server.ctx.metrics.generation_tokens._value.get()
+    set_value(driver, "#admin-token", "not-the-admin-token")
+    by_css(driver, "#operator-apply").click()
+    wait_for(lambda: "forbidden: not the admin token" in by_css(driver, "#admin-error").text, "the admin refusal")
+    set_value(driver, "#admin-token", ADMIN_TOKEN)
+    by_css(driver, "#operator-apply").click()
+    polite = alice.get("polite")["id"]
+    slot = wait_for(lambda: [r for r in driver.find_elements("css selector", "#slot-rows tr") if polite in r.text],
+                    "the adapter in a slot")[0]
+    assert f"polite ({polite})" in slot.text and "resident" in slot.text
+    assert len(driver.find_elements("css selector", "#slot-rows tr")) == server.ctx.engine.stats().lora_slots_total
+    assert "polite" in by_css(driver, "#tiers").text
+    rate = wait_for(lambda: re.fullmatch(r"\d+\.\d", text_of(driver, by_css(driver, "#tile-throughput .value"))),
+                    "a tokens/s figure (two scrapes)")
+    assert float(rate.group()) >= 0 and "mean of" in by_css(driver, "#tile-ttft").text
+    screenshot(driver, "status")
+
+
+def test_delete_asks_for_confirmation(driver, server, alice):
+    open_page(driver, server, "finetunes")
+    wait_for(lambda: rows(driver).get("polite"), "the list")
+    by_css(driver, "#finetune-rows tr[data-name='polite'] button").click()
+    dialog = wait_for(lambda: by_css(driver, "#confirm-dialog").is_displayed() and by_css(driver, "#confirm-dialog"), "the dialog")
+    assert "polite" in dialog.text
+    by_css(driver, "#confirm-cancel").click()
+    assert "polite" in rows(driver) and alice.client.get("/finetunes/polite").status_code == 200
+    by_css(driver, "#finetune-rows tr[data-name='polite'] button").click()
+    wait_for(lambda: by_css(driver, "#confirm-dialog").is_displayed(), "the dialog again")
+    by_css(driver, "#confirm-ok").click()
+    wait_for(lambda: "polite" not in rows(driver), "the row to go")
+    assert alice.client.get("/finetunes/polite").status_code == 404
+
+
+def test_another_accounts_finetunes_never_appear(driver, server, alice, adapter_dir):
+    bob = Tenant.open(server, "bob", MODEL)
+    try:
+        for name, public in (("bobs-private", False), ("bobs-public", True)):
+            bob.send_folder(bob.create_id(name, public=public), adapter_dir)
+        mine = alice.create_id("alices-own")
+        alice.send_folder(mine, adapter_dir)
+        open_page(driver, server, "finetunes")
+        listed = wait_for(lambda: (r := rows(driver)) and "alices-own" in r and r, "alice's list")
+        assert not any(name.startswith("bobs-") for name in listed)
+        assert set(listed) == {f["name"] for f in alice.client.get("/finetunes").json()["result"]}
+        open_page(driver, server, "playground")
+        options = wait_for(lambda: (o := [e.get_attribute("value") for e in driver.find_elements("css selector", "#right-model option")])
+                           and "alices-own" in o and o, "the picker")
+        assert not any(o.startswith("bobs-") for o in options) and "bob" not in driver.page_source
+    finally:
+        bob.close()
+
+
+def test_sign_in_page(driver, server):
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(server.url + "/console/")
+    driver.refresh()
+    wait_for(lambda: by_css(driver, "#account-id") == driver.switch_to.active_element, "the focused account field")
+    screenshot(driver, "sign-in")

@@ -147,7 +147,7 @@ export function render(main, session) {
         h("td", {}, r ? (r.loading ? "loading" : "resident") : "—"), h("td", { class: "num" }, r ? String(r.holders) : "—")));
     }
     slots.replaceChildren(...rows);
-    const tier = (label, t) => h("p", {}, h("strong", {}, label), ` ${formatBytes(t.bytes)} of ${formatBytes(t.budget_bytes)}: `,
+    const tier = (title, t) => h("p", {}, h("strong", {}, title), ` ${formatBytes(t.bytes)} of ${formatBytes(t.budget_bytes)}: `,
       t.adapters.length ? t.adapters.map((a) => label(a.adapter)).join(", ") : h("span", { class: "muted" }, "none"));
     tiers.replaceChildren(tier("Host memory", snapshot.host), tier("Local disk", snapshot.disk),
       h("p", { class: "small muted" }, `Loading: ${snapshot.loading.map((l) => `${l.adapter} (${l.state})`).join(", ") || "none"} · ` +
