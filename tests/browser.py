@@ -4,11 +4,13 @@ those packages (or selenium) the tests FAIL with a message naming what to instal
 pass or skip silently.
 
 `open_browser()` returns a WebDriver with a laptop-sized window (SCREEN); `screenshot()` writes
-a page's PNG into docs/console/ (committed; the README links them). The caller quits the driver.
+a whole page's PNG into docs/console/ (committed; the README links them). The caller quits the
+driver.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import time
@@ -68,11 +70,15 @@ def wait_for(check: Callable[[], _T], what: str, timeout_s: float = 120.0) -> _T
     raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r})")
 
 
-def screenshot(driver, name: str) -> Path:
-    """Save the current page as docs/console/<name>.png."""
+def screenshot(driver, name: str, max_height: int = 1600) -> Path:
+    """Save the whole page (its full width, up to `max_height` CSS pixels from the top) as
+    docs/console/<name>.png, through Chromium's own capture (DevTools `Page.captureScreenshot`)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    assert driver.save_screenshot(str(path)), path
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], max_height), "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    path.write_bytes(base64.b64decode(shot["data"]))
     return path
 
 
