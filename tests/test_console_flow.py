@@ -9,6 +9,7 @@ Run: .venv/bin/python -m pytest -q tests/test_console_flow.py
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -149,11 +150,27 @@ def test_sign_in_and_upload_an_adapter(driver, server, alice, adapter_dir):
     assert row["Created"].startswith(api["created_at"][:10])
 
 
+def drop_files(driver, files: dict[str, bytes]) -> None:
+    """Drop files (name → bytes) on the upload form's drop zone, as a drag from the desktop does."""
+    driver.execute_script("""
+        const transfer = new DataTransfer();
+        for (const [name, b64] of Object.entries(arguments[0])) {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          transfer.items.add(new File([bytes], name));
+        }
+        const zone = document.getElementById("drop-zone");
+        for (const type of ["dragover", "drop"]) {
+          zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }""", {name: base64.b64encode(data).decode() for name, data in files.items()})
+
+
 def test_upload_refusals_show_the_servers_message_inline(driver, server, alice, adapter_dir, tmp_path):
     bad = tmp_path / WEIGHTS
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     by_css(driver, "#ft-name").send_keys("broken")
-    by_css(driver, "#ft-files").send_keys(f"{adapter_dir / CONFIG}\n{bad}")
+    drop_files(driver, {CONFIG: (adapter_dir / CONFIG).read_bytes(), WEIGHTS: bad.read_bytes()})
+    chosen = by_css(driver, "#chosen-files").text
+    assert f"{CONFIG}: {CONFIG} (1.2 KiB)" in chosen and f"{WEIGHTS}: {WEIGHTS} (16 B)" in chosen
     by_css(driver, "#upload").click()
     error = wait_for(lambda: by_css(driver, "#upload-error").is_displayed() and by_css(driver, "#upload-error"),
                      "the refusal")
@@ -260,26 +277,32 @@ def test_playground_side_by_side_gives_the_apis_answers(driver, server, alice):
     assert run_snippet(driver, "#right-copy-openaiPython", alice.token) == raw["right"][0] + "\n"
 
 
+def text_at(driver, selector: str) -> str:
+    """The textContent of what `selector` finds now, read in one script (the status page replaces
+    its elements at every scrape, so an element found earlier may be gone)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''", selector)
+
+
 def test_status_page_shows_slots_caches_and_traffic(driver, server, alice):
     open_page(driver, server, "status")
-    wait_for(lambda: "admin token" in by_css(driver, "#admin-error").text, "the ask for the admin token")
-    tokens = wait_for(lambda: int(re.search(r"(\d+) tokens generated", by_css(driver, "#tile-throughput").text).group(1)),
+    wait_for(lambda: "admin token" in text_at(driver, "#admin-error"), "the ask for the admin token")
+    tokens = wait_for(lambda: int(re.search(r"(\d+) tokens generated", text_at(driver, "#tile-throughput")).group(1)),
                       "the token counter")
     assert tokens == server.ctx.metrics.generation_tokens._value.get()
     set_value(driver, "#admin-token", "not-the-admin-token")
     by_css(driver, "#operator-apply").click()
-    wait_for(lambda: "forbidden: not the admin token" in by_css(driver, "#admin-error").text, "the admin refusal")
+    wait_for(lambda: "forbidden: not the admin token" in text_at(driver, "#admin-error"), "the admin refusal")
     set_value(driver, "#admin-token", ADMIN_TOKEN)
     by_css(driver, "#operator-apply").click()
     polite = alice.get("polite")["id"]
-    slot = wait_for(lambda: [r for r in driver.find_elements("css selector", "#slot-rows tr") if polite in r.text],
-                    "the adapter in a slot")[0]
-    assert f"polite ({polite})" in slot.text and "resident" in slot.text
-    assert len(driver.find_elements("css selector", "#slot-rows tr")) == server.ctx.engine.stats().lora_slots_total
-    assert "polite" in by_css(driver, "#tiers").text
-    rate = wait_for(lambda: re.fullmatch(r"\d+\.\d", text_of(driver, by_css(driver, "#tile-throughput .value"))),
+    slots = wait_for(lambda: polite in (t := text_at(driver, "#slot-rows")) and t, "the adapter in a slot")
+    assert f"polite ({polite})resident0" in slots  # slot, adapter, state, holders
+    assert driver.execute_script("return document.querySelectorAll('#slot-rows tr').length") == \
+        server.ctx.engine.stats().lora_slots_total
+    assert f"polite ({polite})" in text_at(driver, "#tiers")
+    rate = wait_for(lambda: re.fullmatch(r"\d+\.\d", text_at(driver, "#tile-throughput .value")),
                     "a tokens/s figure (two scrapes)")
-    assert float(rate.group()) >= 0 and "mean of" in by_css(driver, "#tile-ttft").text
+    assert float(rate.group()) >= 0 and "mean of" in text_at(driver, "#tile-ttft")
     screenshot(driver, "status")
 
 
