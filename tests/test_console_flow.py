@@ -66,7 +66,7 @@ def no_script_errors(driver):
     (refused API calls are expected answers, shown in words, and are not counted)."""
     yield
     problems = [e["message"] for e in driver.get_log("browser")
-                if e["level"] == "SEVERE" and (e["source"] == "javascript" or "/console/" in e["message"])]
+                if e["level"] == "SEVERE" and (e["source"] in ("javascript", "security") or "/console/" in e["message"])]
     assert not problems, problems
 
 
@@ -338,6 +338,27 @@ def test_another_accounts_finetunes_never_appear(driver, server, alice, adapter_
         assert not any(o.startswith("bobs-") for o in options) and "bob" not in driver.page_source
     finally:
         bob.close()
+
+
+def test_keyboard_only(driver, server, alice):
+    """Sign in, open the playground, send with Ctrl+Enter, dismiss a dialog with Escape: no mouse."""
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(server.url + "/console/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.refresh()
+    field = wait_for(lambda: (a := driver.switch_to.active_element).get_attribute("id") == "account-id" and a, "the focus")
+    field.send_keys(alice.account_id, Keys.TAB, alice.token, Keys.ENTER)
+    wait_for(lambda: by_css(driver, "#upload-form"), "the finetunes page")
+    by_css(driver, "#nav a[data-page='playground']").send_keys(Keys.ENTER)
+    wait_for(lambda: driver.switch_to.active_element.get_attribute("id") == "main", "the focus on the new page")
+    prompt = by_css(driver, "#prompt")
+    prompt.send_keys("Hi", Keys.CONTROL, Keys.ENTER)
+    wait_for(lambda: len(driver.find_elements("css selector", ".answer[data-done='true']")) == 2, "both answers")
+    by_css(driver, "#left-copy-curl").send_keys(Keys.ENTER)
+    wait_for(lambda: by_css(driver, "#snippet-dialog").is_displayed(), "the snippet dialog")
+    driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait_for(lambda: not by_css(driver, "#snippet-dialog").is_displayed(), "the dialog to close")
 
 
 def test_sign_in_page(driver, server):

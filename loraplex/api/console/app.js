@@ -49,7 +49,7 @@ function renderSignIn() {
   account.focus();
 }
 
-function route() {
+function route(event) {
   if (cleanup) { cleanup(); cleanup = null; }
   const session = getSession();
   nav.hidden = signOutButton.hidden = !session;
@@ -65,6 +65,7 @@ function route() {
   main.replaceChildren();
   try {
     cleanup = PAGES[page].render(main, session) || null;
+    if (event && event.type === "hashchange") main.focus({ preventScroll: true });  // keyboard users start at the new page
   } catch (e) {
     main.replaceChildren(h("p", { class: "error", role: "alert" }, `This page failed to render: ${e}`));
   }
