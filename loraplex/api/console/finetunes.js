@@ -26,7 +26,7 @@ async function details(session, finetune) {
       const config = await api(session, `/finetunes/${id}/finetune-assets/${CONFIG}`);
       rank = config.r ?? "—";
       const modules = config.target_modules;
-      targets = Array.isArray(modules) ? modules.join(", ") : (modules ?? "—");
+      targets = Array.isArray(modules) ? [...modules].sort().join(", ") : (modules ?? "—");
     } catch (e) { rank = targets = "unreadable"; }
   }
   return { ...full, size: full.assets.length ? size : null, rank, targets };
