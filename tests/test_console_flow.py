@@ -39,6 +39,19 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def second_adapter_dir(files, tmp_path_factory):
+    """Another PEFT adapter for the same model: rank 8 on q_proj and v_proj, other weights."""
+    import transformers
+
+    from tiny_models import make_peft_adapter
+
+    folder = tmp_path_factory.mktemp("second-adapter")
+    make_peft_adapter(transformers.AutoModelForCausalLM.from_pretrained(files[0]), folder, seed=2, r=8,
+                      lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    return folder
+
+
+@pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
     live = LiveServer.start(server_options(files[0], tmp_path_factory.mktemp("console"), admin_token=ADMIN_TOKEN))
     yield live
@@ -275,6 +288,22 @@ def test_playground_side_by_side_gives_the_apis_answers(driver, server, alice):
     for side, lora in (("left", None), ("right", "polite")):
         assert raw[side] == api_answer(alice, sampling | {"prompt": "Once upon a time", "raw": True}, lora)
     assert run_snippet(driver, "#right-copy-openaiPython", alice.token) == raw["right"][0] + "\n"
+
+
+def test_playground_finetune_against_finetune(driver, server, alice, second_adapter_dir):
+    alice.send_folder(alice.create_id("terse"), second_adapter_dir)
+    open_page(driver, server, "playground")
+    from selenium.webdriver.support.select import Select
+    wait_for(lambda: "terse" in [o.get_attribute("value") for o in driver.find_elements("css selector", "#left-model option")],
+             "the second finetune in the picker")
+    Select(by_css(driver, "#left-model")).select_by_value("terse")
+    Select(by_css(driver, "#right-model")).select_by_value("polite")
+    set_value(driver, "#temperature", 0)
+    set_value(driver, "#max-tokens", 10)
+    answers = ask(driver, PROMPT)
+    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 10}
+    assert answers["left"] == api_answer(alice, body, "terse") and answers["right"] == api_answer(alice, body, "polite")
+    assert answers["left"][0] != answers["right"][0]
 
 
 def text_at(driver, selector: str) -> str:
