@@ -73,22 +73,28 @@ export function render(main, session) {
   let previous = null;  // {at, tokens, ttftSum, ttftCount} of the previous scrape
   let timer = null;
   let stopped = false;
+  let round = 0;  // the latest poll: an older one still in flight (tokens changed meanwhile) shows nothing
 
   async function poll() {
     clearTimeout(timer);
+    const mine = ++round;
+    const isLatest = () => mine === round && !stopped;
     const op = getOperator();
-    await Promise.all([readMetrics(op), readAdmin(op)]);
+    await Promise.all([readMetrics(op, isLatest), readAdmin(op, isLatest)]);
+    if (!isLatest()) return;
     updated.textContent = `Updated ${new Date().toLocaleTimeString()} · every ${POLL_MS / 1000} s`;
-    if (!stopped) timer = setTimeout(poll, POLL_MS);
+    timer = setTimeout(poll, POLL_MS);
   }
 
-  async function readMetrics(op) {
+  async function readMetrics(op, isLatest) {
     let series;
     try {
       const response = await request("/metrics", { token: op.metricsToken || undefined });
       series = parseMetrics(await response.text());
+      if (!isLatest()) return;
       showError(metricsError, "");
     } catch (e) {
+      if (!isLatest()) return;
       showError(metricsError, `Metrics unavailable: ${e.message || e}` + (e.status === 401 ? " — enter the server's metrics token below." : ""));
       return;
     }
@@ -122,7 +128,7 @@ export function render(main, session) {
         `${value(series, "loraplex_adapter_cache_hits_total", { tier: "disk" }) ?? 0} hits · ${value(series, "loraplex_adapter_cache_misses_total", { tier: "disk" }) ?? 0} misses`));
   }
 
-  async function readAdmin(op) {
+  async function readAdmin(op, isLatest) {
     if (!op.adminToken) {
       showError(adminError, "Enter the server's admin token below to see which adapters hold the slots.");
       slots.replaceChildren();
@@ -132,8 +138,10 @@ export function render(main, session) {
     let snapshot;
     try {
       snapshot = await (await request("/admin/adapters", { token: op.adminToken })).json();
+      if (!isLatest()) return;
       showError(adminError, "");
     } catch (e) {
+      if (!isLatest()) return;
       const hint = e.status === 404 ? " (this server has no operator routes: start it with LORAPLEX_ADMIN_TOKEN)" : "";
       showError(adminError, `Slots unavailable: ${e.message || e}${hint}`);
       return;
