@@ -5,7 +5,8 @@ docs.
 engine thread starts and stops with the app's lifespan.
 
 Routes without an account token: `/healthz` (liveness), `/` and, unless `ctx.docs` is off,
-`/docs`, `/redoc`, `/openapi.json` (docs.py). `/metrics` wants `Authorization: Bearer
+`/docs`, `/redoc`, `/openapi.json` (docs.py), `/console` (the web console's static files,
+console.py). `/metrics` wants `Authorization: Bearer
 <ctx.metrics_token>` when the server has one (`--metrics-token`), and is open otherwise.
 """
 
@@ -21,6 +22,7 @@ from starlette.routing import compile_path
 
 from loraplex.api import admin, finetunes, openai, workers_ai
 from loraplex.api.connections import quiet_accept_errors
+from loraplex.api.console import install_console
 from loraplex.api.context import ApiContext
 from loraplex.api.docs import install_docs
 from loraplex.api.errors import ApiError, install_error_handlers
@@ -107,5 +109,6 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     install_docs(app, docs, metrics_public=metrics_public)
+    install_console(app)  # /console: the web console's static files (console.py)
 
     return app

@@ -1,12 +1,13 @@
 """Finetunes in the Workers AI dialect: create, list (own / public; paginated, see pagination.py),
-get, delete, upload assets."""
+get, delete, upload assets, read back the stored adapter_config.json."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool as to_thread
 from starlette.datastructures import UploadFile
 
+from loraplex.adapters.cache import CONFIG_FILE
 from loraplex.adapters.registry import Finetune
 from loraplex.api.auth import authorize
 from loraplex.api.body import parse_body
@@ -15,6 +16,7 @@ from loraplex.api.errors import ApiError, api_error_in, envelope, invalid
 from loraplex.api.pagination import PAGE_PARAMS, paginated
 from loraplex.api.schemas import ASSET_UPLOAD_BODY, FinetuneCreate, json_body
 from loraplex.api.uploads import check_file_name, delete_unused_objects, record_refusal, store_asset
+from loraplex.errors import AdapterFilesMissing
 
 router = APIRouter()
 PREFIX = "/accounts/{account_id}/ai/finetunes"
@@ -95,3 +97,16 @@ async def upload_asset(account_id: str, finetune_id: str, request: Request):
     finally:
         await form.close()
     return envelope({})
+
+
+@router.get(PREFIX + "/{finetune_id}/finetune-assets/" + CONFIG_FILE)
+async def get_adapter_config(account_id: str, finetune_id: str, request: Request):
+    """The stored adapter_config.json (as uploaded: PEFT's `r`, `lora_alpha`, `target_modules`…)
+    of a finetune the caller may read, as GET …/finetunes/{id} allows. 400 / 3039 before it was
+    uploaded. (The web console shows rank and targets from it.)"""
+    ctx = await _context(request, account_id)
+    finetune = await to_thread(ctx.registry.get_finetune, account_id, finetune_id)
+    asset = finetune.assets.get(CONFIG_FILE)
+    if asset is None:
+        raise AdapterFilesMissing(f"finetune {finetune.name!r} has no {CONFIG_FILE} yet: upload it first")
+    return Response(await to_thread(ctx.store.get_bytes, asset.object_key), media_type="application/json")

@@ -1,0 +1,87 @@
+"""A real headless Chromium for the console's browser tests: Debian's `chromium` driven through
+Debian's `chromium-driver` (/usr/bin/chromedriver) by Selenium. Nothing is downloaded: without
+those packages (or selenium) the tests FAIL with a message naming what to install — they never
+pass or skip silently.
+
+`open_browser()` returns a WebDriver with a laptop-sized window (SCREEN); `screenshot()` writes
+a whole page's PNG into docs/console/ (committed; the README links them). The caller quits the
+driver.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+SCREEN = (1366, 900)  # a laptop screen
+SCREENSHOTS = Path(__file__).parent.parent / "docs" / "console"
+INSTALL = "apt-get install -y chromium chromium-driver"
+_T = TypeVar("_T")
+
+
+def _executables() -> tuple[str, str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    missing = [name for name, path in (("chromium", browser), ("chromium-driver (chromedriver)", driver)) if path is None]
+    if missing:
+        pytest.fail(f"the console's browser tests need Debian's {' and '.join(missing)}: run `{INSTALL}` "
+                    "(.ci/run does); they drive a real headless Chromium and are never skipped", pytrace=False)
+    return browser, driver
+
+
+def open_browser(profile_dir: Path):
+    """A headless Chromium at SCREEN size, its profile in `profile_dir`. Fails (not skips)
+    when chromium, chromedriver or selenium is missing."""
+    browser, driver = _executables()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the console's browser tests need selenium (the dev extra: pip install -e '.[dev]')", pytrace=False)
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-extensions", "--force-device-scale-factor=1", "--hide-scrollbars",
+                f"--window-size={SCREEN[0]},{SCREEN[1]}", f"--user-data-dir={profile_dir}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def wait_for(check: Callable[[], _T], what: str, timeout_s: float = 120.0) -> _T:
+    """Poll `check` until it returns something truthy (a deadlock guard, not a speed bound)."""
+    deadline = time.monotonic() + timeout_s
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # an element not there yet, a stale element
+            last_error = e
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r})")
+
+
+def screenshot(driver, name: str, max_height: int = 1600) -> Path:
+    """Save the whole page (its full width, up to `max_height` CSS pixels from the top) as
+    docs/console/<name>.png, through Chromium's own capture (DevTools `Page.captureScreenshot`)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], max_height), "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+def text_of(driver, element) -> str:
+    """An element's exact textContent (WebDriver's `.text` trims and collapses whitespace)."""
+    return driver.execute_script("return arguments[0].textContent", element)
