@@ -20,6 +20,7 @@ from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PE
                              SchedulerConfig)
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
+from loraplex.training.files import FileStore
 
 DEFAULT_MODEL_NAME = "@cf/huggingface/smollm2-135m-instruct"
 
@@ -99,4 +100,5 @@ def build_context(opts: ServerOptions) -> ApiContext:
         admin_token=opts.admin_token,
         metrics_token=opts.metrics_token,
         docs=opts.docs,
+        files=FileStore(opts.data_dir),
     )
