@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import compile_path
 
-from loraplex.api import admin, files, finetunes, openai, workers_ai
+from loraplex.api import admin, files, finetunes, jobs, openai, workers_ai
 from loraplex.api.connections import quiet_accept_errors
 from loraplex.api.context import ApiContext
 from loraplex.api.docs import install_docs
@@ -75,7 +75,7 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (workers_ai.router, finetunes.router, openai.router, files.router):
+    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router):
         app.include_router(router, prefix=API_PREFIX)
     if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)

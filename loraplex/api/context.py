@@ -22,6 +22,7 @@ from loraplex.lora.adapter import MAX_CONFIG_BYTES
 from loraplex.models.hf_config import ModelArgs
 from loraplex.tokenizer import Tokenizer
 from loraplex.training.files import FileStore
+from loraplex.training.jobs import JobStore
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ApiContext:
     metrics_token: str | None = None  # /metrics wants this bearer token; None: /metrics is open
     docs: bool = True  # serve /docs, /redoc and /openapi.json
     files: FileStore | None = None  # fine-tuning files (training/files.py)
+    jobs: JobStore | None = None  # fine-tuning jobs (training/jobs.py)
 
     @property
     def served_names(self) -> tuple[str, str]:

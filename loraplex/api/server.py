@@ -21,6 +21,7 @@ from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PE
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
 from loraplex.training.files import FileStore
+from loraplex.training.jobs import JobStore
 
 DEFAULT_MODEL_NAME = "@cf/huggingface/smollm2-135m-instruct"
 
@@ -64,6 +65,13 @@ def open_registry(data_dir: Path, max_finetunes_per_account: int = DEFAULT_MAX_F
     return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
 
 
+def open_jobs(data_dir: Path) -> JobStore:
+    """The job store; jobs a previous process left `running` are marked failed (one API process per data dir)."""
+    jobs = JobStore(data_dir)
+    jobs.fail_interrupted()
+    return jobs
+
+
 def engine_config(opts: ServerOptions) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(opts.model, dtype=opts.dtype, device=opts.device, max_model_len=opts.max_model_len),
@@ -101,4 +109,5 @@ def build_context(opts: ServerOptions) -> ApiContext:
         metrics_token=opts.metrics_token,
         docs=opts.docs,
         files=FileStore(opts.data_dir),
+        jobs=open_jobs(opts.data_dir),
     )
