@@ -35,11 +35,10 @@ def _file(client) -> str:
 def test_create_list_get_cancel(server):
     client = _client(server, "jobs-alice")
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=_file(client), seed=7,
-                                         hyperparameters={"n_epochs": 2, "batch_size": 1})
-    assert (job.status, job.seed, job.hyperparameters.n_epochs) == ("queued", 7, 2)
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    assert job.status in ("queued", "running") and (job.seed, job.hyperparameters.n_epochs) == (7, 50)
     assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
-    assert list(client.fine_tuning.jobs.list_events(job.id)) == []
+    assert client.fine_tuning.jobs.retrieve(job.id).training_file == job.training_file
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError, match="already cancelled"):
         client.fine_tuning.jobs.cancel(job.id)
@@ -66,4 +65,4 @@ def test_refusals_store_nothing(server):
         alice.fine_tuning.jobs.retrieve(job.id)
     with pytest.raises(openai.NotFoundError):
         alice.fine_tuning.jobs.cancel(job.id)
-    assert bob.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    assert bob.fine_tuning.jobs.retrieve(job.id).id == job.id

@@ -65,9 +65,12 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
     async def lifespan(app: FastAPI):
         quiet_accept_errors(asyncio.get_running_loop())
         ctx.engine.start()
+        runner = jobs.start_runner(ctx)
         try:
             yield
         finally:
+            if runner is not None:
+                runner.stop()
             ctx.engine.shutdown()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,

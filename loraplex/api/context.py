@@ -54,6 +54,7 @@ class ApiContext:
     docs: bool = True  # serve /docs, /redoc and /openapi.json
     files: FileStore | None = None  # fine-tuning files (training/files.py)
     jobs: JobStore | None = None  # fine-tuning jobs (training/jobs.py)
+    model_dir: Path | None = None  # the base model's folder (the trainer loads it)
 
     @property
     def served_names(self) -> tuple[str, str]:

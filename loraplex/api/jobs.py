@@ -13,9 +13,27 @@ from starlette.concurrency import run_in_threadpool as to_thread
 
 from loraplex.api.auth import authorize
 from loraplex.api.context import ApiContext
+from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.api.errors import invalid
+from loraplex.api.uploads import delete_unused_objects, store_asset
 from loraplex.training.hyperparameters import check_hyperparameters
 from loraplex.training.jobs import Job
+
+def publish(ctx: ApiContext, job: Job, folder) -> str:
+    """Register the trained PEFT folder as a finetune of the job's account, through the upload
+    path's validation and storage; returns `BASE:NAME`. On any refusal the finetune and its
+    objects are removed again (nothing left behind) and the error propagates. Blocking."""
+    name = f"{job.suffix or 'ft'}-{job.id.removeprefix('ftjob-')[:12]}"
+    finetune = ctx.registry.create_finetune(job.account, name, ctx.model_name, f"fine-tuning job {job.id}")
+    try:
+        for file_name in (CONFIG_FILE, WEIGHTS_FILE):
+            with open(folder / file_name, "rb") as src:
+                finetune = store_asset(ctx, job.account, finetune, file_name, src)
+    except BaseException:
+        delete_unused_objects(ctx, ctx.registry.delete_finetune(job.account, finetune.id))
+        raise
+    return f"{ctx.model_name}:{name}"
+
 
 router = APIRouter()
 PREFIX = "/accounts/{account_id}/ai/v1/fine_tuning/jobs"
@@ -94,3 +112,14 @@ async def job_events(account_id: str, job_id: str, request: Request):
              "level": e["level"], "message": e["message"], "data": e["data"], "type": "metrics" if e["data"] else "message"}
             for e in reversed(events)]
     return {"object": "list", "data": data, "has_more": False}
+
+
+def start_runner(ctx: ApiContext):
+    """The server's trainer (training/runner.py), started with the app; None without a job store."""
+    from loraplex.training.runner import JobRunner
+
+    if ctx.jobs is None or ctx.model_dir is None:
+        return None
+    runner = JobRunner(ctx.jobs, ctx.files, ctx.model_dir, lambda job, folder: publish(ctx, job, folder))
+    runner.start()
+    return runner

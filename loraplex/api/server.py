@@ -19,7 +19,7 @@ from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PE
                              CacheConfig, EngineConfig, HttpConfig, LoraConfig, MetricsConfig, ModelConfig,
                              SchedulerConfig)
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.engine.engine import LLMEngine
+from loraplex.engine.engine import LLMEngine, resolve_model_dir
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import JobStore
 
@@ -110,4 +110,5 @@ def build_context(opts: ServerOptions) -> ApiContext:
         docs=opts.docs,
         files=FileStore(opts.data_dir),
         jobs=open_jobs(opts.data_dir),
+        model_dir=resolve_model_dir(opts.model, opts.data_dir),
     )
