@@ -157,10 +157,11 @@ def rclone_s3(base: Path):
 def cold_load(args, source, store, disk_dir: Path, slots) -> dict:
     """A fresh AdapterCache: prefetch → IN_HOST (on_change) → slots.load; times in ms."""
     from loraplex.adapters.cache import AdapterCache
+    from loraplex.config import LoraConfig
 
     ready = threading.Event()
-    cache = AdapterCache(args, max_rank=RANK, store=store, disk_dir=disk_dir, disk_budget_bytes=1 << 34,
-                         host_budget_bytes=1 << 34, on_change=lambda name: ready.set())
+    config = LoraConfig(max_lora_rank=RANK, adapter_disk_cache_bytes=1 << 34, adapter_host_cache_bytes=1 << 34)
+    cache = AdapterCache(args, config, store=store, disk_dir=disk_dir, on_change=lambda name: ready.set())
     try:
         cache.register("m", source)
         t0 = time.perf_counter()
@@ -283,7 +284,7 @@ def reset(llm, names, sources, cold: bool, disk_dir: Path) -> None:
             engine.remove_lora(name)
             engine.register_lora(name, sources[name])
         else:
-            engine.scheduler.slot_table.evict(name)
+            engine.adapters.slots.remove(name)
     if cold:
         wait_empty(disk_dir)
 
@@ -293,7 +294,7 @@ def run_workload(llm, prompts, chosen, tag: str, timer: SlotLoadTimer) -> dict:
 
     engine = llm.engine
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    before, loads_before, load_s_before = engine.adapter_cache.stats(), timer.count, timer.seconds
+    before, loads_before, load_s_before = engine.adapters.tiers.stats(), timer.count, timer.seconds
     submitted, first, finished, peak_host = {}, {}, {}, before["host_bytes"]
     t0 = time.perf_counter()
     for i, (prompt, name) in enumerate(zip(prompts, chosen)):
@@ -307,12 +308,12 @@ def run_workload(llm, prompts, chosen, tag: str, timer: SlotLoadTimer) -> dict:
                 first[out.request_id] = now
             if out.finished:
                 finished[out.request_id] = out
-        peak_host = max(peak_host, engine.adapter_cache.stats()["host_bytes"])  # loads in flight may take it over the budget
+        peak_host = max(peak_host, engine.adapters.tiers.stats()["host_bytes"])  # loads in flight may take it over the budget
     wall = time.perf_counter() - t0
     bad = [o for o in finished.values() if o.finish_reason != "length" or len(o.token_ids) != MAX_TOKENS]
     if bad or len(finished) != len(prompts):
         raise RuntimeError(f"{tag}: {len(bad)} requests ended badly, e.g. {bad[:1]}")
-    after = engine.adapter_cache.stats()
+    after = engine.adapters.tiers.stats()
     ttft = sorted((first[r] - submitted[r]) * 1e3 for r in submitted)
     q = lambda p: float(torch.quantile(torch.tensor(ttft, dtype=torch.float64), p))  # noqa: E731
     delta = {k: after[k] - before[k] for k in ("fetches_started", "loads", "host_evictions", "disk_evictions",
@@ -348,15 +349,15 @@ def part2(work: Path, num_requests: int, runs: int, store_kind: str, host_adapte
         for mode in ("cold", "resident"):
             with data_dir(work / f"data-{mode}"):
                 llms[mode] = LLM(str(model_dir), dtype="float32", device="cpu", max_loras=SLOTS, max_lora_rank=RANK,
-                                 kv_cache_memory=1 << 30, adapter_store=store,
-                                 host_cache_bytes=(host_adapters if mode == "cold" else 2 * NUM_ADAPTERS) * per_adapter)
+                                 kv_cache_memory=1 << 30, storage=store,
+                                 adapter_host_cache_bytes=(host_adapters if mode == "cold" else 2 * NUM_ADAPTERS) * per_adapter)
         resident = llms["resident"].engine
         for name in names:
             resident.register_lora(name, sources[name])
         for name in names:
-            resident.adapter_cache.prefetch(name)
+            resident.adapters.tiers.prefetch(name)
         for name in names:
-            assert resident.adapter_cache.load_now(name).size_bytes == per_adapter
+            assert resident.adapters.tiers.load_now(name).size_bytes == per_adapter
         cold = llms["cold"].engine
         for name in names:
             cold.register_lora(name, sources[name])
@@ -376,7 +377,7 @@ def part2(work: Path, num_requests: int, runs: int, store_kind: str, host_adapte
                       f"p99 {res['ttft_p99_ms']:7.0f} ms  fetches {res['cache']['fetches_started']:3d}  "
                       f"host evictions {res['cache']['host_evictions']:3d}", flush=True)
         for llm in llms.values():
-            llm.engine.adapter_cache.close()
+            llm.engine.adapters.tiers.close()
     best = {mode: max(rs, key=lambda x: x["tok_s"]) for mode, rs in results.items()}
     return {
         "model": "SmolLM2-135M-Instruct", "store": store_kind, "adapters": NUM_ADAPTERS, "slots": SLOTS,

@@ -266,6 +266,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     from loraplex import LLM
+    from loraplex.adapters.cache import LocalSource
 
     shape = TINY if args.tiny else MISTRAL_7B
     if args.layers:
@@ -286,9 +287,10 @@ def main() -> None:
         llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type,
                   max_loras=work.adapters, max_lora_rank=work.rank, max_num_seqs=max(work.batches),
                   max_num_batched_tokens=4096, kv_cache_memory=None if device.type == "cuda" else 64 << 20,
-                  host_cache_bytes=4 * work.adapters * adapter_bytes(shape, work.rank) + (64 << 20),  # all stay parsed
+                  adapter_host_cache_bytes=4 * work.adapters * adapter_bytes(shape, work.rank) + (64 << 20),  # all stay parsed
                   cuda_graphs=not args.no_cuda_graphs)
-        adapters = [llm.engine.add_lora(f"adapter-{i}", path) for i, path in enumerate(adapter_dirs)]
+        adapters = [llm.engine.register_lora(f"adapter-{i}", LocalSource(path), load_now=True)
+                    for i, path in enumerate(adapter_dirs)]
         loaded_s = time.perf_counter() - started - written_s
         print(f"{shape} {dtype} on {device}: wrote in {written_s:.1f} s, loaded in {loaded_s:.1f} s; "
               f"attention backend {llm.engine.runner.decode_backend}, "

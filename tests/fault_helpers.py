@@ -126,7 +126,7 @@ def engine_call(server: LiveServer, fn):
 
 def slot_holders(server: LiveServer) -> dict[str, int]:
     """Adapter → running sequences holding its slot (all should be 0 when idle)."""
-    return engine_call(server, lambda engine: dict(engine.scheduler.slot_table._holders))
+    return engine_call(server, lambda engine: dict(engine.adapters.slots._holders))
 
 
 def assert_all_free(server: LiveServer) -> None:

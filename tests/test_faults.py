@@ -186,10 +186,10 @@ def _requests_during_outage(s3: RcloneS3, server: LiveServer, tenant: Tenant, na
 def _wait_for_weights_download(server: LiveServer, timeout_s: float = 20) -> None:
     """Until an adapter's weights are being downloaded (their `.part` file exists: the store
     renames it into place once complete), and a little longer, so the bytes are on their way."""
-    cache_dir = server.ctx.engine.engine.adapter_cache._disk_dir
+    cache_dir = server.ctx.engine.engine.adapters.tiers._disk_dir
     deadline = time.monotonic() + timeout_s
     while not any(cache_dir.glob(f"*/.{FILES[1]}.*.part")):
-        assert time.monotonic() < deadline, f"no download started: {server.ctx.engine.engine.adapter_cache.stats()}"
+        assert time.monotonic() < deadline, f"no download started: {server.ctx.engine.engine.adapters.tiers.stats()}"
         time.sleep(0.005)
     time.sleep(0.1)
 
@@ -198,7 +198,7 @@ def _leftover_downloads(server: LiveServer) -> list[str]:
     """Folders in the engine's download folder that are not one complete adapter (its two files
     only; the store renames a file into place once its hash is verified): partial downloads,
     temporary files, half-fetched folders."""
-    cache_dir = server.ctx.engine.engine.adapter_cache._disk_dir
+    cache_dir = server.ctx.engine.engine.adapters.tiers._disk_dir
     leftovers = []
     for folder in (p for p in cache_dir.iterdir() if p.is_dir()):
         names = sorted(p.name for p in folder.iterdir())
@@ -307,7 +307,7 @@ def test_sigkill_during_upload_and_generation_then_restart(model_dir, adapters, 
 
 
 def test_download_folders_of_dead_engines_are_removed_live_ones_kept(tmp_path):
-    from loraplex.engine.engine import _private_cache_dir
+    from loraplex.adapters.residency import _private_cache_dir
 
     live, live_lock = _private_cache_dir(tmp_path)
     dead, dead_lock = _private_cache_dir(tmp_path)

@@ -21,6 +21,8 @@ from loraplex.engine.async_engine import AsyncEngine
 from loraplex.lora.adapter import MAX_CONFIG_BYTES
 from loraplex.models.hf_config import ModelArgs
 from loraplex.tokenizer import Tokenizer
+from loraplex.training.files import FileStore
+from loraplex.training.jobs import JobStore
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ApiContext:
     admin_token: str | None = None  # the operator routes' bearer token; None: no operator routes
     metrics_token: str | None = None  # /metrics wants this bearer token; None: /metrics is open
     docs: bool = True  # serve /docs, /redoc and /openapi.json
+    files: FileStore | None = None  # fine-tuning files (training/files.py)
+    jobs: JobStore | None = None  # fine-tuning jobs (training/jobs.py)
+    model_dir: Path | None = None  # the base model's folder (the trainer loads it)
 
     @property
     def served_names(self) -> tuple[str, str]:

@@ -19,7 +19,9 @@ from loraplex.api.metrics import Metrics
 from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PER_ACCOUNT, DEFAULT_MAX_PENDING,
                              EngineConfig, HttpConfig, MetricsConfig, engine_config)
 from loraplex.engine.async_engine import AsyncEngine
-from loraplex.engine.engine import LLMEngine
+from loraplex.engine.engine import LLMEngine, resolve_model_dir
+from loraplex.training.files import FileStore
+from loraplex.training.jobs import JobStore
 
 DEFAULT_MODEL_NAME = "@cf/huggingface/smollm2-135m-instruct"
 
@@ -54,6 +56,13 @@ def open_registry(data_dir: Path, max_finetunes_per_account: int = DEFAULT_MAX_F
     return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
 
 
+def open_jobs(data_dir: Path) -> JobStore:
+    """The job store; jobs a previous process left `running` are marked failed (one API process per data dir)."""
+    jobs = JobStore(data_dir)
+    jobs.fail_interrupted()
+    return jobs
+
+
 def build_context(opts: ServerOptions) -> ApiContext:
     """Load the model and open the registry and store (slow: seconds). The engine thread is
     started by the app's lifespan. Uploads a previous process was staging when it died are
@@ -78,4 +87,7 @@ def build_context(opts: ServerOptions) -> ApiContext:
         admin_token=opts.admin_token,
         metrics_token=opts.metrics_token,
         docs=opts.docs,
+        files=FileStore(opts.data_dir),
+        jobs=open_jobs(opts.data_dir),
+        model_dir=resolve_model_dir(config.model.model, opts.data_dir),
     )

@@ -1,4 +1,4 @@
-"""Device slots for LoRA adapters: the stacked weights (bookkeeping lives in slot_table.py).
+"""Device slots for LoRA adapters: the stacked weights (bookkeeping lives in adapters/slot_table.py).
 
 A slot holds one adapter's A and B for every layer and projection, zero-padded to the slot rank
 R = max_lora_rank. Loading an adapter into a slot is a copy; eviction only forgets the name.

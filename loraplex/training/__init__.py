@@ -1,0 +1,1 @@
+"""Fine-tuning on the platform: datasets (JSONL validation), and later files, jobs, the trainer."""

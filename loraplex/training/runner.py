@@ -1,0 +1,97 @@
+"""JobRunner: the server's one trainer slot. A thread claims queued jobs (fairly, JobStore.claim_next)
+and trains each in a worker *process* (spawned; torch at 1 thread there), so serving goes on.
+On success the adapter goes through the upload path's validation and storage (`publish`, given
+by the API layer) and the job records `fine_tuned_model` = `BASE:NAME`; on failure or cancel
+nothing is published and the job's temporary folder is removed. One job at a time per runner.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from loraplex.training.files import FileStore
+from loraplex.training.jobs import Job, JobStore
+
+
+def _train_in_child(model_dir, data, out_dir, hp, seed, events):
+    import torch
+
+    from loraplex.training.trainer import train_lora
+    torch.set_num_threads(1)
+    try:
+        loss = train_lora(Path(model_dir), data, Path(out_dir), hp, seed,
+                          on_step=lambda s, t, loss, lr: events.put(("step", s, t, loss, lr)))
+        events.put(("done", loss))
+    except BaseException as e:  # reported to the parent, which fails the job
+        events.put(("error", f"{type(e).__name__}: {e}"))
+
+
+class JobRunner:
+    def __init__(self, jobs: JobStore, files: FileStore, model_dir: Path,
+                 publish: Callable[[Job, Path], str], poll_s: float = 0.2):
+        self.jobs, self.files, self.model_dir, self.publish, self.poll_s = jobs, files, model_dir, publish, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loraplex-trainer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.jobs.claim_next()
+            if job is None:
+                self._stop.wait(self.poll_s)
+                continue
+            try:
+                self._run(job)
+            except Exception as e:  # a bug or a publish refusal: the job fails, the runner goes on
+                self.jobs.finish(job.id, "failed", error=str(e))
+
+    def _run(self, job: Job) -> None:
+        work = Path(tempfile.mkdtemp(prefix="loraplex-job-"))
+        try:
+            data = self.files.content(job.account, job.training_file)
+            ctx = mp.get_context("spawn")
+            events = ctx.Queue()
+            child = ctx.Process(target=_train_in_child, daemon=True,
+                                args=(str(self.model_dir), data, str(work / "adapter"), job.hyperparameters,
+                                      job.seed, events))
+            child.start()
+            self.jobs.add_event(job.id, "training started")
+            outcome = None
+            while outcome is None:
+                if self.jobs.get(job.account, job.id).status != "running" or self._stop.is_set():
+                    child.terminate()
+                    child.join()
+                    return
+                try:
+                    event = events.get(timeout=self.poll_s)
+                except Exception:
+                    if not child.is_alive() and events.empty():
+                        outcome = ("error", f"the trainer process exited with {child.exitcode}")
+                    continue
+                if event[0] == "step":
+                    _, step, total, loss, lr = event
+                    self.jobs.add_event(job.id, f"step {step}/{total}: training loss={loss:.4f}",
+                                        {"step": step, "total_steps": total, "train_loss": loss, "learning_rate": lr})
+                else:
+                    outcome = event
+            child.join()
+            if outcome[0] == "error":
+                self.jobs.finish(job.id, "failed", error=outcome[1])
+                return
+            name = self.publish(job, work / "adapter")
+            if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name):
+                return
+            self.jobs.add_event(job.id, f"the job has succeeded: {name}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

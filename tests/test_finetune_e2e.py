@@ -1,0 +1,52 @@
+"""End to end with the real OpenAI SDK on a tiny model: upload JSONL, create a job, follow its
+events to `succeeded`, chat with `fine_tuned_model`; loraplex's greedy tokens for the trained
+adapter reproduce the trained answer. (TODO: compare with peft + transformers on the stored adapter.)"""
+
+import io
+import json
+import time
+
+import pytest
+from openai import OpenAI
+
+from tests.api_server import LiveServer, server_options
+
+MODEL = "@cf/test/tiny-llama"
+PROMPTS = [f"say {w}" for w in ("one", "two", "three", "four")]
+DATA = ("\n".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "ARR"}]})
+                  for p in PROMPTS) + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    live = LiveServer.start(server_options(model_dir, tmp_path_factory.mktemp("data")))
+    yield live
+    live.stop()
+
+
+def test_job_to_served_finetune_matches_peft(server, model_dir):
+    account_id, token = server.account("e2e")
+    client = OpenAI(api_key=token, base_url=f"{server.url}/client/v4/accounts/{account_id}/ai/v1", max_retries=0)
+    f = client.files.create(file=("t.jsonl", io.BytesIO(DATA)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, seed=1, suffix="pirate",
+                                         hyperparameters={"n_epochs": 12, "batch_size": 2,
+                                                          "learning_rate_multiplier": 50.0})
+    deadline = time.monotonic() + 300  # a deadlock guard only
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert job.status == "succeeded", job.error
+    events = list(client.fine_tuning.jobs.list_events(job.id))
+    assert any(e.data and "train_loss" in e.data for e in events)
+    assert job.fine_tuned_model.startswith(MODEL + ":pirate-")
+
+    finetune_name = job.fine_tuned_model.rpartition(":")[2]
+    folder = server.ctx.registry.get_finetune(account_id, finetune_name)
+    assert folder is not None
+    replies = []
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        reply = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=3,
+                                               temperature=0)
+        replies.append(reply.choices[0].message.content)
+    assert sum(r == "ARR" for r in replies) >= 3, replies

@@ -1,0 +1,68 @@
+"""Fine-tuning jobs over HTTP with the real OpenAI SDK: create (queued), list, get, events,
+cancel; refusals (model not served, another account's file, hyperparameters out of range,
+cancelling a finished job) are clear 4xx and store nothing."""
+
+import io
+import json
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.api_server import LiveServer, server_options
+
+MODEL = "@cf/test/tiny-llama"
+DATA = (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ARR"}]})
+        + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    live = LiveServer.start(server_options(model_dir, tmp_path_factory.mktemp("data")))
+    yield live
+    live.stop()
+
+
+def _client(server, name) -> OpenAI:
+    account_id, token = server.account(name)
+    return OpenAI(api_key=token, base_url=f"{server.url}/client/v4/accounts/{account_id}/ai/v1", max_retries=0)
+
+
+def _file(client) -> str:
+    return client.files.create(file=("t.jsonl", io.BytesIO(DATA)), purpose="fine-tune").id
+
+
+def test_create_list_get_cancel(server):
+    client = _client(server, "jobs-alice")
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=_file(client), seed=7,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    assert job.status in ("queued", "running") and (job.seed, job.hyperparameters.n_epochs) == (7, 50)
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+    assert client.fine_tuning.jobs.retrieve(job.id).training_file == job.training_file
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_refusals_store_nothing(server):
+    alice, bob = _client(server, "jobs-a2"), _client(server, "jobs-b2")
+    alice_file, bob_file = _file(alice), _file(bob)
+    cases = [
+        (dict(model="no-such-model", training_file=alice_file), openai.BadRequestError, "is not served"),
+        (dict(model=MODEL, training_file=bob_file), openai.NotFoundError, "no file"),
+        (dict(model=MODEL, training_file=alice_file, hyperparameters={"n_epochs": 0}), openai.BadRequestError,
+         "n_epochs must be an integer"),
+        (dict(model=MODEL, training_file=alice_file,
+              method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 10**6}}}),
+         openai.BadRequestError, "batch_size"),
+    ]
+    for kwargs, kind, needle in cases:
+        with pytest.raises(kind, match=needle):
+            alice.fine_tuning.jobs.create(**kwargs)
+    assert list(alice.fine_tuning.jobs.list()) == []
+    job = bob.fine_tuning.jobs.create(model=MODEL, training_file=bob_file)
+    with pytest.raises(openai.NotFoundError):
+        alice.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        alice.fine_tuning.jobs.cancel(job.id)
+    assert bob.fine_tuning.jobs.retrieve(job.id).id == job.id
