@@ -308,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except Exception as e:  # refusals from the server or the registry: one line, no traceback
-        from loraplex.adapters.registry import RegistryError
         from loraplex.client import ClientError
+        from loraplex.errors import LoraplexError
 
-        if isinstance(e, (ClientError, RegistryError, FileNotFoundError)):
+        if isinstance(e, (ClientError, LoraplexError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

@@ -21,8 +21,10 @@ import httpx
 import pytest
 
 from api_server import LiveServer, server_options
-from loraplex.adapters.registry import SCHEMA_VERSION, Registry, RegistryError
+from loraplex.adapters.registry import SCHEMA_VERSION, Registry
+from loraplex.api.errors import wire_of
 from loraplex.core import RequestOutput
+from loraplex.errors import AdapterFilesMissing
 from error_log import ErrorLog
 from fault_helpers import (
     ADAPTER_SPECS, FILES, LONG, MODEL, PROMPTS, Reference, ServeProcess, SlowUpload, StreamHold, Tenant,
@@ -260,9 +262,9 @@ def assert_finetune_states(data_dir: Path, account_id: str, ready: set[str], pen
         assert finetunes[name].state == "pending" and set(finetunes[name].assets) == files
     with Registry(data_dir / "registry.sqlite") as registry:
         for name in pending:
-            with pytest.raises(RegistryError) as refused:
+            with pytest.raises(AdapterFilesMissing) as refused:
                 registry.resolve_usable(account_id, name)
-            assert refused.value.code == 3039
+            assert wire_of(refused.value)[0] == 3039
 
 
 def served_texts(client: httpx.Client, lora: str) -> dict[str, str]:

@@ -17,9 +17,10 @@ from loraplex.adapters.registry import (
     MIGRATIONS,
     SCHEMA_VERSION,
     Registry,
-    RegistryError,
     RegistrySchemaError,
 )
+from loraplex.api.errors import wire_of
+from loraplex.errors import LimitReached, LoraplexError
 
 CONFIG, WEIGHTS = Registry.REQUIRED_FILES
 MODEL = "@cf/meta/llama-3.2-1b-instruct"
@@ -41,10 +42,11 @@ def reg(db_path):
     registry.close()
 
 
-def expect(code: int, status: int, fn, *args, **kwargs) -> RegistryError:
-    with pytest.raises(RegistryError) as info:
+def expect(code: int, status: int, fn, *args, **kwargs) -> LoraplexError:
+    """fn refuses with a domain error that the API answers with `code` and `status`."""
+    with pytest.raises(LoraplexError) as info:
         fn(*args, **kwargs)
-    assert (info.value.code, info.value.status) == (code, status), info.value
+    assert wire_of(info.value) == (code, status), info.value
     return info.value
 
 
@@ -389,8 +391,8 @@ def test_concurrent_creates_respect_limit(db_path):
                 assert reg.authenticate(token) == alice
                 reg.get_finetune(alice, ft.id)
                 key, value = "ok", ft.id
-            except RegistryError as err:
-                key, value = ("limited" if err.code == 3036 else "other"), err
+            except LoraplexError as err:
+                key, value = ("limited" if isinstance(err, LimitReached) else "other"), err
             except Exception as err:  # noqa: BLE001 — e.g. "database is locked" would land here
                 key, value = "other", err
             with lock:

@@ -16,10 +16,10 @@ Contracts:
   closed when the thread ends or on `close()`. Any method may be called from any thread; call
   `close()` only when no call is in flight.
 - Tenancy: an account sees its own finetunes (by id or name) and other accounts' *public* ones by
-  id only. Another account's private finetune is reported as not found (3037), never as
+  id only. Another account's private finetune is reported as not found (FinetuneNotFound), never as
   forbidden, so its existence is not revealed. A name only other accounts' *public* finetunes
-  carry is a 3037 that says to use the id (public finetunes are listed to everyone anyway).
-  Public finetunes are read-only to non-owners (10000, status 403).
+  carry is a FinetuneNotFound that says to use the id (public finetunes are listed to everyone anyway).
+  Public finetunes are read-only to non-owners (Forbidden).
 - Limit: every finetune counts against `max_finetunes_per_account`, whatever its state (pending
   and invalid ones hold rows and objects too); the refusal says how many are not ready.
 - Secrets: the raw token is returned once by `create_account` / `create_token`; only its SHA-256
@@ -46,31 +46,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from loraplex import errors
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 
-__all__ = ["Asset", "Finetune", "Registry", "RegistryError", "RegistrySchemaError", "MIGRATIONS"]
+__all__ = ["Asset", "Finetune", "Registry", "RegistrySchemaError", "MIGRATIONS"]
 
-_STATUS = {3036: 429, 3037: 404, 3039: 400, 5004: 400, 10000: 401}
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_TOKEN_CHARS = 512
 _MAX_TEXT = {"account name": 128, "model": 256, "description": 4096, "object_key": 1024}
-
-
-class RegistryError(Exception):
-    """A refused registry call. `code` is the Workers AI error code (3036 account limited, 3037
-    finetune not found, 3039 finetune missing files, 5004 invalid data, 10000 auth), `status` the
-    HTTP status an API answers with it (429, 404, 400, 400, 401 or 403), `message` is safe to show
-    to the caller (it never names another account's private finetune)."""
-
-    def __init__(self, code: int, message: str, status: int | None = None):
-        super().__init__(message)
-        self.code = code
-        self.status = status if status is not None else _STATUS.get(code, 400)
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"RegistryError(code={self.code}, status={self.status}, message={self.message!r})"
 
 
 class RegistrySchemaError(RuntimeError):
@@ -172,12 +156,12 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def _invalid(message: str) -> RegistryError:
-    return RegistryError(5004, message)
+def _invalid(message: str) -> errors.InvalidInput:
+    return errors.InvalidInput(message)
 
 
-def _not_found(id_or_name: object) -> RegistryError:
-    return RegistryError(3037, f"finetune {str(id_or_name)[:100]!r} not found")
+def _not_found(id_or_name: object) -> errors.FinetuneNotFound:
+    return errors.FinetuneNotFound(f"finetune {str(id_or_name)[:100]!r} not found")
 
 
 def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
@@ -330,7 +314,7 @@ class Registry:
     # --- accounts and tokens ----------------------------------------------------------------
     def create_account(self, name: str) -> tuple[str, str]:
         """Create an account and its first API token. Returns (account_id, token); the token is
-        shown only here, the registry keeps its SHA-256. 5004 on an empty or overlong name."""
+        shown only here, the registry keeps its SHA-256. InvalidInput on an empty or overlong name."""
         _check_text("account name", name)
         account_id = str(uuid.uuid4())
         token = secrets.token_urlsafe(32)
@@ -343,7 +327,7 @@ class Registry:
 
     def create_token(self, account_id: str) -> str:
         """Issue another API token for an existing account (returned once; only its hash is kept).
-        An unknown account → 10000."""
+        An unknown account → Unauthenticated."""
         token = secrets.token_urlsafe(32)
         with self._write() as conn:
             self._require_account(conn, account_id)
@@ -357,11 +341,11 @@ class Registry:
         return [tuple(r) for r in rows]
 
     def authenticate(self, token: str) -> str:
-        """The account_id owning `token`, else RegistryError(10000, status 401) — for an empty,
+        """The account_id owning `token`, else Unauthenticated — for an empty,
         non-string, overlong, unknown or revoked token alike. The lookup is by SHA-256(token) and
         the stored digest is compared with hmac.compare_digest; timing can reveal at most bits of a
         hash of the attacker's own guess, never of a stored token."""
-        failure = RegistryError(10000, "authentication error: invalid or missing API token", 401)
+        failure = errors.Unauthenticated("authentication error: invalid or missing API token")
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
             raise failure
         digest = _hash_token(token)
@@ -374,14 +358,14 @@ class Registry:
     def _require_account(self, conn: sqlite3.Connection, account_id: object) -> None:
         if not isinstance(account_id, str) or conn.execute(
                 "SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone() is None:
-            raise RegistryError(10000, "authentication error: unknown account", 401)
+            raise errors.Unauthenticated("authentication error: unknown account")
 
     # --- finetunes --------------------------------------------------------------------------
     def create_finetune(self, account_id: str, name: str, model: str, description: str = "",
                         public: bool = False) -> Finetune:
-        """Create an empty ("pending") finetune owned by `account_id`. Errors: 5004 for a bad name,
-        model or description, or a name the account already uses; 3036 (status 429) when the
-        account already has `max_finetunes_per_account`; 10000 for an unknown account."""
+        """Create an empty ("pending") finetune owned by `account_id`. Errors: InvalidInput for a bad name,
+        model or description, or a name the account already uses; LimitReached when the
+        account already has `max_finetunes_per_account`; Unauthenticated for an unknown account."""
         _check_name(name)
         _check_text("model", model)
         _check_text("description", description, allow_empty=True)
@@ -394,7 +378,7 @@ class Registry:
             (count, unready) = conn.execute("SELECT count(*), coalesce(sum(state != 'ready'), 0) FROM finetunes"
                                             " WHERE account_id = ?", (account_id,)).fetchone()
             if count >= self.max_finetunes_per_account:
-                raise RegistryError(3036, f"account limited: at most {self.max_finetunes_per_account} finetunes per "
+                raise errors.LimitReached(f"account limited: at most {self.max_finetunes_per_account} finetunes per "
                                           f"account, whatever their state ({unready} of yours are pending or invalid); "
                                           "delete one first")
             existing = conn.execute("SELECT id FROM finetunes WHERE account_id = ? AND name = ?",
@@ -422,30 +406,30 @@ class Registry:
 
     def get_finetune(self, account_id: str, id_or_name: str) -> Finetune:
         """The account's own finetune with this id, else its own with this name, else any public
-        finetune with this id. Anything else (including another account's private one) → 3037."""
+        finetune with this id. Anything else (including another account's private one) → FinetuneNotFound."""
         with self._read() as conn:
             return self._load(conn, self._find(conn, account_id, id_or_name))
 
     def resolve_usable(self, account_id: str, id_or_name: str) -> Finetune:
-        """Like get_finetune, but the finetune must be "ready": a pending or invalid one → 3039
-        (status 400) naming the missing files (and why the last upload was refused). This is what
+        """Like get_finetune, but the finetune must be "ready": a pending or invalid one →
+        AdapterFilesMissing naming the missing files (and why the last upload was refused). This is what
         inference calls before using an adapter."""
         finetune = self.get_finetune(account_id, id_or_name)
         if finetune.state != "ready":
             missing = ", ".join(finetune.missing_files) or "unknown"
             why = f" (invalid: {finetune.state_reason})" if finetune.state_reason else ""
-            raise RegistryError(3039, f"finetune {finetune.name!r} is missing files: {missing}{why}")
+            raise errors.AdapterFilesMissing(f"finetune {finetune.name!r} is missing files: {missing}{why}")
         return finetune
 
     def add_asset(self, account_id: str, finetune_id: str, file_name: str, size: int, sha256: str,
                   object_key: str, replace: bool = False) -> Finetune:
         """Record an uploaded file of the account's own finetune and return the updated finetune.
-        A second upload of the same file name → 5004, unless `replace` and the finetune is not
+        A second upload of the same file name → InvalidInput, unless `replace` and the finetune is not
         ready yet (then the row is replaced; the caller deletes the old object if unused): assets
-        of a ready finetune are immutable. 5004 too for a file name outside REQUIRED_FILES or a
+        of a ready finetune are immutable. InvalidInput too for a file name outside REQUIRED_FILES or a
         malformed size/sha256/object_key. The asset row, the switch to "ready" (once every
         required file is present), clearing "invalid" and the modified_at bump commit together.
-        Another account's finetune: 3037 if private, 10000 (status 403) if public."""
+        Another account's finetune: FinetuneNotFound if private, Forbidden if public."""
         if file_name not in self.REQUIRED_FILES:
             raise _invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
                            + ", ".join(self.REQUIRED_FILES))
@@ -478,8 +462,8 @@ class Registry:
 
     def delete_finetune(self, account_id: str, id_or_name: str) -> Finetune:
         """Delete the account's own finetune (by id or name) with its asset rows; returns what was
-        deleted so the caller can delete the objects. Another account's: 3037 if private or asked
-        by name, 10000 (status 403) if public and asked by id."""
+        deleted so the caller can delete the objects. Another account's: FinetuneNotFound if private or
+        asked by name, Forbidden if public and asked by id."""
         with self._write() as conn:
             finetune_id = self._find_owned(conn, account_id, id_or_name)
             deleted = self._load(conn, finetune_id)
@@ -500,7 +484,7 @@ class Registry:
                      (state, _now(), finetune_id))
 
     def _find(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
-        """Id of the finetune `account_id` may read as `id_or_name`, else 3037."""
+        """Id of the finetune `account_id` may read as `id_or_name`, else FinetuneNotFound."""
         if not isinstance(account_id, str) or not isinstance(id_or_name, str) or not id_or_name:
             raise _not_found(id_or_name)
         row = conn.execute(
@@ -510,18 +494,18 @@ class Registry:
             (account_id, id_or_name, account_id, id_or_name, id_or_name)).fetchone()
         if row is None:
             if conn.execute("SELECT 1 FROM finetunes WHERE public = 1 AND name = ? LIMIT 1", (id_or_name,)).fetchone():
-                raise RegistryError(3037, f"finetune {id_or_name[:100]!r} not found in this account; another "
-                                          "account's public finetune is addressed by its id (GET …/finetunes/public "
-                                          "lists them)")
+                raise errors.FinetuneNotFound(f"finetune {id_or_name[:100]!r} not found in this account; another "
+                                              "account's public finetune is addressed by its id (GET …/finetunes/public "
+                                              "lists them)")
             raise _not_found(id_or_name)
         return row[0]
 
     def _find_owned(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
-        """Id of `account_id`'s own finetune `id_or_name`: 3037 if unreadable, 403 if only public."""
+        """Id of `account_id`'s own finetune `id_or_name`: FinetuneNotFound if unreadable, Forbidden if only public."""
         finetune_id = self._find(conn, account_id, id_or_name)
         (owner,) = conn.execute("SELECT account_id FROM finetunes WHERE id = ?", (finetune_id,)).fetchone()
         if owner != account_id:
-            raise RegistryError(10000, "forbidden: only the owning account can modify this finetune", 403)
+            raise errors.Forbidden("forbidden: only the owning account can modify this finetune")
         return finetune_id
 
     _COLUMNS = ("f.id, f.account_id, f.name, f.model, f.description, f.public, f.created_at, f.modified_at, f.state,"

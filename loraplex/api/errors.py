@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from loraplex import errors
-from loraplex.adapters.registry import RegistryError
 from loraplex.adapters.storage import StorageError
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.logs import event
@@ -112,8 +111,6 @@ def as_api_error(exc: Exception) -> ApiError:
         if status >= 500:
             log.warning("request failed: %r", exc)
         return ApiError(code, exc.message, status)
-    if isinstance(exc, RegistryError):
-        return ApiError(exc.code, exc.message, exc.status)
     if isinstance(exc, StorageError):
         log.warning("request failed: %r", exc)
         return ApiError(3040, "temporarily out of capacity: storage unavailable, retry later", 503)
@@ -152,5 +149,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # the expected kinds are registered one by one: Starlette sends a bare `Exception` handler to
     # its outermost middleware, which logs a traceback after answering
-    for kind in (ApiError, errors.LoraplexError, RegistryError, StorageError, ValueError, Exception):
+    for kind in (ApiError, errors.LoraplexError, StorageError, ValueError, Exception):
         app.add_exception_handler(kind, _known)
