@@ -5,9 +5,9 @@
 #   bash benchmarks/ab_revisions.sh BEFORE AFTER ROUNDS SCRIPT [ARGS…]
 #   e.g. bash benchmarks/ab_revisions.sh 33db044 HEAD 2 benchmarks/lora_overhead.py --models default
 #
-# Each revision is checked out (detached) under a temporary folder and imported from there
-# (PYTHONPATH), with this checkout's .venv; each run's stdout and `--out` JSON go to
-# benchmarks/out/ab/<revision>-<round>/. Both revisions run their own copy of SCRIPT.
+# Each revision is checked out (detached) under a temporary folder and the package imported from
+# there (PYTHONPATH), with this checkout's .venv and this checkout's SCRIPT (the same benchmark
+# code measures both); each run's stdout and `--out` JSON go to benchmarks/out/ab/<revision>-<round>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=$1 after=$2 rounds=$3 script=$4
@@ -22,6 +22,6 @@ for round in $(seq 1 "$rounds"); do
     out="benchmarks/out/ab/$rev-$round"
     mkdir -p "$out"
     echo "== $rev, round $round"
-    (cd "$work/$rev" && PYTHONPATH="$work/$rev" "$OLDPWD/.venv/bin/python" "$script" "$@" --out "$OLDPWD/$out") | tee "$out/stdout.txt"
+    PYTHONPATH="$work/$rev" .venv/bin/python "$script" "$@" --out "$out" | tee "$out/stdout.txt"
   done
 done

@@ -11,7 +11,7 @@ Throughput counts output tokens. Ratios are taken inside this one run; loraplex 
 adapters run alternately, REPEATS times each, and the fastest of each is kept (the machine is
 shared and noisy; peft, much slower, runs once).
 
-    python benchmarks/lora_overhead.py [--models default,wide] [--out benchmarks/out]
+    python benchmarks/lora_overhead.py [--models default,wide] [--no-peft] [--out benchmarks/out]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def time_peft(peft_model, pad_id: int, prompts, adapter_names) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(label: str, model_dir: Path, work: Path) -> list[dict]:
+def bench_model(label: str, model_dir: Path, work: Path, with_peft: bool = True) -> list[dict]:
     from loraplex import LLM, SamplingParams
 
     peft_model, names, paths = make_peft_adapters(model_dir, work / f"{label}-adapters", NUM_ADAPTERS, RANK)
@@ -83,7 +83,8 @@ def bench_model(label: str, model_dir: Path, work: Path) -> list[dict]:
     warm = SamplingParams(max_tokens=2, temperature=0.0)
     llm.generate(prompts[:2], warm, lora=[names[0], None])
     pad_id = llm.tokenizer.pad_token_id or 0
-    time_peft(peft_model, pad_id, prompts[:2], names[:2])
+    if with_peft:
+        time_peft(peft_model, pad_id, prompts[:2], names[:2])
     tokens = NUM_REQUESTS * MAX_TOKENS
     rows = []
     for case in CASES:
@@ -92,10 +93,10 @@ def bench_model(label: str, model_dir: Path, work: Path) -> list[dict]:
         for _ in range(REPEATS):
             lora_s = min(lora_s, time_loraplex(llm, prompts, chosen))
             base_s = min(base_s, time_loraplex(llm, prompts, None))
-        peft_s = time_peft(peft_model, pad_id, prompts, chosen)
+        peft_tok_s = tokens / time_peft(peft_model, pad_id, prompts, chosen) if with_peft else float("nan")
         row = {
             "model": label, "case": case, "distinct_adapters": len(set(chosen)),
-            "loraplex_tok_s": tokens / lora_s, "base_only_tok_s": tokens / base_s, "peft_tok_s": tokens / peft_s,
+            "loraplex_tok_s": tokens / lora_s, "base_only_tok_s": tokens / base_s, "peft_tok_s": peft_tok_s,
         }
         row["vs_base_only"] = row["loraplex_tok_s"] / row["base_only_tok_s"]
         row["vs_peft"] = row["loraplex_tok_s"] / row["peft_tok_s"]
@@ -135,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="default,wide")
     parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--no-peft", dest="peft", action="store_false", help="loraplex with and without adapters only")
     args = parser.parse_args()
     from loraplex import env
     from loraplex.models.default_model import ensure_default_model
@@ -146,7 +148,7 @@ def main() -> None:
         work = Path(tmp)
         for label in args.models.split(","):
             model_dir = default_dir if label == "default" else make_wide_model(default_dir, work / "wide")
-            rows += bench_model(label, model_dir, work)
+            rows += bench_model(label, model_dir, work, args.peft)
     save_results(rows, Path(args.out), "lora_overhead", plot)
 
 
