@@ -55,6 +55,13 @@ class LiveServer:
     def account(self, name: str) -> tuple[str, str]:
         return self.ctx.registry.create_account(name)
 
+    def openai_client(self, account_name: str):
+        """The OpenAI SDK, as a new account `account_name`, on this server's OpenAI dialect (no retries)."""
+        from openai import OpenAI
+
+        account_id, token = self.account(account_name)
+        return OpenAI(api_key=token, base_url=f"{self.url}/client/v4/accounts/{account_id}/ai/v1", max_retries=0)
+
     def wait_idle(self, timeout_s: float = 10.0) -> None:
         """Until no request is queued or running and every KV block is free."""
         deadline = time.monotonic() + timeout_s

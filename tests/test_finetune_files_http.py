@@ -6,7 +6,6 @@ import json
 
 import openai
 import pytest
-from openai import OpenAI
 
 from tests.api_server import LiveServer, server_options
 
@@ -25,17 +24,13 @@ def server(model_dir, tmp_path_factory):
     live.stop()
 
 
-def _client(server, name) -> OpenAI:
-    account_id, token = server.account(name)
-    return OpenAI(api_key=token, base_url=f"{server.url}/client/v4/accounts/{account_id}/ai/v1", max_retries=0)
-
 
 def _leftovers(server) -> list[str]:
     return sorted(p.name for p in server.ctx.files.content_dir.iterdir())
 
 
 def test_upload_list_get_content_delete(server):
-    client = _client(server, "files-alice")
+    client = server.openai_client("files-alice")
     f = client.files.create(file=("train.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
     assert (f.filename, f.bytes, f.purpose) == ("train.jsonl", len(GOOD), "fine-tune")
     assert [x.id for x in client.files.list()] == [f.id]
@@ -48,7 +43,7 @@ def test_upload_list_get_content_delete(server):
 
 
 def test_another_account_cannot_see_a_file(server):
-    alice, bob = _client(server, "files-a2"), _client(server, "files-b2")
+    alice, bob = server.openai_client("files-a2"), server.openai_client("files-b2")
     f = alice.files.create(file=("train.jsonl", io.BytesIO(GOOD)), purpose="fine-tune")
     assert list(bob.files.list()) == []
     for call in (bob.files.retrieve, bob.files.content, bob.files.delete):
@@ -64,7 +59,7 @@ def test_another_account_cannot_see_a_file(server):
     (GOOD, "assistants", "purpose must be 'fine-tune'"),
 ])
 def test_refusals_name_their_cause_and_leave_nothing(server, data, purpose, needle):
-    client = _client(server, f"files-bad-{len(data)}-{purpose}")
+    client = server.openai_client(f"files-bad-{len(data)}-{purpose}")
     before = _leftovers(server)
     with pytest.raises(openai.BadRequestError) as err:
         client.files.create(file=("train.jsonl", io.BytesIO(data)), purpose=purpose)

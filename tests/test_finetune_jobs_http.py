@@ -7,7 +7,6 @@ import json
 
 import openai
 import pytest
-from openai import OpenAI
 
 from tests.api_server import LiveServer, server_options
 
@@ -23,17 +22,13 @@ def server(model_dir, tmp_path_factory):
     live.stop()
 
 
-def _client(server, name) -> OpenAI:
-    account_id, token = server.account(name)
-    return OpenAI(api_key=token, base_url=f"{server.url}/client/v4/accounts/{account_id}/ai/v1", max_retries=0)
-
 
 def _file(client) -> str:
     return client.files.create(file=("t.jsonl", io.BytesIO(DATA)), purpose="fine-tune").id
 
 
 def test_create_list_get_cancel(server):
-    client = _client(server, "jobs-alice")
+    client = server.openai_client("jobs-alice")
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=_file(client), seed=7,
                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
     assert job.status in ("queued", "running") and (job.seed, job.hyperparameters.n_epochs) == (7, 50)
@@ -45,7 +40,7 @@ def test_create_list_get_cancel(server):
 
 
 def test_refusals_store_nothing(server):
-    alice, bob = _client(server, "jobs-a2"), _client(server, "jobs-b2")
+    alice, bob = server.openai_client("jobs-a2"), server.openai_client("jobs-b2")
     alice_file, bob_file = _file(alice), _file(bob)
     cases = [
         (dict(model="no-such-model", training_file=alice_file), openai.BadRequestError, "is not served"),
