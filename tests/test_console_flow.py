@@ -1,7 +1,7 @@
 """The web console (/console) in a real headless Chromium against a live server on the tiny model,
 with real PEFT adapter files: sign in, upload, list, the playground side by side (the same texts
 and token counts the API gives), the operator's status page, delete; a wrong token; another
-account's finetunes never shown. Each page is screenshotted into docs/console/.
+account's finetunes never shown. Each page is screenshotted (see browser.SCREENSHOTS).
 
 One browser and one server for the module (tests run in file order and share the signed-in tab).
 Run: .venv/bin/python -m pytest -q tests/test_console_flow.py
