@@ -66,3 +66,12 @@ def test_refusals_name_their_cause_and_leave_nothing(server, data, purpose, need
     assert needle in str(err.value)
     assert list(client.files.list()) == [] and _leftovers(server) == before
     assert client.models.list()  # the server is still up
+
+
+def test_a_file_larger_than_a_json_body_is_accepted(server):
+    """Files have their own body limit (the file store's), not the 4 MiB of JSON requests."""
+    line = _line("question", "answer " * 40) + "\n"
+    data = (line * (server.ctx.limits.max_json_body_bytes // len(line) + 100)).encode()
+    assert server.ctx.limits.max_json_body_bytes < len(data) < server.ctx.files.max_file_bytes
+    client = server.openai_client("files-big")
+    assert client.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="fine-tune").bytes == len(data)

@@ -23,7 +23,7 @@ from starlette.routing import compile_path
 from loraplex.api import admin, files, finetunes, jobs, openai, workers_ai
 from loraplex.api.connections import quiet_accept_errors
 from loraplex.api.console import install_console
-from loraplex.api.context import ApiContext
+from loraplex.api.context import MULTIPART_FRAMING_BYTES, ApiContext
 from loraplex.api.docs import install_docs
 from loraplex.api.errors import ApiError, install_error_handlers
 from loraplex.api.limits import BodyLimitMiddleware
@@ -84,15 +84,22 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
         app.include_router(router, prefix=API_PREFIX)
     if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)
-    (upload,) = [r for r in finetunes.router.routes if getattr(r, "endpoint", None) is finetunes.upload_asset]
-    upload_path, upload_methods = compile_path(API_PREFIX + upload.path)[0], upload.methods
+    def route_of(router, endpoint):
+        (route,) = [r for r in router.routes if getattr(r, "endpoint", None) is endpoint]
+        return compile_path(API_PREFIX + route.path)[0], route.methods
+
+    uploads = [] if ctx is None else [  # (path regex, methods, body limit) of the routes taking files
+        (*route_of(finetunes.router, finetunes.upload_asset), ctx.limits.max_upload_body_bytes),
+        (*route_of(files.router, files.create_file), ctx.files.max_file_bytes + MULTIPART_FRAMING_BYTES),
+    ]
 
     def body_limit(scope) -> int:
-        """The upload limit for a request the asset-upload route will serve (its method and path
+        """The upload limit for a request a file-upload route will serve (its method and path
         template, matched as Starlette's router matches it), else the JSON limit: never chosen
         by what the raw path ends with."""
-        if scope.get("method") in upload_methods and upload_path.fullmatch(scope["path"]):
-            return ctx.limits.max_upload_body_bytes
+        for path, methods, limit in uploads:
+            if scope.get("method") in methods and path.fullmatch(scope["path"]):
+                return limit
         return ctx.limits.max_json_body_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)

@@ -24,6 +24,8 @@ from loraplex.tokenizer import Tokenizer
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import JobStore
 
+MULTIPART_FRAMING_BYTES = 2**16  # an uploaded file's body limit: the file plus this
+
 
 @dataclass
 class Limits:
@@ -34,7 +36,7 @@ class Limits:
 
     @property
     def max_upload_body_bytes(self) -> int:
-        return self.max_adapter_bytes + 2**16  # the file plus multipart framing
+        return self.max_adapter_bytes + MULTIPART_FRAMING_BYTES
 
 
 @dataclass
