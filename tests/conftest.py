@@ -55,3 +55,14 @@ def rclone_s3(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    """A headless Chromium for the browser tests of one module (tests/browser.py); fails, never
+    skips, without chromium and chromium-driver."""
+    from browser import open_browser
+
+    browser = open_browser(tmp_path_factory.mktemp("chromium-profile"))
+    yield browser
+    browser.quit()

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from api_server import LiveServer, server_options
-from browser import open_browser, screenshot, text_of, wait_for
+from browser import screenshot, text_of, wait_for
 from upload_client import CONFIG, MODEL, WEIGHTS, Tenant, make_model_and_adapter
 
 pytestmark = pytest.mark.browser
@@ -56,13 +56,6 @@ def server(files, tmp_path_factory):
     live = LiveServer.start(server_options(files[0], tmp_path_factory.mktemp("console"), admin_token=ADMIN_TOKEN))
     yield live
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    browser = open_browser(tmp_path_factory.mktemp("chromium-profile"))
-    yield browser
-    browser.quit()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from api_server import LiveServer, server_options
-from browser import open_browser, wait_for
+from browser import wait_for
 
 pytestmark = pytest.mark.browser
 METRICS_TOKEN = "metrics-token-for-the-console-test"
@@ -18,13 +18,6 @@ def server(model_dir, tmp_path_factory):
     live = LiveServer.start(server_options(model_dir, tmp_path_factory.mktemp("locked"), metrics_token=METRICS_TOKEN))
     yield live
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    browser = open_browser(tmp_path_factory.mktemp("chromium-profile"))
-    yield browser
-    browser.quit()
 
 
 def text_at(driver, selector: str) -> str:
