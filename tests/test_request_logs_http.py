@@ -12,15 +12,12 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
-from cloudflare import Cloudflare
 
 from loraplex.config import RequestLogConfig
 from tests.api_server import LiveServer, server_options
+from tests.request_log_client import MODEL, OFF, ON, Tenant, refused
 
-MODEL = "@cf/test/tiny-llama"
-ON, OFF = {"cf-aig-collect-log": "true"}, {"cf-aig-collect-log": "false"}
 BOUNDS = RequestLogConfig(max_entries_per_account=6, max_entry_bytes=400)
 
 
@@ -29,44 +26,6 @@ def server(model_dir, tmp_path_factory):
     live = LiveServer.start(server_options(model_dir, tmp_path_factory.mktemp("data"), request_logs=BOUNDS))
     yield live
     live.stop()
-
-
-class Tenant:
-    """One account, seen through httpx (the logs routes), the Cloudflare SDK and the OpenAI SDK."""
-
-    def __init__(self, server: LiveServer, name: str):
-        self.server = server
-        self.id, self.token = server.account(name)
-        self.base = f"{server.url}/client/v4/accounts/{self.id}/ai"
-        self.cf = Cloudflare(api_token=self.token, base_url=f"{server.url}/client/v4", max_retries=0)
-        self.oai = openai.OpenAI(api_key=self.token, base_url=f"{self.base}/v1", max_retries=0)
-
-    def call(self, method: str, path: str, **kwargs) -> httpx.Response:
-        return httpx.request(method, f"{self.base}/logs{path}", headers={"Authorization": f"Bearer {self.token}"},
-                             **kwargs)
-
-    def ok(self, method: str, path: str, **kwargs):
-        response = self.call(method, path, **kwargs)
-        assert response.status_code == 200, response.text
-        return response.json()["result"]
-
-    def logs(self, **params) -> list[dict]:
-        self.server.ctx.request_logs.writer.drain()
-        return self.ok("GET", "", params=params)
-
-    def run(self, prompt: str, headers: dict | None = None) -> str:
-        return self.cf.ai.run(MODEL, account_id=self.id, prompt=prompt, max_tokens=4, temperature=0,
-                              extra_headers=headers)["response"]
-
-    def chat(self, content: str, headers: dict | None = None, model: str = MODEL):
-        return self.oai.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                                max_tokens=4, temperature=0, extra_headers=headers)
-
-
-def refused(response: httpx.Response, status: int, needle: str) -> None:
-    body = response.json()
-    assert response.status_code == status, response.text
-    assert body["success"] is False and body["result"] is None and needle in body["errors"][0]["message"]
 
 
 def dropped(server, reason: str) -> float:
