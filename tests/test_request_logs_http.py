@@ -113,7 +113,7 @@ def test_filters_pages_feedback_correction_delete(server):
     assert ids() == [two["id"], one["id"]]
 
 
-def test_export_writes_the_curated_chats_as_a_fine_tuning_file(server):
+def test_export_writes_the_curated_chats_as_a_fine_tuning_file(server, monkeypatch):
     t = Tenant(server, "logs-export")
     refused(t.call("POST", "/export", json={}), 400, "no log entries to export")
     t.ok("PUT", "/settings", json={"enabled": True})
@@ -135,6 +135,9 @@ def test_export_writes_the_curated_chats_as_a_fine_tuning_file(server):
     assert [json.loads(x) for x in t.oai.files.content(only["id"]).read().splitlines()] == [turn(fixed, "FIXED")]
     refused(t.call("POST", "/export", json={"until": 0}), 400, "no log entries to export")
     refused(t.call("POST", "/export", json={"feedback": "yes"}), 400, "feedback must be")
+    monkeypatch.setattr(server.ctx.files, "max_file_bytes", only["bytes"])  # room for one line, not three
+    refused(t.call("POST", "/export", json={}), 413, "narrow it with finetune, since, until or feedback")
+    assert t.ok("POST", "/export", json={"feedback": -1})["bytes"] == only["bytes"]
 
 
 def test_another_account_sees_none_of_the_logs(server):
