@@ -61,13 +61,17 @@ def test_each_dialect_is_recorded_and_the_header_overrides_the_setting(server):
             400, "cf-aig-collect-log header must be true or false")
     t.ok("PUT", "/settings", json={"enabled": True})
     t.chat("not logged: the header says false", OFF)
+    stream = t.oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "streamed"}],
+                                           max_tokens=4, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     t.chat("logged by the setting")
 
     entries = t.logs()
     assert [e["messages"][0]["content"] if e["messages"] else e["prompt"] for e in entries] == [
-        "logged by the setting", "raw text", "a chat, logged by the header", "logged by the header"]
-    setting, raw, chat_entry, run_entry = entries
-    assert [e["dialect"] for e in entries] == ["openai-chat", "openai-completions", "openai-chat", "workers-ai"]
+        "logged by the setting", "streamed", "raw text", "a chat, logged by the header", "logged by the header"]
+    setting, stream_entry, raw, chat_entry, run_entry = entries
+    assert stream_entry["response"] == streamed
+    assert [e["dialect"] for e in entries] == ["openai-chat"] * 2 + ["openai-completions", "openai-chat", "workers-ai"]
     assert run_entry["messages"] == [{"role": "user", "content": "logged by the header"}]
     assert run_entry["prompt"] is None and run_entry["response"] == answer
     assert (raw["messages"], raw["response"]) == ([], completion.choices[0].text)
@@ -103,6 +107,10 @@ def test_filters_pages_feedback_correction_delete(server):
     assert ids(finetune="no-such-finetune") == []
     refused(t.call("GET", "", params={"since": "yesterday"}), 400, "since must be ISO 8601 or unix seconds")
     refused(t.call("GET", "", params={"feedback": "0"}), 400, "feedback must be 1, -1 or none")
+    refused(t.call("GET", "", params={"per_page": 101}), 400, "per_page must be between 1 and 100")
+    for bad in ("inf", "nan", "1e300", "-1"):
+        refused(t.call("GET", "", params={"until": bad}), 400, "until must be a time from 1970 to 9999")
+    assert t.ok("GET", "", params={"page": 2**80}) == []
     page = t.call("GET", "", params={"page": 2, "per_page": 2}).json()
     assert [e["id"] for e in page["result"]] == [one["id"]]
     assert page["result_info"] == {"page": 2, "per_page": 2, "count": 1, "total_count": 3, "total_pages": 2}
