@@ -1,4 +1,6 @@
-"""The SQLite registry: accounts/tokens, finetunes, assets, tenancy, migrations, atomicity, threads."""
+"""The registry: accounts/tokens, finetunes, assets, tenancy, migrations, atomicity, threads and
+processes — each test on both backends (`registry_location`: a SQLite file, and a fresh database
+on the session's real PostgreSQL server) unless it is about SQLite's file itself."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import subprocess
 import sys
 import textwrap
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
@@ -36,10 +40,35 @@ def db_path(tmp_path) -> Path:
 
 
 @pytest.fixture
-def reg(db_path):
-    registry = Registry(db_path)
+def reg(registry_location):
+    registry = Registry(registry_location)
     yield registry
     registry.close()
+
+
+@contextmanager
+def raw(location):
+    """A plain connection to the registry's database, behind the registry's back (autocommit)."""
+    conn = sqlite3.connect(location, isolation_level=None) if isinstance(location, Path) else \
+        psycopg.connect(location, autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def raw_version(location) -> int:
+    with raw(location) as conn:
+        if isinstance(location, Path):
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+        return conn.execute("SELECT version FROM registry_schema").fetchone()[0]
+
+
+def table_count(location) -> int:
+    with raw(location) as conn:
+        if isinstance(location, Path):
+            return conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone()[0]
 
 
 def expect(code: int, status: int, fn, *args, **kwargs) -> LoraplexError:
@@ -55,13 +84,19 @@ def upload(reg: Registry, account: str, finetune_id: str, file_name: str):
     return reg.add_asset(account, finetune_id, file_name, len(data), sha(data), f"objects/{finetune_id}/{file_name}")
 
 
-def db_bytes(db_path: Path) -> bytes:
-    """The database file plus its WAL, where not-yet-checkpointed pages live."""
-    return b"".join(p.read_bytes() for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
+def db_bytes(location) -> bytes:
+    """Everything the database holds: the SQLite file plus its WAL (where not-yet-checkpointed pages
+    live); every row of every table of the PostgreSQL database, as text."""
+    if isinstance(location, Path):
+        return b"".join(p.read_bytes() for p in (location, Path(f"{location}-wal")) if p.exists())
+    with raw(location) as conn:
+        tables = [r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables"
+                                             " WHERE table_schema = 'public'")]
+        return "\n".join(str(row[0]) for t in tables for row in conn.execute(f'SELECT t::text FROM "{t}" t')).encode()
 
 
 # --- accounts and tokens -----------------------------------------------------------------------
-def test_accounts_and_tokens(reg, db_path):
+def test_accounts_and_tokens(reg, registry_location):
     alice, token = reg.create_account("alice")
     bob, bob_token = reg.create_account("Bob & Co")
     assert alice != bob and token != bob_token and len(token) >= 32
@@ -77,23 +112,27 @@ def test_accounts_and_tokens(reg, db_path):
     expect(10000, 401, reg.create_token, "no-such-account")
 
     # only hashes are stored: the raw tokens appear nowhere in the file (nor the WAL)
-    raw = db_bytes(db_path)
-    assert alice.encode() in raw  # sanity: the grep does see the data we wrote
+    stored = db_bytes(registry_location)
+    assert alice.encode() in stored  # sanity: the grep does see the data we wrote
     for t in (token, bob_token, second):
-        assert t.encode() not in raw
-        assert sha(t.encode()).encode() in raw
+        assert t.encode() not in stored
+        assert sha(t.encode()).encode() in stored
     reg.close()
-    with sqlite3.connect(db_path) as conn:  # and after a checkpoint into the main file
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert token.encode() not in db_path.read_bytes()
+    if isinstance(registry_location, Path):
+        with sqlite3.connect(registry_location) as conn:  # and after a checkpoint into the main file
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert token.encode() not in registry_location.read_bytes()
 
 
-def test_pragmas(reg, db_path):
+def test_pragmas(db_path):
+    reg = Registry(db_path)
+    assert reg.backend == "sqlite"
     conn = reg._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
     assert reg.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    reg.close()
 
 
 # --- finetunes ----------------------------------------------------------------------------------
@@ -145,9 +184,9 @@ def test_name_unique_per_account(reg):
 
 
 @pytest.mark.parametrize("limit", [DEFAULT_MAX_FINETUNES_PER_ACCOUNT, 3])
-def test_finetune_limit(db_path, limit):
+def test_finetune_limit(registry_location, limit):
     kwargs = {} if limit == DEFAULT_MAX_FINETUNES_PER_ACCOUNT else {"max_finetunes_per_account": limit}
-    reg = Registry(db_path, **kwargs)
+    reg = Registry(registry_location, **kwargs)
     alice, _ = reg.create_account("alice")
     bob, _ = reg.create_account("bob")
     made = [reg.create_finetune(alice, f"ft{i}", MODEL) for i in range(limit)]
@@ -254,13 +293,13 @@ def test_delete(reg):
     assert again.id != ft.id and again.assets == {}
 
 
-def test_persistence_across_reopen(db_path):
-    with Registry(db_path) as reg:
+def test_persistence_across_reopen(registry_location):
+    with Registry(registry_location) as reg:
         alice, token = reg.create_account("alice")
         ft = reg.create_finetune(alice, "lora", MODEL, "desc", public=True)
         upload(reg, alice, ft.id, CONFIG)
         ready = upload(reg, alice, ft.id, WEIGHTS)
-    with Registry(db_path) as reg:
+    with Registry(registry_location) as reg:
         assert reg.authenticate(token) == alice
         assert reg.resolve_usable(alice, "lora") == ready
         assert reg.list_public() == [ready]
@@ -297,28 +336,28 @@ def test_migration_from_v1(db_path):
         assert reg.schema_version == SCHEMA_VERSION
 
 
-def test_newer_schema_refused(db_path):
-    with Registry(db_path) as reg:
+def test_newer_schema_refused(registry_location):
+    with Registry(registry_location) as reg:
         alice, _ = reg.create_account("alice")
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        with reg._write() as conn:
+            reg._backend.write_version(conn, SCHEMA_VERSION + 1)
     with pytest.raises(RegistrySchemaError, match="newer"):
-        Registry(db_path)
-    with sqlite3.connect(db_path) as conn:  # left untouched
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        Registry(registry_location)
+    assert raw_version(registry_location) == SCHEMA_VERSION + 1  # left untouched
+    with raw(registry_location) as conn:
         assert conn.execute("SELECT id FROM accounts").fetchone()[0] == alice
 
 
-def test_failed_migration_rolls_back(db_path, monkeypatch):
+def test_failed_migration_rolls_back(registry_location, monkeypatch):
     import loraplex.adapters.registry as registry_module
 
-    monkeypatch.setattr(registry_module, "MIGRATIONS", MIGRATIONS + [["CREATE TABLE extra (x)", "SELECT * FROM nope"]])
+    monkeypatch.setattr(registry_module, "MIGRATIONS", MIGRATIONS + [["CREATE TABLE extra (x INTEGER)",
+                                                                      "SELECT * FROM nope"]])
     monkeypatch.setattr(registry_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-    with pytest.raises(sqlite3.OperationalError):
-        Registry(db_path)
-    with sqlite3.connect(db_path) as conn:  # not even the first migrations were kept: one transaction
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] == 0
+    with pytest.raises((sqlite3.OperationalError, psycopg.errors.UndefinedTable)):
+        Registry(registry_location)
+    # not even the first migrations (nor PostgreSQL's version table) were kept: one transaction
+    assert table_count(registry_location) == 0
 
 
 # --- atomicity ----------------------------------------------------------------------------------
@@ -340,16 +379,16 @@ def test_add_asset_failure_mid_transaction(reg, monkeypatch):
     assert upload(reg, alice, ft.id, WEIGHTS).state == "ready"  # and the registry is still usable
 
 
-def test_crash_mid_add_asset(db_path):
+def test_crash_mid_add_asset(registry_location):
     """A process killed between add_asset's statements (no rollback, no close) leaves the previous state."""
-    with Registry(db_path) as reg:
+    with Registry(registry_location) as reg:
         alice, _ = reg.create_account("alice")
         ft = reg.create_finetune(alice, "lora", MODEL)
         before = upload(reg, alice, ft.id, CONFIG)
     script = textwrap.dedent(f"""
         import os, sys
         from loraplex.adapters.registry import Registry
-        reg = Registry({str(db_path)!r})
+        reg = Registry({str(registry_location)!r})
         def crash(conn, finetune_id):
             sys.stdout.flush()
             os._exit(17)
@@ -358,7 +397,7 @@ def test_crash_mid_add_asset(db_path):
         """)
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, timeout=60)
     assert result.returncode == 17
-    with Registry(db_path) as reg:
+    with Registry(registry_location) as reg:
         assert reg.get_finetune(alice, ft.id) == before
         expect(3039, 400, reg.resolve_usable, alice, "lora")
 
@@ -376,8 +415,8 @@ def test_delete_failure_keeps_finetune(reg, monkeypatch):
 
 
 # --- threads ------------------------------------------------------------------------------------
-def test_concurrent_creates_respect_limit(db_path):
-    reg = Registry(db_path, max_finetunes_per_account=30)
+def test_concurrent_creates_respect_limit(registry_location):
+    reg = Registry(registry_location, max_finetunes_per_account=30)
     alice, token = reg.create_account("alice")
     results: dict[str, list] = {"ok": [], "limited": [], "other": []}
     lock = threading.Lock()
