@@ -5,11 +5,13 @@ on the session's real PostgreSQL server) unless it is about SQLite's file itself
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -481,3 +483,106 @@ def test_lookup_order_own_id_then_own_name_then_public_id(reg):
     named_like_id = reg.create_finetune(alice, shadow.id, MODEL)
     assert reg.get_finetune(alice, shadow.id).id == named_like_id.id  # not mallory's private one
     assert reg.get_finetune(alice, public.id).id == public.id  # own id beats nothing else
+
+
+def test_unique_violation_is_the_name_refusal(reg, monkeypatch):
+    """Should the name check ever be skipped, the UNIQUE (account, name) constraint refuses the same
+    way (400 / 5004), the transaction is rolled back and the registry stays usable."""
+    alice, _ = reg.create_account("alice")
+    first = reg.create_finetune(alice, "lora", MODEL)
+    monkeypatch.setattr(reg, "_named", lambda conn, account_id, name: None)
+    err = expect(5004, 400, reg.create_finetune, alice, "lora", MODEL)
+    assert "already exists" in err.message
+    monkeypatch.undo()
+    assert [f.id for f in reg.list_finetunes(alice)] == [first.id]
+    assert reg.create_finetune(alice, "other", MODEL).name == "other"
+
+
+# --- processes ----------------------------------------------------------------------------------
+RACER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from loraplex.adapters.registry import Registry
+    from loraplex.errors import LimitReached, LoraplexError
+
+    location, limit, k, account, uploader, fts, ready, go = json.loads(sys.argv[1])
+    reg = Registry(location, max_finetunes_per_account=limit)
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.005)
+    out = []
+    for name in ["same"] + [f"p{k}-{i}" for i in range(3)]:
+        try:
+            out.append(["ok", name, reg.create_finetune(account, name, "m").id])
+        except LimitReached:
+            out.append(["limit", name])
+        except LoraplexError as e:
+            out.append(["refused", name, e.message])
+    file_name = Registry.REQUIRED_FILES[k]  # process 0 sends every config, process 1 every weights file
+    for fid in fts:
+        reg.add_asset(uploader, fid, file_name, 1, "%064x" % k, f"objects/{fid}/{file_name}")
+    print(json.dumps(out))
+    """)
+
+
+def test_two_processes_race_for_the_limit_a_name_and_one_finetune(registry_location, tmp_path):
+    """Two processes on one database at once: both create "same" and then 3 names of their own for
+    one account limited to 6 — exactly 6 succeed: one "same" (the other is a name refusal: at most 4
+    exist when the later "same" is tried, whatever the interleaving) and all but one of the others
+    (LimitReached). Then each sends one of the two files of the same 6 finetunes of another account:
+    every one ends ready with both assets (the pending → ready switch sees the other process's
+    commit). Nothing else is written."""
+    limit = 6
+    with Registry(registry_location, max_finetunes_per_account=limit) as reg:
+        account, _ = reg.create_account("racer")
+        uploader, _ = reg.create_account("uploader")
+        fts = [reg.create_finetune(uploader, f"u{i}", MODEL).id for i in range(limit)]
+    go = tmp_path / "go"
+    procs = []
+    for k in (0, 1):
+        args = [str(registry_location), limit, k, account, uploader, fts, str(tmp_path / f"ready{k}"), str(go)]
+        procs.append(subprocess.Popen([sys.executable, "-c", RACER, json.dumps(args)], stdout=subprocess.PIPE,
+                                      cwd=Path(__file__).parent.parent, text=True))
+    for k, proc in enumerate(procs):  # both opened the registry (and migrated it) before either starts
+        while not (tmp_path / f"ready{k}").exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+    go.touch()
+    outcomes = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        outcomes += json.loads(out)
+
+    made = {o[2]: o[1] for o in outcomes if o[0] == "ok"}
+    assert len(made) == limit
+    assert sorted(o[0] for o in outcomes if o[1] == "same") == ["ok", "refused"]
+    assert "already exists" in next(o[2] for o in outcomes if o[1] == "same" and o[0] == "refused")
+    assert [o[0] for o in outcomes if o[1] != "same" and o[0] != "ok"] == ["limit"]
+    with Registry(registry_location, max_finetunes_per_account=limit) as reg:
+        listed = reg.list_finetunes(account)
+        assert {f.id: f.name for f in listed} == made
+        assert all(f.state == "pending" and f.assets == {} for f in listed)  # whole rows, nothing else
+        uploaded = reg.list_finetunes(uploader)
+        assert [f.id for f in uploaded] == fts
+        assert all(f.state == "ready" and set(f.assets) == {CONFIG, WEIGHTS} for f in uploaded)
+        expect(3036, 429, reg.create_finetune, account, "one-more", MODEL)
+
+
+# --- choosing the backend -----------------------------------------------------------------------
+def test_open_registry_chooses_the_backend(tmp_path, postgres_url):
+    from loraplex.adapters.registry import open_registry
+    from loraplex.errors import Unavailable
+
+    with open_registry(tmp_path / "data") as reg:  # the default: registry.sqlite in the data dir
+        assert reg.backend == "sqlite" and (tmp_path / "data" / "registry.sqlite").is_file()
+    with open_registry(tmp_path / "data", postgres_url, max_finetunes_per_account=2) as reg:
+        assert reg.backend == "postgresql" and reg.max_finetunes_per_account == 2
+        assert reg.schema_version == SCHEMA_VERSION
+    assert not (tmp_path / "data2").exists()
+    with pytest.raises(ValueError, match="postgresql://"):
+        open_registry(tmp_path / "data", "mysql://db/loraplex")
+    # a server that is not there: the domain's Unavailable (503 / 3040 over HTTP), not a driver error
+    gone = postgres_url.split("?")[0] + f"?host={tmp_path / 'no-server'}"
+    with pytest.raises(Unavailable, match="registry .* unavailable"):
+        open_registry(tmp_path / "data", gone)
