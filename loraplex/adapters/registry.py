@@ -323,9 +323,10 @@ class Registry:
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
-        """Hold the lock `name` against every other process using this registry's database (a
-        PostgreSQL advisory lock; nothing for SQLite, whose file serves one API process). Callers
-        still need their own in-process lock: the lock is per connection, i.e. per thread."""
+        """Hold the lock `name` against every other thread and process using this registry's
+        PostgreSQL database (a session advisory lock of this thread's connection, waited for without
+        a timeout; the server drops it if the process dies). Nothing for SQLite, whose file serves
+        one API process: callers keep an in-process lock too. Re-entrant within one thread."""
         with self._backend.exclusive(self._conn(), name):
             yield
 
