@@ -40,61 +40,22 @@ and the callers upload objects before `add_asset` and delete them after `delete_
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
 import secrets
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 from loraplex import errors
+from loraplex.adapters.registry_rules import (MAX_TOKEN_CHARS, REQUIRED_FILES, SHA256_RE, Asset, Finetune, check_name,
+                                             check_text, hash_token, invalid, not_found, printable, storable,
+                                             utc_now)
 from loraplex.adapters.registry_sql import (Connection, PostgresBackend, RegistrySchemaError, SqlBackend,
                                             ThreadConnections, backend_for, is_postgres_url)
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 
 __all__ = ["Asset", "Finetune", "Registry", "RegistrySchemaError", "MIGRATIONS", "open_registry"]
-
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_MAX_TOKEN_CHARS = 512
-_MAX_TEXT = {"account name": 128, "model": 256, "description": 4096, "object_key": 1024}
-
-
-@dataclass(frozen=True)
-class Asset:
-    """One uploaded file of a finetune. Immutable once recorded."""
-
-    file_name: str  # one of Registry.REQUIRED_FILES
-    size: int  # bytes
-    sha256: str  # lowercase hex
-    object_key: str  # where the bytes live in object storage (opaque here)
-
-
-@dataclass(frozen=True)
-class Finetune:
-    """A snapshot of a finetune row and its assets (later changes are not reflected)."""
-
-    id: str  # uuid4 string
-    account_id: str
-    name: str  # unique per account (case-sensitive); 1–64 chars of [A-Za-z0-9._-]
-    model: str  # the base model it targets
-    description: str
-    public: bool
-    created_at: str  # ISO 8601 UTC, "2026-11-23T18:00:00.000000Z"
-    modified_at: str
-    state: str  # "pending" (not all REQUIRED_FILES yet) | "ready" | "invalid" (its last upload was refused)
-    assets: dict[str, Asset]  # file name → Asset
-    state_reason: str | None = None  # why it is "invalid": the refusal's message; None otherwise
-
-    @property
-    def missing_files(self) -> tuple[str, ...]:
-        """REQUIRED_FILES not uploaded yet, in REQUIRED_FILES order."""
-        return tuple(f for f in Registry.REQUIRED_FILES if f not in self.assets)
-
 
 # --- schema ---------------------------------------------------------------------------------
 # Each migration is a list of single statements (executescript would commit the open transaction),
@@ -152,76 +113,17 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _invalid(message: str) -> errors.InvalidInput:
-    return errors.InvalidInput(message)
-
-
-def _not_found(id_or_name: object) -> errors.FinetuneNotFound:
-    return errors.FinetuneNotFound(f"finetune {str(id_or_name)[:100]!r} not found")
-
-
-def _storable(value: object) -> bool:
-    """A string both databases can store and compare: no NUL, no lone surrogate (PostgreSQL refuses
-    both; such a value can match nothing stored, since what is stored passed the same checks)."""
-    if not isinstance(value, str) or "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _printable(value: object) -> str:
-    """`value` as text either database stores (for messages built from user input)."""
-    return str(value).replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
-
-
-def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not value and not allow_empty):
-        raise _invalid(f"{what} must be a {'' if allow_empty else 'non-empty '}string")
-    if len(value) > _MAX_TEXT[what]:
-        raise _invalid(f"{what} is longer than {_MAX_TEXT[what]} characters")
-    if not _storable(value):
-        raise _invalid(f"{what} contains a NUL character or is not valid Unicode")
-    return value
-
-
-# names a URL path cannot carry as a finetune: dot segments (clients and proxies resolve them away)
-# and the fixed segment of GET …/finetunes/public
-_UNADDRESSABLE_NAMES = {".": "a dot segment", "..": "a dot segment", "public": "the route …/finetunes/public"}
-
-
-def _check_name(name: object) -> str:
-    """1-64 of [A-Za-z0-9._-] (URL-safe as they are), and not a name that would not reach the
-    finetune as a URL path segment."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise _invalid("finetune name must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
-    if name in _UNADDRESSABLE_NAMES:
-        raise _invalid(f"finetune name {name!r} cannot be used: in a URL path it is {_UNADDRESSABLE_NAMES[name]}, so "
-                       "the finetune could not be addressed by name; choose another name")
-    return name
-
-
 class Registry:
     """Accounts, tokens, finetunes and assets in one database; see the module docstring for the
     transaction, threading and tenancy contracts. Thread-safe: one connection per thread."""
 
-    REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+    REQUIRED_FILES = REQUIRED_FILES
 
     def __init__(self, location: Path | str, *, max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
                  busy_timeout_s: float = 10.0):
         """Open the registry at `location` — a SQLite file path, or a `postgresql://` URL — creating
         it if needed, and migrate it to SCHEMA_VERSION. Raises RegistrySchemaError when its schema is
-        newer than this code knows; psycopg.OperationalError when PostgreSQL cannot be reached."""
+        newer than this code knows; errors.Unavailable when PostgreSQL cannot be reached."""
         if isinstance(max_finetunes_per_account, bool) or not isinstance(max_finetunes_per_account, int) \
                 or max_finetunes_per_account < 0:
             raise ValueError(f"max_finetunes_per_account must be an int >= 0, got {max_finetunes_per_account!r}")
@@ -334,14 +236,14 @@ class Registry:
     def create_account(self, name: str) -> tuple[str, str]:
         """Create an account and its first API token. Returns (account_id, token); the token is
         shown only here, the registry keeps its SHA-256. InvalidInput on an empty or overlong name."""
-        _check_text("account name", name)
+        check_text("account name", name)
         account_id = str(uuid.uuid4())
         token = secrets.token_urlsafe(32)
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
             conn.execute("INSERT INTO accounts (id, name, created_at) VALUES (?, ?, ?)", (account_id, name, now))
             conn.execute("INSERT INTO tokens (token_hash, account_id, created_at) VALUES (?, ?, ?)",
-                         (_hash_token(token), account_id, now))
+                         (hash_token(token), account_id, now))
         return account_id, token
 
     def create_token(self, account_id: str) -> str:
@@ -351,7 +253,7 @@ class Registry:
         with self._write() as conn:
             self._require_account(conn, account_id)
             conn.execute("INSERT INTO tokens (token_hash, account_id, created_at) VALUES (?, ?, ?)",
-                         (_hash_token(token), account_id, _now()))
+                         (hash_token(token), account_id, utc_now()))
         return token
 
     def list_accounts(self) -> list[tuple[str, str, str]]:
@@ -366,9 +268,9 @@ class Registry:
         the stored digest is compared with hmac.compare_digest; timing can reveal at most bits of a
         hash of the attacker's own guess, never of a stored token."""
         failure = errors.Unauthenticated("authentication error: invalid or missing API token")
-        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
             raise failure
-        digest = _hash_token(token)
+        digest = hash_token(token)
         try:  # one statement, no transaction around it: one round trip
             row = self._conn().execute("SELECT token_hash, account_id FROM tokens WHERE token_hash = ?",
                                        (digest,)).fetchone()
@@ -381,7 +283,7 @@ class Registry:
     def _require_account(self, conn: Connection, account_id: object, *, lock: bool = False) -> None:
         """The account exists (else Unauthenticated); with `lock`, its row stays locked until the
         transaction ends, which serializes the decisions about this account across processes."""
-        if not _storable(account_id) or conn.execute(
+        if not storable(account_id) or conn.execute(
                 "SELECT 1 FROM accounts WHERE id = ?" + (self._backend.FOR_UPDATE if lock else ""),
                 (account_id,)).fetchone() is None:
             raise errors.Unauthenticated("authentication error: unknown account")
@@ -392,13 +294,13 @@ class Registry:
         """Create an empty ("pending") finetune owned by `account_id`. Errors: InvalidInput for a bad name,
         model or description, or a name the account already uses; LimitReached when the
         account already has `max_finetunes_per_account`; Unauthenticated for an unknown account."""
-        _check_name(name)
-        _check_text("model", model)
-        _check_text("description", description, allow_empty=True)
+        check_name(name)
+        check_text("model", model)
+        check_text("description", description, allow_empty=True)
         if not isinstance(public, bool):
-            raise _invalid("public must be a boolean")
+            raise invalid("public must be a boolean")
         finetune_id = str(uuid.uuid4())
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
             self._require_account(conn, account_id, lock=True)
             (count, unready) = conn.execute(
@@ -413,7 +315,7 @@ class Registry:
                 same = self._load(conn, existing)
                 hint = ("" if same.state == "ready" else
                         f"; it is {same.state}: send the missing or corrected files to it, or delete it first")
-                raise _invalid(f"a finetune named {name!r} already exists in this account (id {same.id}){hint}")
+                raise invalid(f"a finetune named {name!r} already exists in this account (id {same.id}){hint}")
             try:
                 conn.execute(
                     "INSERT INTO finetunes (id, account_id, name, model, description, public, created_at,"
@@ -421,7 +323,7 @@ class Registry:
                     (finetune_id, account_id, name, model, description, int(public), now, now))
             except Exception as e:  # the UNIQUE (account_id, name) constraint: the same refusal
                 if self._backend.is_unique_violation(e):
-                    raise _invalid(f"a finetune named {name!r} already exists in this account") from None
+                    raise invalid(f"a finetune named {name!r} already exists in this account") from None
                 raise
             return self._load(conn, finetune_id)
 
@@ -462,23 +364,23 @@ class Registry:
         required file is present), clearing "invalid" and the modified_at bump commit together.
         Another account's finetune: FinetuneNotFound if private, Forbidden if public."""
         if file_name not in self.REQUIRED_FILES:
-            raise _invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
+            raise invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
                            + ", ".join(self.REQUIRED_FILES))
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise _invalid("size must be an integer >= 0")
-        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
-            raise _invalid("sha256 must be 64 lowercase hex characters")
-        _check_text("object_key", object_key)
+            raise invalid("size must be an integer >= 0")
+        if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+            raise invalid("sha256 must be 64 lowercase hex characters")
+        check_text("object_key", object_key)
         with self._write() as conn:
             finetune_id, state = self._find_owned(conn, account_id, finetune_id)
             if conn.execute("SELECT 1 FROM assets WHERE finetune_id = ? AND file_name = ?",
                             (finetune_id, file_name)).fetchone():
                 if not replace or state == "ready":
-                    raise _invalid(f"{file_name} was already uploaded for this finetune; assets are immutable"
+                    raise invalid(f"{file_name} was already uploaded for this finetune; assets are immutable"
                                    + (" once it is ready" if replace else ""))
                 conn.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (finetune_id, file_name))
             conn.execute("INSERT INTO assets (finetune_id, file_name, size, sha256, object_key, created_at)"
-                         " VALUES (?, ?, ?, ?, ?, ?)", (finetune_id, file_name, size, sha256, object_key, _now()))
+                         " VALUES (?, ?, ?, ?, ?, ?)", (finetune_id, file_name, size, sha256, object_key, utc_now()))
             self._refresh_state(conn, finetune_id)
             return self._load(conn, finetune_id)
 
@@ -488,7 +390,7 @@ class Registry:
         keeps its state (nothing of it changed); an unknown or deleted one is ignored."""
         with self._write() as conn:
             conn.execute("UPDATE finetunes SET invalid_reason = ?, modified_at = ? WHERE id = ? AND account_id = ?"
-                         " AND state != 'ready'", (_printable(reason)[:1000], _now(), finetune_id, account_id))
+                         " AND state != 'ready'", (printable(reason)[:1000], utc_now(), finetune_id, account_id))
 
     def delete_finetune(self, account_id: str, id_or_name: str) -> Finetune:
         """Delete the account's own finetune (by id or name) with its asset rows; returns what was
@@ -503,7 +405,7 @@ class Registry:
     def object_key_in_use(self, object_key: str) -> bool:
         """Whether any finetune's asset points at `object_key` (content-addressed objects are
         shared by finetunes uploading the same bytes: delete an object only when this is False)."""
-        if not _storable(object_key):
+        if not storable(object_key):
             return False
         with self._read() as conn:
             return conn.execute("SELECT 1 FROM assets WHERE object_key = ? LIMIT 1", (object_key,)).fetchone() is not None
@@ -514,7 +416,7 @@ class Registry:
         present = {r[0] for r in conn.execute("SELECT file_name FROM assets WHERE finetune_id = ?", (finetune_id,))}
         state = "ready" if present.issuperset(self.REQUIRED_FILES) else "pending"
         conn.execute("UPDATE finetunes SET state = ?, invalid_reason = NULL, modified_at = ? WHERE id = ?",
-                     (state, _now(), finetune_id))
+                     (state, utc_now(), finetune_id))
 
     def _named(self, conn: Connection, account_id: str, name: str) -> str | None:
         """Id of the account's finetune named `name`, if any."""
@@ -523,8 +425,8 @@ class Registry:
 
     def _find(self, conn: Connection, account_id: object, id_or_name: object) -> str:
         """Id of the finetune `account_id` may read as `id_or_name`, else FinetuneNotFound."""
-        if not _storable(account_id) or not _storable(id_or_name) or not id_or_name:
-            raise _not_found(id_or_name)
+        if not storable(account_id) or not storable(id_or_name) or not id_or_name:
+            raise not_found(id_or_name)
         row = conn.execute(
             "SELECT id, 0 AS rank FROM finetunes WHERE account_id = ? AND id = ? "
             "UNION ALL SELECT id, 1 FROM finetunes WHERE account_id = ? AND name = ? "
@@ -535,7 +437,7 @@ class Registry:
                 raise errors.FinetuneNotFound(f"finetune {id_or_name[:100]!r} not found in this account; another "
                                               "account's public finetune is addressed by its id (GET …/finetunes/public "
                                               "lists them)")
-            raise _not_found(id_or_name)
+            raise not_found(id_or_name)
         return row[0]
 
     def _find_owned(self, conn: Connection, account_id: object, id_or_name: object) -> tuple[str, str]:
@@ -545,7 +447,7 @@ class Registry:
         row = conn.execute("SELECT account_id, state FROM finetunes WHERE id = ?" + self._backend.FOR_UPDATE,
                            (finetune_id,)).fetchone()
         if row is None:  # deleted by another transaction while this one waited for the lock
-            raise _not_found(id_or_name)
+            raise not_found(id_or_name)
         if row[0] != account_id:
             raise errors.Forbidden("forbidden: only the owning account can modify this finetune")
         return finetune_id, row[1]
@@ -556,7 +458,7 @@ class Registry:
     def _load(self, conn: Connection, finetune_id: str) -> Finetune:
         found = self._load_many(conn, "f.id = ?", (finetune_id,))
         if not found:
-            raise _not_found(finetune_id)
+            raise not_found(finetune_id)
         return found[0]
 
     def _load_many(self, conn: Connection, where: str, params: tuple) -> list[Finetune]:
