@@ -570,9 +570,18 @@ def test_two_processes_race_for_the_limit_a_name_and_one_finetune(registry_locat
 
 
 # --- choosing the backend -----------------------------------------------------------------------
-def test_open_registry_chooses_the_backend(tmp_path, postgres_url):
+def test_open_registry_chooses_the_backend(tmp_path, postgres_url, capsys, monkeypatch):
     from loraplex.adapters.registry import open_registry
+    from loraplex.cli import main
     from loraplex.errors import Unavailable
+
+    # the operator command takes the same flag: the account lands in PostgreSQL, not the data dir
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "cli"))  # main() points it at --data-dir; restored after
+    assert main(["accounts", "create", "op", "--registry", postgres_url, "--data-dir", str(tmp_path / "cli")]) == 0
+    created = json.loads(capsys.readouterr().out)
+    with open_registry(tmp_path / "unused", postgres_url) as reg:
+        assert reg.authenticate(created["token"]) == created["account_id"]
+    assert not (tmp_path / "cli" / "registry.sqlite").exists()
 
     with open_registry(tmp_path / "data") as reg:  # the default: registry.sqlite in the data dir
         assert reg.backend == "sqlite" and (tmp_path / "data" / "registry.sqlite").is_file()

@@ -163,7 +163,10 @@ class PostgresBackend(SqlBackend):
     ROW_ORDER = "id"
 
     def __init__(self, url: str, timeout_s: float):
-        import psycopg  # only needed for this backend (the `scaleout` extra)
+        try:
+            import psycopg  # only needed for this backend
+        except ImportError:
+            raise RegistrySchemaError("a postgresql:// registry needs psycopg 3: pip install 'loraplex[scaleout]'") from None
 
         self._psycopg = psycopg
         self.url = url
