@@ -90,22 +90,40 @@ def postgres_server():
         shutil.rmtree(pgdata, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres_url(postgres_server, request):
-    """The URL of a fresh, empty database on the session's server, dropped after the test."""
-    import re
+@pytest.fixture(scope="session")
+def postgres_databases(postgres_server):
+    """A factory of fresh databases on the session's server: `with postgres_databases() as url:`
+    an empty database, dropped when the block ends (its connections closed by force; a test may
+    drop it itself)."""
+    import itertools
+    from contextlib import contextmanager
 
     import psycopg
 
-    name = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + f"_{id(request) % 10**6}"
-    admin = postgres_server.get_uri()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = admin.replace("/postgres?", f"/{name}?", 1)  # pgserver's URI: postgresql://postgres:@/postgres?host=DIR
-    assert url != admin, admin
-    yield url
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin = postgres_server.get_uri()  # postgresql://postgres:@/postgres?host=DIR
+    numbers = itertools.count()
+
+    @contextmanager
+    def fresh():
+        name = f"loraplex_test_{next(numbers)}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = admin.replace("/postgres?", f"/{name}?", 1)
+        assert url != admin, admin
+        try:
+            yield url
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return fresh
+
+
+@pytest.fixture
+def postgres_url(postgres_databases):
+    """The URL of a fresh, empty database on the session's server, dropped after the test."""
+    with postgres_databases() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -4,7 +4,7 @@ given `ServerOptions.registry`, and `loraplex serve --registry URL` in a subproc
 one process would share its in-process upload locks and hide a missing cross-process one).
 Creates through both at once hold the account's limit and name uniqueness; the two files of one
 finetune sent through different servers at once are still checked together; a finetune uploaded
-through one server is listed and served by the other."""
+through one server is listed and served by the other. The database gone: a clean 503."""
 
 from __future__ import annotations
 
@@ -34,10 +34,18 @@ def adapters(model_dir, tmp_path_factory):
     return {"r4": root / "r4", "r8": root / "r8"}
 
 
-@pytest.fixture
-def servers(model_dir, tmp_path, postgres_url):
+@pytest.fixture(scope="module")
+def postgres_url(postgres_databases):
+    """One database for this module's servers."""
+    with postgres_databases() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory, postgres_url):
     """(LiveServer a, `loraplex serve` process b), each with its own data dir and engine, on one
     registry and one object store."""
+    tmp_path = tmp_path_factory.mktemp("two-servers")
     store = (tmp_path / "shared-objects").as_uri()
     b = ServeProcess(model_dir, tmp_path / "b", tmp_path / "b.log", env={"OMP_NUM_THREADS": "1"},
                      extra_args=("--registry", postgres_url, "--storage", store,
@@ -132,3 +140,24 @@ def test_two_servers_share_one_registry_and_store(servers, adapters):
 
     through_b = text(cf_b, good)
     assert through_b == text(cf_a, good) and through_b != text(cf_b)
+
+
+def test_a_registry_gone_is_a_clean_503_that_names_no_database(servers, postgres_url):
+    """The database goes away under both servers (dropped, its connections closed): requests that
+    need the registry are refused 503 / 3040 (the SDK's InternalServerError), saying nothing about
+    the database. (Last in this module: the servers' registry is gone afterwards.)"""
+    import psycopg
+
+    a, b = servers
+    account_id, token = a.account("bob")
+    database = postgres_url.split("?")[0].rsplit("/", 1)[1]
+    with psycopg.connect(postgres_url.replace(f"/{database}?", "/postgres?"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+    for server in (a, b):
+        for _ in range(2):  # a connection found closed, then a new one refused
+            with pytest.raises(cloudflare.InternalServerError) as refused:
+                sdk(server, token).ai.finetunes.list(account_id=account_id)
+            assert refused.value.status_code == 503
+            assert refused.value.body["errors"][0]["code"] == 3040
+            message = refused.value.body["errors"][0]["message"]
+            assert "registry is unavailable" in message and database not in message and "postgres" not in message

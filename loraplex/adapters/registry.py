@@ -41,6 +41,7 @@ and the callers upload objects before `add_asset` and delete them after `delete_
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import uuid
 from contextlib import contextmanager
@@ -56,6 +57,8 @@ from loraplex.adapters.registry_sql import (Connection, PostgresBackend, Registr
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 
 __all__ = ["Asset", "Finetune", "Registry", "RegistrySchemaError", "MIGRATIONS", "open_registry"]
+
+log = logging.getLogger(__name__)
 
 # --- schema ---------------------------------------------------------------------------------
 # Each migration is a list of single statements (executescript would commit the open transaction),
@@ -147,14 +150,16 @@ class Registry:
         try:
             return self._connections.get()
         except Exception as e:
-            raise self._unavailable(e) from e
+            if self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
 
-    def _unavailable(self, error: Exception) -> Exception:
-        """errors.Unavailable for a database that cannot be reached (503 / 3040 to API clients), else `error`."""
-        if self._backend.is_unavailable(error):
-            return errors.Unavailable(f"the registry ({self._backend.describe()}) is unavailable: "
-                                      f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__}")
-        return error
+    def _unavailable(self, error: Exception) -> errors.Unavailable:
+        """For a database that cannot be reached: errors.Unavailable (503 / 3040 to API clients),
+        saying nothing of the database (host, name); the details go to the log."""
+        log.warning("registry %s unavailable: %s", self._backend.describe(),
+                    " ".join(str(error).split())[:500] or type(error).__name__)
+        return errors.Unavailable("the registry is unavailable; retry later")
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -228,9 +233,15 @@ class Registry:
         """Hold the lock `name` against every other thread and process using this registry's
         PostgreSQL database (a session advisory lock of this thread's connection, waited for without
         a timeout; the server drops it if the process dies). Nothing for SQLite, whose file serves
-        one API process: callers keep an in-process lock too. Re-entrant within one thread."""
-        with self._backend.exclusive(self._conn(), name):
-            yield
+        one API process: callers keep an in-process lock too. Re-entrant within one thread.
+        errors.Unavailable when the database cannot be reached."""
+        try:
+            with self._backend.exclusive(self._conn(), name):
+                yield
+        except Exception as e:
+            if self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
 
     # --- accounts and tokens ----------------------------------------------------------------
     def create_account(self, name: str) -> tuple[str, str]:
@@ -271,11 +282,13 @@ class Registry:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
             raise failure
         digest = hash_token(token)
+        conn = self._conn()
         try:  # one statement, no transaction around it: one round trip
-            row = self._conn().execute("SELECT token_hash, account_id FROM tokens WHERE token_hash = ?",
-                                       (digest,)).fetchone()
+            row = conn.execute("SELECT token_hash, account_id FROM tokens WHERE token_hash = ?", (digest,)).fetchone()
         except Exception as e:
-            raise self._unavailable(e) from e
+            if self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
         if row is None or not hmac.compare_digest(row[0].encode("ascii"), digest.encode("ascii")):
             raise failure
         return row[1]
