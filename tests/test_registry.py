@@ -595,3 +595,20 @@ def test_open_registry_chooses_the_backend(tmp_path, postgres_url, capsys, monke
     gone = postgres_url.split("?")[0] + f"?host={tmp_path / 'no-server'}"
     with pytest.raises(Unavailable, match="the registry is unavailable"):
         open_registry(tmp_path / "data", gone)
+
+
+def test_postgresql_connections_lost_are_replaced(postgres_url):
+    """The server ends the registry's connection (a restart, a failover): the call that finds it
+    gone is Unavailable, the next one reconnects and sees everything committed before."""
+    from loraplex.errors import Unavailable
+
+    with Registry(postgres_url) as reg:
+        alice, token = reg.create_account("alice")
+        with raw(postgres_url) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                  " WHERE application_name = 'loraplex-registry'").fetchone()[0]
+        assert ended == 1
+        with pytest.raises(Unavailable):
+            reg.list_finetunes(alice)
+        assert reg.authenticate(token) == alice
+        assert reg.create_finetune(alice, "after", MODEL).name == "after"
