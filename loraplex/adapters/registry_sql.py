@@ -19,6 +19,10 @@ Contracts:
 - Schema: both backends run the same MIGRATIONS (registry.py) in one transaction; the version is
   `PRAGMA user_version` (SQLite) or the one row of `registry_schema` (PostgreSQL, migrations
   serialized across processes by a transaction-scoped advisory lock).
+- Named locks (`exclusive`): PostgreSQL session advisory locks, for work that spans more than one
+  transaction (an upload: store the object, then record it); nothing for SQLite.
+- Failures: `is_unavailable` tells a database that cannot be reached (PostgreSQL down, restarting,
+  the connection ended, a row lock not granted within the timeout) from a failed statement.
 - Threads: `ThreadConnections` gives each thread its own connection, opened on first use, closed
   when the thread ends or on `close_all()`; a PostgreSQL connection found broken (server restart)
   is replaced on the thread's next call (the call that found it broken fails).
@@ -33,8 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-__all__ = ["Connection", "RegistrySchemaError", "SqlBackend", "SqliteBackend", "PostgresBackend", "ThreadConnections", "backend_for",
-           "is_postgres_url"]
+__all__ = ["Connection", "RegistrySchemaError", "SqlBackend", "SqliteBackend", "PostgresBackend", "ThreadConnections",
+           "backend_for", "is_postgres_url"]
 
 # one advisory-lock key for "migrating the registry schema" (any constant unique to loraplex)
 _MIGRATION_LOCK = 0x6C6F7261706C6578 & 0x7FFFFFFFFFFFFFFF  # "loraplex"
@@ -90,8 +94,8 @@ class SqlBackend:
 
     @contextmanager
     def exclusive(self, conn: Connection, name: str) -> Iterator[None]:
-        """Hold a lock named `name` against every process using this database (not within one
-        process: callers keep their in-process locks too)."""
+        """Hold a lock named `name` against every connection to this database; the base class
+        holds nothing (SQLite: callers' in-process locks are the only ones)."""
         yield
 
     def describe(self) -> str:
@@ -176,7 +180,11 @@ class PostgresBackend(SqlBackend):
     def connect(self) -> _PgConnection:
         conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout_s,
                                      application_name="loraplex-registry")
-        conn.execute(f"SET lock_timeout = {self._lock_timeout_ms:d}")  # like SQLite's busy timeout
+        try:
+            conn.execute(f"SET lock_timeout = {self._lock_timeout_ms:d}")  # like SQLite's busy timeout
+        except BaseException:
+            conn.close()
+            raise
         return _PgConnection(conn)
 
     def usable(self, conn: _PgConnection) -> bool:
