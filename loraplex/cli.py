@@ -225,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     registry = argparse.ArgumentParser(add_help=False)
     registry.add_argument("--registry", default=env.registry(), metavar="URL",
                           help="accounts, tokens and finetunes: a postgresql://… URL, shared by every server "
-                               f"given it (default: {env.REGISTRY_HELP})")
+                               f"given it, or a SQLite file (default: {env.REGISTRY_HELP})")
     model = _engine_flags()
     url = argparse.ArgumentParser(add_help=False)
     url.add_argument("--url", default=env.api_url(), help=f"the server (default: {env.API_URL_HELP})")

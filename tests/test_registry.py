@@ -612,3 +612,67 @@ def test_postgresql_connections_lost_are_replaced(postgres_url):
             reg.list_finetunes(alice)
         assert reg.authenticate(token) == alice
         assert reg.create_finetune(alice, "after", MODEL).name == "after"
+
+
+HOLDER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from loraplex.adapters.registry import Registry
+
+    location, held, release, done = json.loads(sys.argv[1])
+    reg = Registry(location)
+    with reg.exclusive("finetune/x"):
+        Path(held).touch()
+        while not Path(release).exists():
+            time.sleep(0.005)
+        Path(done).touch()  # the last thing done under the lock
+    """)
+
+
+def test_exclusive_excludes_another_process_and_thread(registry_location, tmp_path):
+    """A named lock held by another process is waited for: taken here only after that process's
+    last step under it. Two threads of this process exclude each other too; other names are free.
+    (The short pauses only give a broken lock the chance to be taken early; nothing is timed.)"""
+    held, release, done = (tmp_path / n for n in ("held", "release", "done"))
+    notes: list[str] = []
+
+    def take(reg: Registry, name: str, note) -> threading.Thread:
+        def run():
+            with reg.exclusive(name):
+                notes.append(note())
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    with Registry(registry_location) as reg:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER,
+                                   json.dumps([str(registry_location), str(held), str(release), str(done)])],
+                                  cwd=Path(__file__).parent.parent)
+        while not held.exists():
+            assert holder.poll() is None
+            time.sleep(0.01)
+        with reg.exclusive("finetune/y"):  # another name: not blocked
+            pass
+        waiter = take(reg, "finetune/x", lambda: f"in after the other process: {done.exists()}")
+        time.sleep(0.2)
+        release.touch()
+        waiter.join(timeout=60)
+        assert holder.wait(timeout=60) == 0
+        assert notes == ["in after the other process: True"]
+
+        notes.clear()
+        first_in, let_go = threading.Event(), threading.Event()
+
+        def first_note() -> str:
+            first_in.set()
+            let_go.wait(60)
+            return "first out"
+
+        first = take(reg, "finetune/z", first_note)
+        assert first_in.wait(60)
+        second = take(reg, "finetune/z", lambda: "second in")
+        time.sleep(0.2)
+        let_go.set()
+        first.join(60)
+        second.join(60)
+        assert notes == ["first out", "second in"]

@@ -231,10 +231,9 @@ class Registry:
     @contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
         """Hold the lock `name` against every other thread and process using this registry's
-        PostgreSQL database (a session advisory lock of this thread's connection, waited for without
-        a timeout; the server drops it if the process dies). Nothing for SQLite, whose file serves
-        one API process: callers keep an in-process lock too. Re-entrant within one thread.
-        errors.Unavailable when the database cannot be reached."""
+        database, waited for without a timeout, dropped if the process dies (registry_sql.py: a
+        PostgreSQL advisory lock; a Linux file lock beside a SQLite file). Not re-entrant: never
+        nest one name. errors.Unavailable when the database cannot be reached."""
         try:
             with self._backend.exclusive(self._conn(), name):
                 yield

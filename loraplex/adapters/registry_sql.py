@@ -19,8 +19,11 @@ Contracts:
 - Schema: both backends run the same MIGRATIONS (registry.py) in one transaction; the version is
   `PRAGMA user_version` (SQLite) or the one row of `registry_schema` (PostgreSQL, migrations
   serialized across processes by a transaction-scoped advisory lock).
-- Named locks (`exclusive`): PostgreSQL session advisory locks, for work that spans more than one
-  transaction (an upload: store the object, then record it); nothing for SQLite.
+- Named locks (`exclusive`), for work that spans more than one transaction (an upload: store the
+  object, then record it), held against every thread and process using the database: PostgreSQL
+  session advisory locks; for SQLite, Linux open-file-description locks on one byte of the file
+  `<registry>-locks` (elsewhere: none, so one process per SQLite file there). Not re-entrant
+  (callers never nest one name); released by the database or the kernel if the process dies.
 - Failures: `is_unavailable` tells a database that cannot be reached (PostgreSQL down, restarting,
   the connection ended, a row lock not granted within the timeout) from a failed statement.
 - Threads: `ThreadConnections` gives each thread its own connection, opened on first use, closed
@@ -30,7 +33,11 @@ Contracts:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import sqlite3
+import struct
 import threading
 import weakref
 from contextlib import contextmanager
@@ -137,6 +144,23 @@ class SqliteBackend(SqlBackend):
 
     def is_unique_violation(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.IntegrityError) and "UNIQUE" in str(error)
+
+    @contextmanager
+    def exclusive(self, conn: sqlite3.Connection, name: str) -> Iterator[None]:
+        """A write lock on byte sha256(name) mod 2^56 of `<registry>-locks`, taken through a file
+        description of its own (F_OFD_SETLKW), so it excludes other threads as well as processes
+        and ends when that descriptor is closed."""
+        if not hasattr(fcntl, "F_OFD_SETLKW"):  # not Linux: one process per file
+            yield
+            return
+        offset = int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()[:7], "big")
+        fd = os.open(f"{self.path}-locks", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+            yield
+        finally:
+            os.close(fd)
 
     def describe(self) -> str:
         return str(self.path)

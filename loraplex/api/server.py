@@ -38,7 +38,8 @@ class ServerOptions:
     max_pending: int = DEFAULT_MAX_PENDING
     max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT
     # where accounts, tokens and finetunes live: a postgresql:// URL (one registry shared by every
-    # server given it), or None for registry.sqlite in data_dir (one API process per file)
+    # server given it, on any machine), a SQLite file path (shared by servers on one machine, each
+    # with its own data_dir), or None for registry.sqlite in data_dir
     registry: str | None = None
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     admin_token: str | None = None  # enables the operator routes (/admin/…); see api/admin.py

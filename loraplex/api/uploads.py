@@ -15,8 +15,8 @@ Contracts:
   an object that an upload is about to reference; an upload whose record fails (its finetune was
   deleted meanwhile) removes its object again unless something else uses it: nothing is orphaned.
 - Locks: each is an in-process lock plus the registry's cross-process one (`Registry.exclusive`: a
-  PostgreSQL advisory lock, so the servers sharing a PostgreSQL registry take turns too; nothing
-  for SQLite, whose file serves one API process). Order: a finetune's lock, then one object key's.
+  PostgreSQL advisory lock, or a file lock beside a SQLite registry), so servers sharing one
+  registry take turns too. Order: a finetune's lock, then one object key's; never one name twice.
 - No cross-tenant oracle: every accepted file is written to the store, whether or not those
   bytes are stored already, so an upload takes the same work whoever else uploaded the bytes.
 """
