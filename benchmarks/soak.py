@@ -125,7 +125,7 @@ def server_process(config: SoakConfig):
 
 def create_tenant(data_dir: Path) -> tuple[str, str]:
     """An account in the server's registry, as `loraplex accounts create` makes it."""
-    from loraplex.api.server import open_registry
+    from loraplex.adapters.registry import open_registry
 
     registry = open_registry(data_dir)
     try:

@@ -30,15 +30,15 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev_account(data_dir: Path) -> tuple[str, str | None]:
+def _dev_account(data_dir: Path, registry_url: str | None) -> tuple[str, str | None]:
     """The development account of this data dir: (account id, its token) when created now, (id,
     None) when it existed. Its token is kept in dev-account.json (mode 0600) for the developer to
     look up; it is printed once, when created, never on later starts. Real accounts' tokens are
     shown once and never stored."""
-    from loraplex.api.server import open_registry
+    from loraplex.adapters.registry import open_registry
 
     path = data_dir / "dev-account.json"
-    registry = open_registry(data_dir)
+    registry = open_registry(data_dir, registry_url)
     if path.is_file():
         saved = json.loads(path.read_text())
         if any(row[0] == saved["account_id"] for row in registry.list_accounts()):
@@ -72,7 +72,8 @@ def _server_options(args: argparse.Namespace):
     return ServerOptions(
         data_dir=args.data_dir, engine=engine_config(args.model, **_engine_settings(args)), model_name=args.model_name,
         max_pending=args.max_pending,
-        max_finetunes_per_account=args.max_finetunes_per_account, max_adapter_bytes=args.max_adapter_size,
+        max_finetunes_per_account=args.max_finetunes_per_account, registry=args.registry,
+        max_adapter_bytes=args.max_adapter_size,
         admin_token=env.admin_token(),
         http=HttpConfig(max_connections=args.max_connections, header_timeout_s=args.header_timeout,
                         body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout),
@@ -94,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure(args.log_format, args.log_level)
     raise_open_file_limit()
     options = _server_options(args)
-    dev_account = _dev_account(args.data_dir) if args.dev_account else None
+    dev_account = _dev_account(args.data_dir, args.registry) if args.dev_account else None
     app = create_app(build_context(options))
 
     def announce(url: str) -> None:
@@ -110,9 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _accounts(args: argparse.Namespace) -> int:
-    from loraplex.api.server import open_registry
+    from loraplex.adapters.registry import open_registry
 
-    registry = open_registry(args.data_dir)
+    registry = open_registry(args.data_dir, args.registry)
     if args.action == "create":
         account_id, token = registry.create_account(args.name)
         print(json.dumps({"account_id": account_id, "token": token}))
@@ -221,6 +222,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     data_dir = argparse.ArgumentParser(add_help=False)
     data_dir.add_argument("--data-dir", type=Path, default=None, help=f"default: {env.DATA_DIR_HELP}")
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument("--registry", default=env.registry(), metavar="URL",
+                          help="accounts, tokens and finetunes: a postgresql://… URL, shared by every server "
+                               f"given it, or a SQLite file (default: {env.REGISTRY_HELP})")
     model = _engine_flags()
     url = argparse.ArgumentParser(add_help=False)
     url.add_argument("--url", default=env.api_url(), help=f"the server (default: {env.API_URL_HELP})")
@@ -232,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="no chat template")
 
-    serve = sub.add_parser("serve", parents=[model, data_dir], help="start the HTTP API")
+    serve = sub.add_parser("serve", parents=[model, data_dir, registry], help="start the HTTP API")
     serve.add_argument("--model-name", default=None, help="the name clients use (default: derived from --model)")
     serve.add_argument("--host", default=DEFAULT_HOST)
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -261,11 +266,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                        help="text lines, or one JSON object per line (for log collectors)")
 
-    accounts = sub.add_parser("accounts", help="manage accounts (operator, on the server's data dir)")
+    accounts = sub.add_parser("accounts", help="manage accounts (operator, on the server's data dir or --registry)")
     accounts_sub = accounts.add_subparsers(dest="action", required=True)
-    create = accounts_sub.add_parser("create", parents=[data_dir], help='prints {"account_id", "token"}')
+    create = accounts_sub.add_parser("create", parents=[data_dir, registry], help='prints {"account_id", "token"}')
     create.add_argument("name")
-    accounts_sub.add_parser("list", parents=[data_dir])
+    accounts_sub.add_parser("list", parents=[data_dir, registry])
 
     finetunes = sub.add_parser("finetunes", help="upload, list, show and delete finetunes (client)")
     finetunes_sub = finetunes.add_subparsers(dest="action", required=True)

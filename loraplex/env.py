@@ -11,6 +11,7 @@ from loraplex.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 DATA_DIR_HELP = f"$LORAPLEX_DATA_DIR, else {DEFAULT_DATA_DIR}"
 API_URL_HELP = f"$LORAPLEX_URL, else {DEFAULT_URL}"
+REGISTRY_HELP = "$LORAPLEX_REGISTRY, else registry.sqlite in the data dir"
 
 
 def data_dir() -> Path:
@@ -43,6 +44,12 @@ def account_id() -> str | None:
 def api_token() -> str | None:
     """LORAPLEX_API_TOKEN: the API token the client commands send."""
     return os.environ.get("LORAPLEX_API_TOKEN") or None
+
+
+def registry() -> str | None:
+    """LORAPLEX_REGISTRY: the registry `serve` and `accounts` open when --registry is not given: a
+    postgresql:// URL (keeps its password out of the process list), else registry.sqlite in the data dir."""
+    return os.environ.get("LORAPLEX_REGISTRY") or None
 
 
 def admin_token() -> str | None:

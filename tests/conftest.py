@@ -66,3 +66,70 @@ def driver(tmp_path_factory):
     browser = open_browser(tmp_path_factory.mktemp("chromium-profile"))
     yield browser
     browser.quit()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (the `pgserver` package bundles its binaries;
+    no network), on a Unix socket in its data dir; stopped and deleted when the session ends.
+    Fails, never skips, without pgserver (a dev dependency). Its data dir is a fresh folder of the
+    system temp dir, not under pytest's basetemp: run as root, pgserver hands the data dir to a
+    service user, and another pytest session resetting `pytest-of-root` to mode 0700 would cut the
+    running server off its files."""
+    import shutil
+    import tempfile
+
+    import pgserver
+
+    pgdata = Path(tempfile.mkdtemp(prefix="loraplex-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_databases(postgres_server):
+    """A factory of fresh databases on the session's server: `with postgres_databases() as url:`
+    an empty database, dropped when the block ends (its connections closed by force; a test may
+    drop it itself)."""
+    import itertools
+    from contextlib import contextmanager
+
+    import psycopg
+
+    admin = postgres_server.get_uri()  # postgresql://postgres:@/postgres?host=DIR
+    numbers = itertools.count()
+
+    @contextmanager
+    def fresh():
+        name = f"loraplex_test_{next(numbers)}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = admin.replace("/postgres?", f"/{name}?", 1)
+        assert url != admin, admin
+        try:
+            yield url
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return fresh
+
+
+@pytest.fixture
+def postgres_url(postgres_databases):
+    """The URL of a fresh, empty database on the session's server, dropped after the test."""
+    with postgres_databases() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request, tmp_path):
+    """Where a test's registry lives, once per backend: a SQLite file path, or a PostgreSQL URL
+    (a fresh database on the session's server). Tests taking it prove both backends."""
+    if request.param == "sqlite":
+        return tmp_path / "data" / "registry.sqlite3"
+    return request.getfixturevalue("postgres_url")

@@ -142,8 +142,11 @@ class ServeProcess:
     """`loraplex serve` in a subprocess on a fixed port and data dir; `kill()` sends SIGKILL and
     `start()` starts it again on both, as a supervisor restarting a crashed server would."""
 
-    def __init__(self, model_dir: Path, data_dir: Path, log: Path):
+    def __init__(self, model_dir: Path, data_dir: Path, log: Path, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
+        """`extra_args`: more `loraplex serve` flags; `env`: variables added to this process's."""
         self.model_dir, self.data_dir, self.log = model_dir, data_dir, log
+        self.extra_args, self.env = tuple(extra_args), env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -153,9 +156,10 @@ class ServeProcess:
         command = [script] if script else [sys.executable, "-m", "loraplex.cli"]
         command += ["serve", "--model", str(self.model_dir), "--model-name", MODEL, "--data-dir", str(self.data_dir),
                     "--port", str(self.port), "--dtype", "float32", "--device", "cpu", "--max-loras", "2",
-                    "--log-level", "warning"]
+                    "--log-level", "warning", *self.extra_args]
+        env = None if self.env is None else os.environ | self.env
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         wait_until_healthy(self.url, self.proc, timeout_s, self.log)
 
     def kill(self) -> None:

@@ -462,7 +462,7 @@ def test_cli_commands(server, adapters, tmp_path, monkeypatch, capsys):
     assert main(["accounts", "create", "cli-user", "--data-dir", str(tmp_path)]) == 0
     created = json.loads(capsys.readouterr().out)
     assert set(created) == {"account_id", "token"}
-    from loraplex.api.server import open_registry
+    from loraplex.adapters.registry import open_registry
 
     assert open_registry(tmp_path).authenticate(created["token"]) == created["account_id"]
 

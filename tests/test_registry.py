@@ -1,15 +1,21 @@
-"""The SQLite registry: accounts/tokens, finetunes, assets, tenancy, migrations, atomicity, threads."""
+"""The registry: accounts/tokens, finetunes, assets, tenancy, migrations, atomicity, threads and
+processes — each test on both backends (`registry_location`: a SQLite file, and a fresh database
+on the session's real PostgreSQL server) unless it is about SQLite's file itself."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
@@ -36,10 +42,35 @@ def db_path(tmp_path) -> Path:
 
 
 @pytest.fixture
-def reg(db_path):
-    registry = Registry(db_path)
+def reg(registry_location):
+    registry = Registry(registry_location)
     yield registry
     registry.close()
+
+
+@contextmanager
+def raw(location):
+    """A plain connection to the registry's database, behind the registry's back (autocommit)."""
+    conn = sqlite3.connect(location, isolation_level=None) if isinstance(location, Path) else \
+        psycopg.connect(location, autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def raw_version(location) -> int:
+    with raw(location) as conn:
+        if isinstance(location, Path):
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+        return conn.execute("SELECT version FROM registry_schema").fetchone()[0]
+
+
+def table_count(location) -> int:
+    with raw(location) as conn:
+        if isinstance(location, Path):
+            return conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone()[0]
 
 
 def expect(code: int, status: int, fn, *args, **kwargs) -> LoraplexError:
@@ -55,13 +86,19 @@ def upload(reg: Registry, account: str, finetune_id: str, file_name: str):
     return reg.add_asset(account, finetune_id, file_name, len(data), sha(data), f"objects/{finetune_id}/{file_name}")
 
 
-def db_bytes(db_path: Path) -> bytes:
-    """The database file plus its WAL, where not-yet-checkpointed pages live."""
-    return b"".join(p.read_bytes() for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
+def db_bytes(location) -> bytes:
+    """Everything the database holds: the SQLite file plus its WAL (where not-yet-checkpointed pages
+    live); every row of every table of the PostgreSQL database, as text."""
+    if isinstance(location, Path):
+        return b"".join(p.read_bytes() for p in (location, Path(f"{location}-wal")) if p.exists())
+    with raw(location) as conn:
+        tables = [r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables"
+                                             " WHERE table_schema = 'public'")]
+        return "\n".join(str(row[0]) for t in tables for row in conn.execute(f'SELECT t::text FROM "{t}" t')).encode()
 
 
 # --- accounts and tokens -----------------------------------------------------------------------
-def test_accounts_and_tokens(reg, db_path):
+def test_accounts_and_tokens(reg, registry_location):
     alice, token = reg.create_account("alice")
     bob, bob_token = reg.create_account("Bob & Co")
     assert alice != bob and token != bob_token and len(token) >= 32
@@ -77,23 +114,27 @@ def test_accounts_and_tokens(reg, db_path):
     expect(10000, 401, reg.create_token, "no-such-account")
 
     # only hashes are stored: the raw tokens appear nowhere in the file (nor the WAL)
-    raw = db_bytes(db_path)
-    assert alice.encode() in raw  # sanity: the grep does see the data we wrote
+    stored = db_bytes(registry_location)
+    assert alice.encode() in stored  # sanity: the grep does see the data we wrote
     for t in (token, bob_token, second):
-        assert t.encode() not in raw
-        assert sha(t.encode()).encode() in raw
+        assert t.encode() not in stored
+        assert sha(t.encode()).encode() in stored
     reg.close()
-    with sqlite3.connect(db_path) as conn:  # and after a checkpoint into the main file
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert token.encode() not in db_path.read_bytes()
+    if isinstance(registry_location, Path):
+        with sqlite3.connect(registry_location) as conn:  # and after a checkpoint into the main file
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert token.encode() not in registry_location.read_bytes()
 
 
-def test_pragmas(reg, db_path):
+def test_pragmas(db_path):
+    reg = Registry(db_path)
+    assert reg.backend == "sqlite"
     conn = reg._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
     assert reg.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    reg.close()
 
 
 # --- finetunes ----------------------------------------------------------------------------------
@@ -145,9 +186,9 @@ def test_name_unique_per_account(reg):
 
 
 @pytest.mark.parametrize("limit", [DEFAULT_MAX_FINETUNES_PER_ACCOUNT, 3])
-def test_finetune_limit(db_path, limit):
+def test_finetune_limit(registry_location, limit):
     kwargs = {} if limit == DEFAULT_MAX_FINETUNES_PER_ACCOUNT else {"max_finetunes_per_account": limit}
-    reg = Registry(db_path, **kwargs)
+    reg = Registry(registry_location, **kwargs)
     alice, _ = reg.create_account("alice")
     bob, _ = reg.create_account("bob")
     made = [reg.create_finetune(alice, f"ft{i}", MODEL) for i in range(limit)]
@@ -254,13 +295,13 @@ def test_delete(reg):
     assert again.id != ft.id and again.assets == {}
 
 
-def test_persistence_across_reopen(db_path):
-    with Registry(db_path) as reg:
+def test_persistence_across_reopen(registry_location):
+    with Registry(registry_location) as reg:
         alice, token = reg.create_account("alice")
         ft = reg.create_finetune(alice, "lora", MODEL, "desc", public=True)
         upload(reg, alice, ft.id, CONFIG)
         ready = upload(reg, alice, ft.id, WEIGHTS)
-    with Registry(db_path) as reg:
+    with Registry(registry_location) as reg:
         assert reg.authenticate(token) == alice
         assert reg.resolve_usable(alice, "lora") == ready
         assert reg.list_public() == [ready]
@@ -297,28 +338,28 @@ def test_migration_from_v1(db_path):
         assert reg.schema_version == SCHEMA_VERSION
 
 
-def test_newer_schema_refused(db_path):
-    with Registry(db_path) as reg:
+def test_newer_schema_refused(registry_location):
+    with Registry(registry_location) as reg:
         alice, _ = reg.create_account("alice")
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        with reg._write() as conn:
+            reg._backend.write_version(conn, SCHEMA_VERSION + 1)
     with pytest.raises(RegistrySchemaError, match="newer"):
-        Registry(db_path)
-    with sqlite3.connect(db_path) as conn:  # left untouched
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        Registry(registry_location)
+    assert raw_version(registry_location) == SCHEMA_VERSION + 1  # left untouched
+    with raw(registry_location) as conn:
         assert conn.execute("SELECT id FROM accounts").fetchone()[0] == alice
 
 
-def test_failed_migration_rolls_back(db_path, monkeypatch):
+def test_failed_migration_rolls_back(registry_location, monkeypatch):
     import loraplex.adapters.registry as registry_module
 
-    monkeypatch.setattr(registry_module, "MIGRATIONS", MIGRATIONS + [["CREATE TABLE extra (x)", "SELECT * FROM nope"]])
+    monkeypatch.setattr(registry_module, "MIGRATIONS", MIGRATIONS + [["CREATE TABLE extra (x INTEGER)",
+                                                                      "SELECT * FROM nope"]])
     monkeypatch.setattr(registry_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-    with pytest.raises(sqlite3.OperationalError):
-        Registry(db_path)
-    with sqlite3.connect(db_path) as conn:  # not even the first migrations were kept: one transaction
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] == 0
+    with pytest.raises((sqlite3.OperationalError, psycopg.errors.UndefinedTable)):
+        Registry(registry_location)
+    # not even the first migrations (nor PostgreSQL's version table) were kept: one transaction
+    assert table_count(registry_location) == 0
 
 
 # --- atomicity ----------------------------------------------------------------------------------
@@ -340,16 +381,16 @@ def test_add_asset_failure_mid_transaction(reg, monkeypatch):
     assert upload(reg, alice, ft.id, WEIGHTS).state == "ready"  # and the registry is still usable
 
 
-def test_crash_mid_add_asset(db_path):
+def test_crash_mid_add_asset(registry_location):
     """A process killed between add_asset's statements (no rollback, no close) leaves the previous state."""
-    with Registry(db_path) as reg:
+    with Registry(registry_location) as reg:
         alice, _ = reg.create_account("alice")
         ft = reg.create_finetune(alice, "lora", MODEL)
         before = upload(reg, alice, ft.id, CONFIG)
     script = textwrap.dedent(f"""
         import os, sys
         from loraplex.adapters.registry import Registry
-        reg = Registry({str(db_path)!r})
+        reg = Registry({str(registry_location)!r})
         def crash(conn, finetune_id):
             sys.stdout.flush()
             os._exit(17)
@@ -358,7 +399,7 @@ def test_crash_mid_add_asset(db_path):
         """)
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, timeout=60)
     assert result.returncode == 17
-    with Registry(db_path) as reg:
+    with Registry(registry_location) as reg:
         assert reg.get_finetune(alice, ft.id) == before
         expect(3039, 400, reg.resolve_usable, alice, "lora")
 
@@ -376,8 +417,8 @@ def test_delete_failure_keeps_finetune(reg, monkeypatch):
 
 
 # --- threads ------------------------------------------------------------------------------------
-def test_concurrent_creates_respect_limit(db_path):
-    reg = Registry(db_path, max_finetunes_per_account=30)
+def test_concurrent_creates_respect_limit(registry_location):
+    reg = Registry(registry_location, max_finetunes_per_account=30)
     alice, token = reg.create_account("alice")
     results: dict[str, list] = {"ok": [], "limited": [], "other": []}
     lock = threading.Lock()
@@ -442,3 +483,196 @@ def test_lookup_order_own_id_then_own_name_then_public_id(reg):
     named_like_id = reg.create_finetune(alice, shadow.id, MODEL)
     assert reg.get_finetune(alice, shadow.id).id == named_like_id.id  # not mallory's private one
     assert reg.get_finetune(alice, public.id).id == public.id  # own id beats nothing else
+
+
+def test_unique_violation_is_the_name_refusal(reg, monkeypatch):
+    """Should the name check ever be skipped, the UNIQUE (account, name) constraint refuses the same
+    way (400 / 5004), the transaction is rolled back and the registry stays usable."""
+    alice, _ = reg.create_account("alice")
+    first = reg.create_finetune(alice, "lora", MODEL)
+    monkeypatch.setattr(reg, "_named", lambda conn, account_id, name: None)
+    err = expect(5004, 400, reg.create_finetune, alice, "lora", MODEL)
+    assert "already exists" in err.message
+    monkeypatch.undo()
+    assert [f.id for f in reg.list_finetunes(alice)] == [first.id]
+    assert reg.create_finetune(alice, "other", MODEL).name == "other"
+
+
+# --- processes ----------------------------------------------------------------------------------
+RACER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from loraplex.adapters.registry import Registry
+    from loraplex.errors import LimitReached, LoraplexError
+
+    location, limit, k, account, uploader, fts, ready, go = json.loads(sys.argv[1])
+    reg = Registry(location, max_finetunes_per_account=limit)
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.005)
+    out = []
+    for name in ["same"] + [f"p{k}-{i}" for i in range(3)]:
+        try:
+            out.append(["ok", name, reg.create_finetune(account, name, "m").id])
+        except LimitReached:
+            out.append(["limit", name])
+        except LoraplexError as e:
+            out.append(["refused", name, e.message])
+    file_name = Registry.REQUIRED_FILES[k]  # process 0 sends every config, process 1 every weights file
+    for fid in fts:
+        reg.add_asset(uploader, fid, file_name, 1, "%064x" % k, f"objects/{fid}/{file_name}")
+    print(json.dumps(out))
+    """)
+
+
+def test_two_processes_race_for_the_limit_a_name_and_one_finetune(registry_location, tmp_path):
+    """Two processes on one database at once: both create "same" and then 3 names of their own for
+    one account limited to 6 — exactly 6 succeed: one "same" (the other is a name refusal: at most 4
+    exist when the later "same" is tried, whatever the interleaving) and all but one of the others
+    (LimitReached). Then each sends one of the two files of the same 6 finetunes of another account:
+    every one ends ready with both assets (the pending → ready switch sees the other process's
+    commit). Nothing else is written."""
+    limit = 6
+    with Registry(registry_location, max_finetunes_per_account=limit) as reg:
+        account, _ = reg.create_account("racer")
+        uploader, _ = reg.create_account("uploader")
+        fts = [reg.create_finetune(uploader, f"u{i}", MODEL).id for i in range(limit)]
+    go = tmp_path / "go"
+    procs = []
+    for k in (0, 1):
+        args = [str(registry_location), limit, k, account, uploader, fts, str(tmp_path / f"ready{k}"), str(go)]
+        procs.append(subprocess.Popen([sys.executable, "-c", RACER, json.dumps(args)], stdout=subprocess.PIPE,
+                                      cwd=Path(__file__).parent.parent, text=True))
+    for k, proc in enumerate(procs):  # both opened the registry (and migrated it) before either starts
+        while not (tmp_path / f"ready{k}").exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+    go.touch()
+    outcomes = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        outcomes += json.loads(out)
+
+    made = {o[2]: o[1] for o in outcomes if o[0] == "ok"}
+    assert len(made) == limit
+    assert sorted(o[0] for o in outcomes if o[1] == "same") == ["ok", "refused"]
+    assert "already exists" in next(o[2] for o in outcomes if o[1] == "same" and o[0] == "refused")
+    assert [o[0] for o in outcomes if o[1] != "same" and o[0] != "ok"] == ["limit"]
+    with Registry(registry_location, max_finetunes_per_account=limit) as reg:
+        listed = reg.list_finetunes(account)
+        assert {f.id: f.name for f in listed} == made
+        assert all(f.state == "pending" and f.assets == {} for f in listed)  # whole rows, nothing else
+        uploaded = reg.list_finetunes(uploader)
+        assert [f.id for f in uploaded] == fts
+        assert all(f.state == "ready" and set(f.assets) == {CONFIG, WEIGHTS} for f in uploaded)
+        expect(3036, 429, reg.create_finetune, account, "one-more", MODEL)
+
+
+# --- choosing the backend -----------------------------------------------------------------------
+def test_open_registry_chooses_the_backend(tmp_path, postgres_url, capsys, monkeypatch):
+    from loraplex.adapters.registry import open_registry
+    from loraplex.cli import main
+    from loraplex.errors import Unavailable
+
+    # the operator command takes the same flag: the account lands in PostgreSQL, not the data dir
+    monkeypatch.setenv("LORAPLEX_DATA_DIR", str(tmp_path / "cli"))  # main() points it at --data-dir; restored after
+    assert main(["accounts", "create", "op", "--registry", postgres_url, "--data-dir", str(tmp_path / "cli")]) == 0
+    created = json.loads(capsys.readouterr().out)
+    with open_registry(tmp_path / "unused", postgres_url) as reg:
+        assert reg.authenticate(created["token"]) == created["account_id"]
+    assert not (tmp_path / "cli" / "registry.sqlite").exists()
+
+    with open_registry(tmp_path / "data") as reg:  # the default: registry.sqlite in the data dir
+        assert reg.backend == "sqlite" and (tmp_path / "data" / "registry.sqlite").is_file()
+    with open_registry(tmp_path / "data", postgres_url, max_finetunes_per_account=2) as reg:
+        assert reg.backend == "postgresql" and reg.max_finetunes_per_account == 2
+        assert reg.schema_version == SCHEMA_VERSION
+    assert not (tmp_path / "data2").exists()
+    with pytest.raises(ValueError, match="postgresql://"):
+        open_registry(tmp_path / "data", "mysql://db/loraplex")
+    # a server that is not there: the domain's Unavailable (503 / 3040 over HTTP), not a driver error
+    gone = postgres_url.split("?")[0] + f"?host={tmp_path / 'no-server'}"
+    with pytest.raises(Unavailable, match="the registry is unavailable"):
+        open_registry(tmp_path / "data", gone)
+
+
+def test_postgresql_connections_lost_are_replaced(postgres_url):
+    """The server ends the registry's connection (a restart, a failover): the call that finds it
+    gone is Unavailable, the next one reconnects and sees everything committed before."""
+    from loraplex.errors import Unavailable
+
+    with Registry(postgres_url) as reg:
+        alice, token = reg.create_account("alice")
+        with raw(postgres_url) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                  " WHERE application_name = 'loraplex-registry'").fetchone()[0]
+        assert ended == 1
+        with pytest.raises(Unavailable):
+            reg.list_finetunes(alice)
+        assert reg.authenticate(token) == alice
+        assert reg.create_finetune(alice, "after", MODEL).name == "after"
+
+
+HOLDER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from loraplex.adapters.registry import Registry
+
+    location, held, release, done = json.loads(sys.argv[1])
+    reg = Registry(location)
+    with reg.exclusive("finetune/x"):
+        Path(held).touch()
+        while not Path(release).exists():
+            time.sleep(0.005)
+        Path(done).touch()  # the last thing done under the lock
+    """)
+
+
+def test_exclusive_excludes_another_process_and_thread(registry_location, tmp_path):
+    """A named lock held by another process is waited for: taken here only after that process's
+    last step under it. Two threads of this process exclude each other too; other names are free.
+    (The short pauses only give a broken lock the chance to be taken early; nothing is timed.)"""
+    held, release, done = (tmp_path / n for n in ("held", "release", "done"))
+    notes: list[str] = []
+
+    def take(reg: Registry, name: str, note) -> threading.Thread:
+        def run():
+            with reg.exclusive(name):
+                notes.append(note())
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    with Registry(registry_location) as reg:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER,
+                                   json.dumps([str(registry_location), str(held), str(release), str(done)])],
+                                  cwd=Path(__file__).parent.parent)
+        while not held.exists():
+            assert holder.poll() is None
+            time.sleep(0.01)
+        with reg.exclusive("finetune/y"):  # another name: not blocked
+            pass
+        waiter = take(reg, "finetune/x", lambda: f"in after the other process: {done.exists()}")
+        time.sleep(0.2)
+        release.touch()
+        waiter.join(timeout=60)
+        assert holder.wait(timeout=60) == 0
+        assert notes == ["in after the other process: True"]
+
+        notes.clear()
+        first_in, let_go = threading.Event(), threading.Event()
+
+        def first_note() -> str:
+            first_in.set()
+            let_go.wait(60)
+            return "first out"
+
+        first = take(reg, "finetune/z", first_note)
+        assert first_in.wait(60)
+        second = take(reg, "finetune/z", lambda: "second in")
+        time.sleep(0.2)
+        let_go.set()
+        first.join(60)
+        second.join(60)
+        assert notes == ["first out", "second in"]

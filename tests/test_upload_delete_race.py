@@ -38,11 +38,19 @@ def files(tmp_path_factory):
     return make_model_and_adapter(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def server(files, tmp_path_factory):
-    live = LiveServer.start(server_options(files[0], tmp_path_factory.mktemp("data")))
-    yield live
-    live.stop()
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(files, tmp_path_factory, request):
+    """A live server on each registry backend (its upload locks are also PostgreSQL advisory locks there)."""
+    if request.param == "sqlite":
+        live = LiveServer.start(server_options(files[0], tmp_path_factory.mktemp("data")))
+        yield live
+        live.stop()
+        return
+    with request.getfixturevalue("postgres_databases")() as url:
+        live = LiveServer.start(server_options(files[0], tmp_path_factory.mktemp("data"), registry=url))
+        yield live
+        live.stop()
+        live.ctx.registry.close()
 
 
 def in_thread(fn) -> tuple[threading.Thread, list]:

@@ -1,20 +1,28 @@
-"""The SQLite registry of accounts, API tokens, finetunes and their assets.
+"""The registry of accounts, API tokens, finetunes and their assets: the domain rules, written
+once over two databases (registry_sql.py): SQLite (the embedded default, one file in the data dir)
+and PostgreSQL (shared by every server of a scale-out deployment).
 
 Contracts:
 
-- Storage: one SQLite file (stdlib `sqlite3`), WAL journal, foreign keys on, a busy timeout of
-  `busy_timeout_s`. The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[i]` takes a
-  file from version i to i + 1, all pending ones applied in order inside one `BEGIN IMMEDIATE`
-  transaction when the registry is opened. A file newer than this code raises
-  `RegistrySchemaError` and is left untouched.
-- Atomicity: every write is one `BEGIN IMMEDIATE` transaction, so writers are serialized (within
-  this process and across processes sharing the file) and a failure or crash between statements
-  leaves the previous committed state. In particular an asset row and the "pending" → "ready"
-  switch commit together: a half-uploaded finetune is never usable. Multi-statement reads run
-  inside one deferred transaction, so they see one consistent snapshot.
-- Threads: one connection per thread (`threading.local`), opened on the thread's first call and
-  closed when the thread ends or on `close()`. Any method may be called from any thread; call
-  `close()` only when no call is in flight.
+- Storage: `open_registry` picks the database: a `postgresql://` URL → PostgreSQL (psycopg 3),
+  else the SQLite file `registry.sqlite` in the data dir (WAL journal, foreign keys on, a busy
+  timeout of `busy_timeout_s`; PostgreSQL gets it as connect and lock timeout). The schema is
+  versioned; `MIGRATIONS[i]` takes a database from version i to i + 1 (the same statements on both
+  databases), all pending ones applied in order inside one write transaction when the registry is
+  opened. A database newer than this code raises `RegistrySchemaError` and is left untouched.
+- Atomicity: every write is one transaction and a failure or crash between statements leaves the
+  previous committed state. In particular an asset row and the "pending" → "ready" switch commit
+  together: a half-uploaded finetune is never usable. Multi-statement reads run inside one read
+  transaction, so they see one consistent snapshot.
+- Across processes (several API servers on one database): a write locks, inside the database, what
+  its decision depends on before deciding (the account row before counting its finetunes and
+  checking the name; the finetune row before changing its assets or deleting it; SQLite's write
+  transaction locks the whole file), so the per-account limit, name uniqueness and the
+  pending → ready switch hold under concurrent writers in any number of processes. No rule relies
+  on an in-process lock.
+- Threads: one connection per thread, opened on the thread's first call and closed when the
+  thread ends or on `close()`. Any method may be called from any thread; call `close()` only when
+  no call is in flight.
 - Tenancy: an account sees its own finetunes (by id or name) and other accounts' *public* ones by
   id only. Another account's private finetune is reported as not found (FinetuneNotFound), never as
   forbidden, so its existence is not revealed. A name only other accounts' *public* finetunes
@@ -32,69 +40,29 @@ and the callers upload objects before `add_asset` and delete them after `delete_
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
+import logging
 import secrets
-import sqlite3
-import threading
 import uuid
-import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 from loraplex import errors
+from loraplex.adapters.registry_rules import (MAX_TOKEN_CHARS, REQUIRED_FILES, SHA256_RE, Asset, Finetune, check_name,
+                                             check_text, hash_token, invalid, not_found, printable, storable,
+                                             utc_now)
+from loraplex.adapters.registry_sql import (Connection, PostgresBackend, RegistrySchemaError, SqlBackend,
+                                            ThreadConnections, backend_for, is_postgres_url)
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 
-__all__ = ["Asset", "Finetune", "Registry", "RegistrySchemaError", "MIGRATIONS"]
+__all__ = ["Asset", "Finetune", "Registry", "RegistrySchemaError", "MIGRATIONS", "open_registry"]
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_MAX_TOKEN_CHARS = 512
-_MAX_TEXT = {"account name": 128, "model": 256, "description": 4096, "object_key": 1024}
-
-
-class RegistrySchemaError(RuntimeError):
-    """The registry file cannot be used by this code (e.g. its schema version is newer)."""
-
-
-@dataclass(frozen=True)
-class Asset:
-    """One uploaded file of a finetune. Immutable once recorded."""
-
-    file_name: str  # one of Registry.REQUIRED_FILES
-    size: int  # bytes
-    sha256: str  # lowercase hex
-    object_key: str  # where the bytes live in object storage (opaque here)
-
-
-@dataclass(frozen=True)
-class Finetune:
-    """A snapshot of a finetune row and its assets (later changes are not reflected)."""
-
-    id: str  # uuid4 string
-    account_id: str
-    name: str  # unique per account (case-sensitive); 1–64 chars of [A-Za-z0-9._-]
-    model: str  # the base model it targets
-    description: str
-    public: bool
-    created_at: str  # ISO 8601 UTC, "2026-11-23T18:00:00.000000Z"
-    modified_at: str
-    state: str  # "pending" (not all REQUIRED_FILES yet) | "ready" | "invalid" (its last upload was refused)
-    assets: dict[str, Asset]  # file name → Asset
-    state_reason: str | None = None  # why it is "invalid": the refusal's message; None otherwise
-
-    @property
-    def missing_files(self) -> tuple[str, ...]:
-        """REQUIRED_FILES not uploaded yet, in REQUIRED_FILES order."""
-        return tuple(f for f in Registry.REQUIRED_FILES if f not in self.assets)
-
+log = logging.getLogger(__name__)
 
 # --- schema ---------------------------------------------------------------------------------
-# Each migration is a list of single statements (executescript would commit the open transaction).
+# Each migration is a list of single statements (executescript would commit the open transaction),
+# in SQL that SQLite and PostgreSQL both run as written (booleans are INTEGER 0/1 on both).
 # v1: accounts, tokens, finetunes, assets; a finetune's readiness was derived from its assets.
 # v2: readiness materialized as finetunes.state (backfilled), plus an index for list_public.
 # v3: invalid_reason: set when an upload to a not-yet-ready finetune is refused (shown as state
@@ -148,158 +116,107 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _invalid(message: str) -> errors.InvalidInput:
-    return errors.InvalidInput(message)
-
-
-def _not_found(id_or_name: object) -> errors.FinetuneNotFound:
-    return errors.FinetuneNotFound(f"finetune {str(id_or_name)[:100]!r} not found")
-
-
-def _check_text(what: str, value: object, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not value and not allow_empty):
-        raise _invalid(f"{what} must be a {'' if allow_empty else 'non-empty '}string")
-    if len(value) > _MAX_TEXT[what]:
-        raise _invalid(f"{what} is longer than {_MAX_TEXT[what]} characters")
-    if "\x00" in value:
-        raise _invalid(f"{what} contains a NUL character")
-    return value
-
-
-# names a URL path cannot carry as a finetune: dot segments (clients and proxies resolve them away)
-# and the fixed segment of GET …/finetunes/public
-_UNADDRESSABLE_NAMES = {".": "a dot segment", "..": "a dot segment", "public": "the route …/finetunes/public"}
-
-
-def _check_name(name: object) -> str:
-    """1-64 of [A-Za-z0-9._-] (URL-safe as they are), and not a name that would not reach the
-    finetune as a URL path segment."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise _invalid("finetune name must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
-    if name in _UNADDRESSABLE_NAMES:
-        raise _invalid(f"finetune name {name!r} cannot be used: in a URL path it is {_UNADDRESSABLE_NAMES[name]}, so "
-                       "the finetune could not be addressed by name; choose another name")
-    return name
-
-
-class _ThreadConnection:
-    """Holds one thread's connection; closes it when the thread's locals are dropped."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
-
-    def __del__(self) -> None:  # the owning thread ended
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
 class Registry:
-    """Accounts, tokens, finetunes and assets in one SQLite file; see the module docstring for the
+    """Accounts, tokens, finetunes and assets in one database; see the module docstring for the
     transaction, threading and tenancy contracts. Thread-safe: one connection per thread."""
 
-    REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+    REQUIRED_FILES = REQUIRED_FILES
 
-    def __init__(self, path: Path, *, max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
+    def __init__(self, location: Path | str, *, max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT,
                  busy_timeout_s: float = 10.0):
-        """Open (creating if needed) the registry file at `path` and migrate it to SCHEMA_VERSION.
-        Raises RegistrySchemaError when the file's schema is newer than this code knows."""
+        """Open the registry at `location` — a SQLite file path, or a `postgresql://` URL — creating
+        it if needed, and migrate it to SCHEMA_VERSION. Raises RegistrySchemaError when its schema is
+        newer than this code knows; errors.Unavailable when PostgreSQL cannot be reached."""
         if isinstance(max_finetunes_per_account, bool) or not isinstance(max_finetunes_per_account, int) \
                 or max_finetunes_per_account < 0:
             raise ValueError(f"max_finetunes_per_account must be an int >= 0, got {max_finetunes_per_account!r}")
-        self.path = Path(path)
+        self._backend: SqlBackend = backend_for(location, busy_timeout_s)
+        self.location = location
         self.max_finetunes_per_account = max_finetunes_per_account
-        self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        self._holders: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
-        self._holders_lock = threading.Lock()
-        self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections = ThreadConnections(self._backend.connect, self._backend.usable)
         try:
-            self._migrate(self._conn())
+            self._migrate()
         except BaseException:
             self.close()
             raise
 
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return "postgresql" if isinstance(self._backend, PostgresBackend) else "sqlite"
+
     # --- connections and transactions -------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise RuntimeError("the registry is closed")
-        holder = getattr(self._local, "holder", None)
-        if holder is None or holder.conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=self._busy_timeout_ms / 1000)
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                conn.close()
-                raise RegistrySchemaError(f"{self.path}: cannot switch the journal to WAL (got {mode!r})")
-            holder = _ThreadConnection(conn)
-            self._local.holder = holder
-            with self._holders_lock:
-                self._holders.add(holder)
-        return holder.conn
+    def _conn(self) -> Connection:
+        try:
+            return self._connections.get()
+        except Exception as e:
+            if self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
+
+    def _unavailable(self, error: Exception) -> errors.Unavailable:
+        """For a database that cannot be reached: errors.Unavailable (503 / 3040 to API clients),
+        saying nothing of the database (host, name); the details go to the log."""
+        log.warning("registry %s unavailable: %s", self._backend.describe(),
+                    " ".join(str(error).split())[:500] or type(error).__name__)
+        return errors.Unavailable("the registry is unavailable; retry later")
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction: committed when the block ends, rolled back on any error."""
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction (see registry_sql.py for its isolation): committed when the block
+        ends, rolled back on any error."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute(self._backend.BEGIN_WRITE)
             yield conn
             conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-                conn.execute("ROLLBACK")
+        except BaseException as e:
+            self._rollback(conn)
+            if isinstance(e, Exception) and self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
             raise
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One deferred (read) transaction: all statements inside see the same snapshot."""
+    def _read(self) -> Iterator[Connection]:
+        """One read transaction: all statements inside see the same snapshot."""
         conn = self._conn()
-        conn.execute("BEGIN")
         try:
+            conn.execute(self._backend.BEGIN_READ)
             yield conn
-        finally:
             conn.execute("COMMIT")
+        except BaseException as e:
+            self._rollback(conn)
+            if isinstance(e, Exception) and self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
+    def _rollback(self, conn: Connection) -> None:
+        # the database may already have rolled back (SQLite on disk full) or be gone (PostgreSQL)
+        if self._backend.usable(conn) and self._backend.in_transaction(conn):
+            conn.execute("ROLLBACK")
+
+    def _migrate(self) -> None:
+        if self._checked_version(self._conn()) == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            raise RegistrySchemaError(
-                f"{self.path}: registry schema version {version} is newer than this loraplex "
-                f"supports ({SCHEMA_VERSION}); upgrade loraplex or use another data dir")
         with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+            self._backend.begin_migration(conn)
+            version = self._checked_version(conn)  # another process may have won
             for index in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[index]:
                     conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {index + 1:d}")
+                self._backend.write_version(conn, index + 1)
+
+    def _checked_version(self, conn: Connection) -> int:
+        version = self._backend.read_version(conn)
+        if version > SCHEMA_VERSION:
+            raise RegistrySchemaError(
+                f"{self._backend.describe()}: registry schema version {version} is newer than this loraplex "
+                f"supports ({SCHEMA_VERSION}); upgrade loraplex or use another registry")
+        return version
 
     def close(self) -> None:
         """Close every thread's connection. Call only when no call is in flight."""
-        self._closed = True
-        with self._holders_lock:
-            holders = list(self._holders)
-        for holder in holders:
-            holder.close()
+        self._connections.close_all()
 
     def __enter__(self) -> Registry:
         return self
@@ -309,20 +226,34 @@ class Registry:
 
     @property
     def schema_version(self) -> int:
-        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+        return self._backend.read_version(self._conn())
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold the lock `name` against every other thread and process using this registry's
+        database, waited for without a timeout, dropped if the process dies (registry_sql.py: a
+        PostgreSQL advisory lock; a Linux file lock beside a SQLite file). Not re-entrant: never
+        nest one name. errors.Unavailable when the database cannot be reached."""
+        try:
+            with self._backend.exclusive(self._conn(), name):
+                yield
+        except Exception as e:
+            if self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
 
     # --- accounts and tokens ----------------------------------------------------------------
     def create_account(self, name: str) -> tuple[str, str]:
         """Create an account and its first API token. Returns (account_id, token); the token is
         shown only here, the registry keeps its SHA-256. InvalidInput on an empty or overlong name."""
-        _check_text("account name", name)
+        check_text("account name", name)
         account_id = str(uuid.uuid4())
         token = secrets.token_urlsafe(32)
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
             conn.execute("INSERT INTO accounts (id, name, created_at) VALUES (?, ?, ?)", (account_id, name, now))
             conn.execute("INSERT INTO tokens (token_hash, account_id, created_at) VALUES (?, ?, ?)",
-                         (_hash_token(token), account_id, now))
+                         (hash_token(token), account_id, now))
         return account_id, token
 
     def create_token(self, account_id: str) -> str:
@@ -332,13 +263,14 @@ class Registry:
         with self._write() as conn:
             self._require_account(conn, account_id)
             conn.execute("INSERT INTO tokens (token_hash, account_id, created_at) VALUES (?, ?, ?)",
-                         (_hash_token(token), account_id, _now()))
+                         (hash_token(token), account_id, utc_now()))
         return token
 
     def list_accounts(self) -> list[tuple[str, str, str]]:
         """(account_id, name, created_at) of every account, oldest first (for operators' CLI)."""
-        rows = self._conn().execute("SELECT id, name, created_at FROM accounts ORDER BY created_at, rowid")
-        return [tuple(r) for r in rows]
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT id, name, created_at FROM accounts ORDER BY created_at, {self._backend.ROW_ORDER}")
+            return [tuple(r) for r in rows]
 
     def authenticate(self, token: str) -> str:
         """The account_id owning `token`, else Unauthenticated — for an empty,
@@ -346,18 +278,26 @@ class Registry:
         the stored digest is compared with hmac.compare_digest; timing can reveal at most bits of a
         hash of the attacker's own guess, never of a stored token."""
         failure = errors.Unauthenticated("authentication error: invalid or missing API token")
-        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
             raise failure
-        digest = _hash_token(token)
-        row = self._conn().execute("SELECT token_hash, account_id FROM tokens WHERE token_hash = ?",
-                                   (digest,)).fetchone()
+        digest = hash_token(token)
+        conn = self._conn()
+        try:  # one statement, no transaction around it: one round trip
+            row = conn.execute("SELECT token_hash, account_id FROM tokens WHERE token_hash = ?", (digest,)).fetchone()
+        except Exception as e:
+            if self._backend.is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
         if row is None or not hmac.compare_digest(row[0].encode("ascii"), digest.encode("ascii")):
             raise failure
         return row[1]
 
-    def _require_account(self, conn: sqlite3.Connection, account_id: object) -> None:
-        if not isinstance(account_id, str) or conn.execute(
-                "SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone() is None:
+    def _require_account(self, conn: Connection, account_id: object, *, lock: bool = False) -> None:
+        """The account exists (else Unauthenticated); with `lock`, its row stays locked until the
+        transaction ends, which serializes the decisions about this account across processes."""
+        if not storable(account_id) or conn.execute(
+                "SELECT 1 FROM accounts WHERE id = ?" + (self._backend.FOR_UPDATE if lock else ""),
+                (account_id,)).fetchone() is None:
             raise errors.Unauthenticated("authentication error: unknown account")
 
     # --- finetunes --------------------------------------------------------------------------
@@ -366,32 +306,37 @@ class Registry:
         """Create an empty ("pending") finetune owned by `account_id`. Errors: InvalidInput for a bad name,
         model or description, or a name the account already uses; LimitReached when the
         account already has `max_finetunes_per_account`; Unauthenticated for an unknown account."""
-        _check_name(name)
-        _check_text("model", model)
-        _check_text("description", description, allow_empty=True)
+        check_name(name)
+        check_text("model", model)
+        check_text("description", description, allow_empty=True)
         if not isinstance(public, bool):
-            raise _invalid("public must be a boolean")
+            raise invalid("public must be a boolean")
         finetune_id = str(uuid.uuid4())
-        now = _now()
+        now = utc_now()
         with self._write() as conn:
-            self._require_account(conn, account_id)
-            (count, unready) = conn.execute("SELECT count(*), coalesce(sum(state != 'ready'), 0) FROM finetunes"
-                                            " WHERE account_id = ?", (account_id,)).fetchone()
+            self._require_account(conn, account_id, lock=True)
+            (count, unready) = conn.execute(
+                "SELECT count(*), coalesce(sum(CASE WHEN state = 'ready' THEN 0 ELSE 1 END), 0) FROM finetunes"
+                " WHERE account_id = ?", (account_id,)).fetchone()
             if count >= self.max_finetunes_per_account:
                 raise errors.LimitReached(f"account limited: at most {self.max_finetunes_per_account} finetunes per "
                                           f"account, whatever their state ({unready} of yours are pending or invalid); "
                                           "delete one first")
-            existing = conn.execute("SELECT id FROM finetunes WHERE account_id = ? AND name = ?",
-                                    (account_id, name)).fetchone()
+            existing = self._named(conn, account_id, name)
             if existing:
-                same = self._load(conn, existing[0])
+                same = self._load(conn, existing)
                 hint = ("" if same.state == "ready" else
                         f"; it is {same.state}: send the missing or corrected files to it, or delete it first")
-                raise _invalid(f"a finetune named {name!r} already exists in this account (id {same.id}){hint}")
-            conn.execute(
-                "INSERT INTO finetunes (id, account_id, name, model, description, public, created_at,"
-                " modified_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
-                (finetune_id, account_id, name, model, description, int(public), now, now))
+                raise invalid(f"a finetune named {name!r} already exists in this account (id {same.id}){hint}")
+            try:
+                conn.execute(
+                    "INSERT INTO finetunes (id, account_id, name, model, description, public, created_at,"
+                    " modified_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                    (finetune_id, account_id, name, model, description, int(public), now, now))
+            except Exception as e:  # the UNIQUE (account_id, name) constraint: the same refusal
+                if self._backend.is_unique_violation(e):
+                    raise invalid(f"a finetune named {name!r} already exists in this account") from None
+                raise
             return self._load(conn, finetune_id)
 
     def list_finetunes(self, account_id: str) -> list[Finetune]:
@@ -431,24 +376,23 @@ class Registry:
         required file is present), clearing "invalid" and the modified_at bump commit together.
         Another account's finetune: FinetuneNotFound if private, Forbidden if public."""
         if file_name not in self.REQUIRED_FILES:
-            raise _invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
+            raise invalid(f"unsupported file {str(file_name)[:100]!r}: expected one of "
                            + ", ".join(self.REQUIRED_FILES))
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise _invalid("size must be an integer >= 0")
-        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
-            raise _invalid("sha256 must be 64 lowercase hex characters")
-        _check_text("object_key", object_key)
+            raise invalid("size must be an integer >= 0")
+        if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+            raise invalid("sha256 must be 64 lowercase hex characters")
+        check_text("object_key", object_key)
         with self._write() as conn:
-            finetune_id = self._find_owned(conn, account_id, finetune_id)
+            finetune_id, state = self._find_owned(conn, account_id, finetune_id)
             if conn.execute("SELECT 1 FROM assets WHERE finetune_id = ? AND file_name = ?",
                             (finetune_id, file_name)).fetchone():
-                (state,) = conn.execute("SELECT state FROM finetunes WHERE id = ?", (finetune_id,)).fetchone()
                 if not replace or state == "ready":
-                    raise _invalid(f"{file_name} was already uploaded for this finetune; assets are immutable"
+                    raise invalid(f"{file_name} was already uploaded for this finetune; assets are immutable"
                                    + (" once it is ready" if replace else ""))
                 conn.execute("DELETE FROM assets WHERE finetune_id = ? AND file_name = ?", (finetune_id, file_name))
             conn.execute("INSERT INTO assets (finetune_id, file_name, size, sha256, object_key, created_at)"
-                         " VALUES (?, ?, ?, ?, ?, ?)", (finetune_id, file_name, size, sha256, object_key, _now()))
+                         " VALUES (?, ?, ?, ?, ?, ?)", (finetune_id, file_name, size, sha256, object_key, utc_now()))
             self._refresh_state(conn, finetune_id)
             return self._load(conn, finetune_id)
 
@@ -458,14 +402,14 @@ class Registry:
         keeps its state (nothing of it changed); an unknown or deleted one is ignored."""
         with self._write() as conn:
             conn.execute("UPDATE finetunes SET invalid_reason = ?, modified_at = ? WHERE id = ? AND account_id = ?"
-                         " AND state != 'ready'", (str(reason)[:1000], _now(), finetune_id, account_id))
+                         " AND state != 'ready'", (printable(reason)[:1000], utc_now(), finetune_id, account_id))
 
     def delete_finetune(self, account_id: str, id_or_name: str) -> Finetune:
         """Delete the account's own finetune (by id or name) with its asset rows; returns what was
         deleted so the caller can delete the objects. Another account's: FinetuneNotFound if private or
         asked by name, Forbidden if public and asked by id."""
         with self._write() as conn:
-            finetune_id = self._find_owned(conn, account_id, id_or_name)
+            finetune_id, _ = self._find_owned(conn, account_id, id_or_name)
             deleted = self._load(conn, finetune_id)
             conn.execute("DELETE FROM finetunes WHERE id = ?", (finetune_id,))
             return deleted
@@ -473,20 +417,28 @@ class Registry:
     def object_key_in_use(self, object_key: str) -> bool:
         """Whether any finetune's asset points at `object_key` (content-addressed objects are
         shared by finetunes uploading the same bytes: delete an object only when this is False)."""
-        return self._conn().execute("SELECT 1 FROM assets WHERE object_key = ? LIMIT 1", (object_key,)).fetchone() is not None
+        if not storable(object_key):
+            return False
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM assets WHERE object_key = ? LIMIT 1", (object_key,)).fetchone() is not None
 
     # --- internals --------------------------------------------------------------------------
-    def _refresh_state(self, conn: sqlite3.Connection, finetune_id: str) -> None:
+    def _refresh_state(self, conn: Connection, finetune_id: str) -> None:
         """Inside add_asset's transaction: bump modified_at; "ready" once every required file is in."""
         present = {r[0] for r in conn.execute("SELECT file_name FROM assets WHERE finetune_id = ?", (finetune_id,))}
         state = "ready" if present.issuperset(self.REQUIRED_FILES) else "pending"
         conn.execute("UPDATE finetunes SET state = ?, invalid_reason = NULL, modified_at = ? WHERE id = ?",
-                     (state, _now(), finetune_id))
+                     (state, utc_now(), finetune_id))
 
-    def _find(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
+    def _named(self, conn: Connection, account_id: str, name: str) -> str | None:
+        """Id of the account's finetune named `name`, if any."""
+        row = conn.execute("SELECT id FROM finetunes WHERE account_id = ? AND name = ?", (account_id, name)).fetchone()
+        return row[0] if row else None
+
+    def _find(self, conn: Connection, account_id: object, id_or_name: object) -> str:
         """Id of the finetune `account_id` may read as `id_or_name`, else FinetuneNotFound."""
-        if not isinstance(account_id, str) or not isinstance(id_or_name, str) or not id_or_name:
-            raise _not_found(id_or_name)
+        if not storable(account_id) or not storable(id_or_name) or not id_or_name:
+            raise not_found(id_or_name)
         row = conn.execute(
             "SELECT id, 0 AS rank FROM finetunes WHERE account_id = ? AND id = ? "
             "UNION ALL SELECT id, 1 FROM finetunes WHERE account_id = ? AND name = ? "
@@ -497,30 +449,34 @@ class Registry:
                 raise errors.FinetuneNotFound(f"finetune {id_or_name[:100]!r} not found in this account; another "
                                               "account's public finetune is addressed by its id (GET …/finetunes/public "
                                               "lists them)")
-            raise _not_found(id_or_name)
+            raise not_found(id_or_name)
         return row[0]
 
-    def _find_owned(self, conn: sqlite3.Connection, account_id: object, id_or_name: object) -> str:
-        """Id of `account_id`'s own finetune `id_or_name`: FinetuneNotFound if unreadable, Forbidden if only public."""
+    def _find_owned(self, conn: Connection, account_id: object, id_or_name: object) -> tuple[str, str]:
+        """(id, stored state) of `account_id`'s own finetune `id_or_name`, its row locked until the
+        transaction ends: FinetuneNotFound if unreadable (or deleted meanwhile), Forbidden if only public."""
         finetune_id = self._find(conn, account_id, id_or_name)
-        (owner,) = conn.execute("SELECT account_id FROM finetunes WHERE id = ?", (finetune_id,)).fetchone()
-        if owner != account_id:
+        row = conn.execute("SELECT account_id, state FROM finetunes WHERE id = ?" + self._backend.FOR_UPDATE,
+                           (finetune_id,)).fetchone()
+        if row is None:  # deleted by another transaction while this one waited for the lock
+            raise not_found(id_or_name)
+        if row[0] != account_id:
             raise errors.Forbidden("forbidden: only the owning account can modify this finetune")
-        return finetune_id
+        return finetune_id, row[1]
 
     _COLUMNS = ("f.id, f.account_id, f.name, f.model, f.description, f.public, f.created_at, f.modified_at, f.state,"
                 " f.invalid_reason")
 
-    def _load(self, conn: sqlite3.Connection, finetune_id: str) -> Finetune:
+    def _load(self, conn: Connection, finetune_id: str) -> Finetune:
         found = self._load_many(conn, "f.id = ?", (finetune_id,))
         if not found:
-            raise _not_found(finetune_id)
+            raise not_found(finetune_id)
         return found[0]
 
-    def _load_many(self, conn: sqlite3.Connection, where: str, params: tuple) -> list[Finetune]:
+    def _load_many(self, conn: Connection, where: str, params: tuple) -> list[Finetune]:
         # `where` is one of this class's constant fragments; values travel in `params`
-        rows = conn.execute(f"SELECT {self._COLUMNS} FROM finetunes f WHERE {where} ORDER BY f.created_at, f.rowid",
-                            params).fetchall()
+        rows = conn.execute(f"SELECT {self._COLUMNS} FROM finetunes f WHERE {where}"
+                            f" ORDER BY f.created_at, f.{self._backend.ROW_ORDER}", params).fetchall()
         assets: dict[str, dict[str, Asset]] = {r[0]: {} for r in rows}
         for fid, file_name, size, sha256, object_key in conn.execute(
                 f"SELECT a.finetune_id, a.file_name, a.size, a.sha256, a.object_key FROM assets a "
@@ -529,3 +485,15 @@ class Registry:
         return [Finetune(id=r[0], account_id=r[1], name=r[2], model=r[3], description=r[4], public=bool(r[5]),
                          created_at=r[6], modified_at=r[7], state="invalid" if r[8] != "ready" and r[9] else r[8],
                          assets=assets[r[0]], state_reason=r[9] if r[8] != "ready" else None) for r in rows]
+
+
+def open_registry(data_dir: Path, registry: str | None = None,
+                  max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT) -> Registry:
+    """The registry a server or an operator command uses: `registry` a `postgresql://` URL (shared
+    by every server given it), or None/"" for `registry.sqlite` in `data_dir` (the default), or a
+    SQLite file path."""
+    if not registry:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
+    location = registry if is_postgres_url(registry) or "://" in registry else Path(registry).expanduser()
+    return Registry(location, max_finetunes_per_account=max_finetunes_per_account)

@@ -1,6 +1,7 @@
 """Build a serving ApiContext from options, and run it with uvicorn.
 
-Layout of the data dir: `registry.sqlite` (accounts, tokens, finetunes), `objects/` (the default
+Layout of the data dir: `registry.sqlite` (accounts, tokens, finetunes; unless the options name a
+PostgreSQL registry), `objects/` (the default
 local object store), `uploads/` (staging), `models/` (the converted default model),
 `adapter-cache/` (per-engine download caches).
 """
@@ -12,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.adapters.registry import Registry
+from loraplex.adapters.registry import open_registry
 from loraplex.adapters.storage import open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
@@ -39,6 +40,10 @@ class ServerOptions:
     model_name: str | None = None  # default: DEFAULT_MODEL_NAME for "default", else the folder's name
     max_pending: int = DEFAULT_MAX_PENDING
     max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT
+    # where accounts, tokens and finetunes live: a postgresql:// URL (one registry shared by every
+    # server given it, on any machine), a SQLite file path (shared by servers on one machine, each
+    # with its own data_dir), or None for registry.sqlite in data_dir
+    registry: str | None = None
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     admin_token: str | None = None  # enables the operator routes (/admin/…); see api/admin.py
     max_finetune_metric_labels: int = MetricsConfig().max_finetune_labels
@@ -53,11 +58,6 @@ class ServerOptions:
             return self.model_name
         model = self.engine.model.model
         return DEFAULT_MODEL_NAME if model == "default" else Path(model).name
-
-
-def open_registry(data_dir: Path, max_finetunes_per_account: int = DEFAULT_MAX_FINETUNES_PER_ACCOUNT) -> Registry:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return Registry(data_dir / "registry.sqlite", max_finetunes_per_account=max_finetunes_per_account)
 
 
 def open_jobs(data_dir: Path) -> JobStore:
@@ -88,7 +88,7 @@ def build_context(opts: ServerOptions) -> ApiContext:
                       MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels))
     return ApiContext(
         engine=async_engine,
-        registry=open_registry(opts.data_dir, opts.max_finetunes_per_account),
+        registry=open_registry(opts.data_dir, opts.registry, opts.max_finetunes_per_account),
         store=store,
         tokenizer=engine.tokenizer,
         model_args=engine.model_args,

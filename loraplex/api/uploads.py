@@ -14,7 +14,9 @@ Contracts:
   per-key lock orders "store + record" against "check unused + delete", so a delete never removes
   an object that an upload is about to reference; an upload whose record fails (its finetune was
   deleted meanwhile) removes its object again unless something else uses it: nothing is orphaned.
-  (Locks are per process: run one API process per registry file.)
+- Locks: each is an in-process lock plus the registry's cross-process one (`Registry.exclusive`: a
+  PostgreSQL advisory lock, or a file lock beside a SQLite registry), so servers sharing one
+  registry take turns too. Order: a finetune's lock, then one object key's; never one name twice.
 - No cross-tenant oracle: every accepted file is written to the store, whether or not those
   bytes are stored already, so an upload takes the same work whoever else uploaded the bytes.
 """
@@ -69,6 +71,13 @@ class KeyLocks:
 
 
 LOCKS = KeyLocks()
+
+
+@contextmanager
+def _held(ctx: ApiContext, name: str) -> Iterator[None]:
+    """The lock `name` in this process, then across every process sharing the registry."""
+    with LOCKS.hold(name), ctx.registry.exclusive(name):
+        yield
 
 
 def check_file_name(file_name: object) -> str:
@@ -181,7 +190,7 @@ def store_asset(ctx: ApiContext, account_id: str, finetune: Finetune, file_name:
         raise
     try:
         _check_alone(ctx, file_name, staged, size)
-        with LOCKS.hold(f"finetune/{finetune.id}"):
+        with _held(ctx, f"finetune/{finetune.id}"):
             finetune = ctx.registry.get_finetune(account_id, finetune.id)
             if finetune.state == "ready":
                 raise _immutable(file_name)
@@ -189,7 +198,7 @@ def store_asset(ctx: ApiContext, account_id: str, finetune: Finetune, file_name:
                 _check_pair(ctx, finetune, file_name, staged)
             replaced = finetune.assets.get(file_name)
             key = key_for(sha256)
-            with LOCKS.hold(key):
+            with _held(ctx, key):
                 ctx.store.put_file(staged, rewrite=True)
                 try:
                     updated = ctx.registry.add_asset(account_id, finetune.id, file_name, size, sha256, key,
@@ -198,7 +207,7 @@ def store_asset(ctx: ApiContext, account_id: str, finetune: Finetune, file_name:
                     _delete_if_unused(ctx, key)
                     raise
             if replaced is not None and replaced.object_key != key:
-                with LOCKS.hold(replaced.object_key):
+                with _held(ctx, replaced.object_key):
                     _delete_if_unused(ctx, replaced.object_key)
             return updated
     except (ApiError, AdapterInvalid) as e:
@@ -221,5 +230,5 @@ def _delete_if_unused(ctx: ApiContext, key: str) -> None:
 def delete_unused_objects(ctx: ApiContext, finetune: Finetune) -> None:
     """After `finetune` was deleted from the registry: delete its objects no other finetune uses."""
     for asset in finetune.assets.values():
-        with LOCKS.hold(asset.object_key):
+        with _held(ctx, asset.object_key):
             _delete_if_unused(ctx, asset.object_key)
