@@ -67,12 +67,12 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
     async def lifespan(app: FastAPI):
         quiet_accept_errors(asyncio.get_running_loop())
         ctx.engine.start()
-        runner = jobs.start_runner(ctx)
+        app.state.runner = jobs.start_runner(ctx)  # the trainer slot (None without one); stopped at exit
         try:
             yield
         finally:
-            if runner is not None:
-                runner.stop()
+            if app.state.runner is not None:
+                app.state.runner.stop()
             ctx.engine.shutdown()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,

@@ -7,6 +7,14 @@ terminal). Contracts:
   last job started longest ago (or never) goes first; within an account, the oldest job.
 - `cancel` of a terminal job raises `InvalidInput`; of a queued/running one marks it cancelled
   (the worker owning a running job sees it through `status` and stops).
+- The rule between cancel and success: a job is `succeeded` only through `finish(...,
+  "succeeded")`, which changes nothing once the job is cancelled. A cancel that lands after the
+  trainer published the finetune but before that `finish` wins: the job stays `cancelled` and the
+  worker deletes the finetune it published (runner.py), so a cancelled job never leaves a finetune.
+  A cancel after `succeeded` is refused ("already succeeded") and the finetune stays.
+- `trained_tokens` is set when a job succeeds (the tokens of every example seen, summed over
+  epochs), else null. `checkpoints` answers the final checkpoint of a succeeded job (its served
+  finetune, the last step's metrics), none otherwise.
 - `fail_interrupted()` (call once at start-up) marks jobs left `running` by a dead process failed,
   so none stays stuck in `running`.
 Each call opens its own SQLite connection; a lock serialises writers. Blocking: use worker threads.
@@ -31,7 +39,7 @@ _SCHEMA = (
         id TEXT PRIMARY KEY, account TEXT NOT NULL, model TEXT NOT NULL, training_file TEXT NOT NULL,
         validation_file TEXT, suffix TEXT, seed INTEGER NOT NULL, hyperparameters TEXT NOT NULL,
         status TEXT NOT NULL, created_at INTEGER NOT NULL, started_at REAL, finished_at INTEGER,
-        fine_tuned_model TEXT, error TEXT)""",
+        fine_tuned_model TEXT, error TEXT, trained_tokens INTEGER)""",
     """CREATE TABLE IF NOT EXISTS job_events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, created_at INTEGER NOT NULL,
         level TEXT NOT NULL, message TEXT NOT NULL, data TEXT)""",
@@ -54,6 +62,7 @@ class Job:
     finished_at: int | None
     fine_tuned_model: str | None
     error: str | None
+    trained_tokens: int | None
 
 
 def _job(row) -> Job:
@@ -70,6 +79,9 @@ class JobStore:
         with self._connect() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "trained_tokens" not in columns:  # a data dir from before trained_tokens
+                conn.execute("ALTER TABLE jobs ADD COLUMN trained_tokens INTEGER")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.db_path, timeout=30)
@@ -78,7 +90,7 @@ class JobStore:
                validation_file: str | None = None, suffix: str | None = None, seed: int = 0) -> Job:
         job_id = f"ftjob-{uuid.uuid4().hex}"
         with self._lock, self._connect() as conn:
-            conn.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL)",
+            conn.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)",
                          (job_id, account, model, training_file, validation_file, suffix, seed,
                           json.dumps(hyperparameters), "validating_files", int(time.time())))
         return self.get(account, job_id)
@@ -120,15 +132,19 @@ class JobStore:
         return self.get(row[1], row[0])
 
     def finish(self, job_id: str, status: str, *, fine_tuned_model: str | None = None,
-               error: str | None = None) -> bool:
+               error: str | None = None, trained_tokens: int | None = None) -> bool:
+        """Move a job that is not terminal yet to `status`; False (nothing changed) when it
+        already is terminal, e.g. cancelled meanwhile."""
         assert status in TERMINAL
         return self._set(job_id, ("validating_files", "queued", "running"), status=status,
-                         finished_at=int(time.time()), fine_tuned_model=fine_tuned_model, error=error)
+                         finished_at=int(time.time()), fine_tuned_model=fine_tuned_model, error=error,
+                         trained_tokens=trained_tokens)
 
     def cancel(self, account: str, job_id: str) -> Job:
         job = self.get(account, job_id)
         if job.status in TERMINAL or not self.finish(job.id, "cancelled"):
             raise InvalidInput(f"job {job_id} has already {self.get(account, job_id).status}; it cannot be cancelled")
+        self.add_event(job.id, "the job was cancelled")
         return self.get(account, job_id)
 
     def fail_interrupted(self) -> int:
@@ -148,3 +164,14 @@ class JobStore:
                                 "ORDER BY seq", (job_id,)).fetchall()
         return [{"seq": s, "created_at": t, "level": lv, "message": m, "data": json.loads(d) if d else None}
                 for s, t, lv, m, d in rows]
+
+    def checkpoints(self, account: str, job_id: str) -> list[dict]:
+        """The final checkpoint of a succeeded job: `fine_tuned_model`, `step`, `created_at` and
+        `metrics` (the last step's event data); [] for a job that did not succeed."""
+        job = self.get(account, job_id)
+        if job.status != "succeeded":
+            return []
+        steps = [e["data"] for e in self.events(account, job_id) if e["data"] and "step" in e["data"]]
+        metrics = steps[-1] if steps else {}
+        return [{"fine_tuned_model": job.fine_tuned_model, "step": metrics.get("step", 0),
+                 "created_at": job.finished_at, "metrics": metrics}]

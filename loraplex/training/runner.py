@@ -1,8 +1,12 @@
 """JobRunner: the server's one trainer slot. A thread claims queued jobs (fairly, JobStore.claim_next)
 and trains each in a worker *process* (spawned; torch at 1 thread there), so serving goes on.
 On success the adapter goes through the upload path's validation and storage (`publish`, given
-by the API layer) and the job records `fine_tuned_model` = `BASE:NAME`; on failure or cancel
-nothing is published and the job's temporary folder is removed. One job at a time per runner.
+by the API layer) and the job records `fine_tuned_model` = `BASE:NAME` and `trained_tokens`; on
+failure or cancel nothing is published and the job's temporary folder is removed. A cancel that
+lands while the adapter is being published wins (JobStore's rule): the runner takes the finetune
+back out with `unpublish(job, name)`. Each step adds an event with its metrics: `step`,
+`total_steps`, `epoch`, `train_loss`, `learning_rate`, `trained_tokens` and `eta_seconds` (seconds
+left at the mean pace so far). One job at a time per runner.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import Job, JobStore
+from loraplex.training.trainer import StepReport
 
 
 def _train_in_child(model_dir, data, out_dir, hp, seed, events):
@@ -24,17 +29,19 @@ def _train_in_child(model_dir, data, out_dir, hp, seed, events):
     from loraplex.training.trainer import train_lora
     torch.set_num_threads(1)
     try:
-        loss = train_lora(Path(model_dir), data, Path(out_dir), hp, seed,
-                          on_step=lambda s, t, loss, lr: events.put(("step", s, t, loss, lr)))
-        events.put(("done", loss))
+        result = train_lora(Path(model_dir), data, Path(out_dir), hp, seed,
+                            on_step=lambda report: events.put(("step", report)))
+        events.put(("done", result.loss, result.trained_tokens))
     except BaseException as e:  # reported to the parent, which fails the job
         events.put(("error", f"{type(e).__name__}: {e}"))
 
 
 class JobRunner:
     def __init__(self, jobs: JobStore, files: FileStore, model_dir: Path,
-                 publish: Callable[[Job, Path], str], poll_s: float = 0.2):
-        self.jobs, self.files, self.model_dir, self.publish, self.poll_s = jobs, files, model_dir, publish, poll_s
+                 publish: Callable[[Job, Path], str], unpublish: Callable[[Job, str], None],
+                 poll_s: float = 0.2):
+        self.jobs, self.files, self.model_dir, self.poll_s = jobs, files, model_dir, poll_s
+        self.publish, self.unpublish = publish, unpublish
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loraplex-trainer", daemon=True)
 
@@ -72,6 +79,7 @@ class JobRunner:
                 if self.jobs.get(job.account, job.id).status != "running" or self._stop.is_set():
                     child.terminate()
                     child.join()
+                    self.jobs.add_event(job.id, "the trainer stopped; nothing was published")
                     return
                 try:
                     event = events.get(timeout=self.poll_s)
@@ -80,9 +88,7 @@ class JobRunner:
                         outcome = ("error", f"the trainer process exited with {child.exitcode}")
                     continue
                 if event[0] == "step":
-                    _, step, total, loss, lr = event
-                    self.jobs.add_event(job.id, f"step {step}/{total}: training loss={loss:.4f}",
-                                        {"step": step, "total_steps": total, "train_loss": loss, "learning_rate": lr})
+                    self._step_event(job, event[1])
                 else:
                     outcome = event
             child.join()
@@ -90,8 +96,17 @@ class JobRunner:
                 self.jobs.finish(job.id, "failed", error=outcome[1])
                 return
             name = self.publish(job, work / "adapter")
-            if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name):
+            if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name, trained_tokens=outcome[2]):
+                self.unpublish(job, name)  # cancelled while publishing: the cancel wins
+                self.jobs.add_event(job.id, f"cancelled while publishing: {name} was deleted again")
                 return
             self.jobs.add_event(job.id, f"the job has succeeded: {name}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _step_event(self, job: Job, report: StepReport) -> None:
+        data = {"step": report.step, "total_steps": report.total_steps, "epoch": report.epoch,
+                "train_loss": report.loss, "learning_rate": report.learning_rate,
+                "trained_tokens": report.trained_tokens, "eta_seconds": round(report.eta_s, 1)}
+        self.jobs.add_event(job.id, f"step {report.step}/{report.total_steps}: training loss={report.loss:.4f}, "
+                                    f"about {report.eta_s:.0f} s left", data)
