@@ -22,6 +22,8 @@ from loraplex.training.files import FileStore
 from loraplex.training.jobs import Job, JobStore
 from loraplex.training.trainer import StepReport
 
+STOPPED = "the trainer stopped: "  # the runner's last event for a job it stopped (cancel, shutdown)
+
 
 def _train_in_child(model_dir, data, out_dir, hp, seed, events):
     import torch
@@ -79,7 +81,7 @@ class JobRunner:
                 if self.jobs.get(job.account, job.id).status != "running" or self._stop.is_set():
                     child.terminate()
                     child.join()
-                    self.jobs.add_event(job.id, "the trainer stopped; nothing was published")
+                    self.jobs.add_event(job.id, STOPPED + "nothing was published")
                     return
                 try:
                     event = events.get(timeout=self.poll_s)
@@ -98,7 +100,7 @@ class JobRunner:
             name = self.publish(job, work / "adapter")
             if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name, trained_tokens=outcome[2]):
                 self.unpublish(job, name)  # cancelled while publishing: the cancel wins
-                self.jobs.add_event(job.id, f"cancelled while publishing: {name} was deleted again")
+                self.jobs.add_event(job.id, STOPPED + f"cancelled while publishing, {name} was deleted again")
                 return
             self.jobs.add_event(job.id, f"the job has succeeded: {name}")
         finally:
