@@ -6,7 +6,9 @@ failure or cancel nothing is published and the job's temporary folder is removed
 lands while the adapter is being published wins (JobStore's rule): the runner takes the finetune
 back out with `unpublish(job, name)`. Each step adds an event with its metrics: `step`,
 `total_steps`, `epoch`, `train_loss`, `learning_rate`, `trained_tokens` and `eta_seconds` (seconds
-left at the mean pace so far). One job at a time per runner.
+left at the mean pace so far). When the runner lets go of a job it did not finish (cancelled, or
+the server stopping) its last event starts with `STOPPED`; after it, the runner touches the job
+no more. One job at a time per runner.
 """
 
 from __future__ import annotations
