@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import compile_path
 
-from loraplex.api import admin, files, finetunes, jobs, openai, workers_ai
+from loraplex.api import admin, files, finetunes, jobs, jobs_workers_ai, openai, workers_ai
 from loraplex.api.connections import quiet_accept_errors
 from loraplex.api.console import install_console
 from loraplex.api.context import MULTIPART_FRAMING_BYTES, ApiContext
@@ -80,7 +80,8 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router):
+    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router,
+                   jobs_workers_ai.router):
         app.include_router(router, prefix=API_PREFIX)
     if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)
