@@ -50,7 +50,8 @@ def test_restart_marks_running_jobs_failed(tmp_path):
     assert reopened.get("a", running.id).status == "failed"
     assert "restarted" in reopened.get("a", running.id).error
     assert reopened.get("b", waiting.id).status == "queued"
-    assert [e["data"] for e in reopened.events("a", running.id)] == [{"step": 1, "loss": 2.5}]
+    assert [e["data"] for e in reopened.events("a", running.id) if e["data"]] == [{"step": 1, "loss": 2.5}]
+    assert reopened.events("a", running.id)[-1]["message"] == "the job failed: the server restarted while the job ran"
     with pytest.raises(NotFound):
         reopened.events("b", running.id)
 

@@ -108,17 +108,21 @@ class JobStore:
                                 (account,)).fetchall()
         return [_job(r) for r in rows]
 
-    def _set(self, job_id: str, only_from: tuple[str, ...], **fields) -> bool:
-        """Update `fields` if the job's status is in `only_from`; True when it changed."""
+    def _set(self, job_id: str, only_from: tuple[str, ...], event: str | None = None, **fields) -> bool:
+        """Update `fields` if the job's status is in `only_from`, adding `event` (a message) in the
+        same transaction; True when it changed."""
         names = ", ".join(f"{k}=?" for k in fields)
         marks = ",".join("?" * len(only_from))
         with self._lock, self._connect() as conn:
             cur = conn.execute(f"UPDATE jobs SET {names} WHERE id=? AND status IN ({marks})",
                                (*fields.values(), job_id, *only_from))
+            if cur.rowcount == 1 and event is not None:
+                conn.execute("INSERT INTO job_events (job, created_at, level, message) VALUES (?,?,?,?)",
+                             (job_id, int(time.time()), "error" if fields.get("status") == "failed" else "info", event))
             return cur.rowcount == 1
 
     def mark_queued(self, job_id: str) -> bool:
-        return self._set(job_id, ("validating_files",), status="queued")
+        return self._set(job_id, ("validating_files",), "the job was queued", status="queued")
 
     def claim_next(self) -> Job | None:
         with self._lock, self._connect() as conn:
@@ -133,10 +137,14 @@ class JobStore:
 
     def finish(self, job_id: str, status: str, *, fine_tuned_model: str | None = None,
                error: str | None = None, trained_tokens: int | None = None) -> bool:
-        """Move a job that is not terminal yet to `status`; False (nothing changed) when it
-        already is terminal, e.g. cancelled meanwhile."""
+        """Move a job that is not terminal yet to `status`, with its last event ("the job has
+        succeeded: NAME", "the job failed: ERROR", "the job was cancelled") in the same
+        transaction, so whoever sees the status also sees that event; False (nothing changed)
+        when it already is terminal, e.g. cancelled meanwhile."""
         assert status in TERMINAL
-        return self._set(job_id, ("validating_files", "queued", "running"), status=status,
+        event = {"succeeded": f"the job has succeeded: {fine_tuned_model}", "failed": f"the job failed: {error}",
+                 "cancelled": "the job was cancelled"}[status]
+        return self._set(job_id, ("validating_files", "queued", "running"), event, status=status,
                          finished_at=int(time.time()), fine_tuned_model=fine_tuned_model, error=error,
                          trained_tokens=trained_tokens)
 
@@ -144,13 +152,12 @@ class JobStore:
         job = self.get(account, job_id)
         if job.status in TERMINAL or not self.finish(job.id, "cancelled"):
             raise InvalidInput(f"job {job_id} has already {self.get(account, job_id).status}; it cannot be cancelled")
-        self.add_event(job.id, "the job was cancelled")
         return self.get(account, job_id)
 
     def fail_interrupted(self) -> int:
-        with self._lock, self._connect() as conn:
-            return conn.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE status='running'",
-                                (int(time.time()), "the server restarted while the job ran")).rowcount
+        with self._connect() as conn:
+            running = [row[0] for row in conn.execute("SELECT id FROM jobs WHERE status='running'")]
+        return sum(self.finish(job_id, "failed", error="the server restarted while the job ran") for job_id in running)
 
     def add_event(self, job_id: str, message: str, data: dict | None = None, level: str = "info") -> None:
         with self._lock, self._connect() as conn:

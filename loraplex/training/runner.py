@@ -103,8 +103,6 @@ class JobRunner:
             if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name, trained_tokens=outcome[2]):
                 self.unpublish(job, name)  # cancelled while publishing: the cancel wins
                 self.jobs.add_event(job.id, STOPPED + f"cancelled while publishing, {name} was deleted again")
-                return
-            self.jobs.add_event(job.id, f"the job has succeeded: {name}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
