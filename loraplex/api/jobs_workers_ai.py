@@ -66,7 +66,7 @@ async def cancel_job(account_id: str, job_id: str, request: Request):
 @router.get(PREFIX + "/{job_id}/events", openapi_extra=PAGE_PARAMS)
 async def job_events(account_id: str, job_id: str, request: Request):
     """Oldest first; metrics events carry `step`, `total_steps`, `epoch`, `train_loss`,
-    `learning_rate`, `trained_tokens`, `eta_seconds` in `data`."""
+    `learning_rate`, `trained_tokens`, `elapsed_seconds`, `eta_seconds` in `data`."""
     ctx = await _ctx(request, account_id)
     return paginated(request, [event_json(e) for e in await to_thread(ctx.jobs.events, account_id, job_id)])
 

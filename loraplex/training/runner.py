@@ -5,8 +5,8 @@ by the API layer) and the job records `fine_tuned_model` = `BASE:NAME` and `trai
 failure or cancel nothing is published and the job's temporary folder is removed. A cancel that
 lands while the adapter is being published wins (JobStore's rule): the runner takes the finetune
 back out with `unpublish(job, name)`. Each step adds an event with its metrics: `step`,
-`total_steps`, `epoch`, `train_loss`, `learning_rate`, `trained_tokens` and `eta_seconds` (seconds
-left at the mean pace so far). When the runner lets go of a job it did not finish (cancelled, or
+`total_steps`, `epoch`, `train_loss`, `learning_rate`, `trained_tokens`, `elapsed_seconds` (since
+the first step began) and `eta_seconds` (seconds left at the mean pace so far). When the runner lets go of a job it did not finish (cancelled, or
 the server stopping) its last event starts with `STOPPED`; after it, the runner touches the job
 no more. One job at a time per runner.
 """
@@ -109,6 +109,7 @@ class JobRunner:
     def _step_event(self, job: Job, report: StepReport) -> None:
         data = {"step": report.step, "total_steps": report.total_steps, "epoch": report.epoch,
                 "train_loss": report.loss, "learning_rate": report.learning_rate,
-                "trained_tokens": report.trained_tokens, "eta_seconds": round(report.eta_s, 1)}
+                "trained_tokens": report.trained_tokens, "elapsed_seconds": round(report.elapsed_s, 3),
+                "eta_seconds": round(report.eta_s, 1)}
         self.jobs.add_event(job.id, f"step {report.step}/{report.total_steps}: training loss={report.loss:.4f}, "
                                     f"about {report.eta_s:.0f} s left", data)
