@@ -38,10 +38,10 @@ sys.path.insert(0, str(BENCH_DIR))  # common.py, also when this file is loaded b
 from common import create_loraplex_account, free_port, loraplex_executable, thread_env  # noqa: E402
 
 from loraplex.client import stop_process, wait_until_healthy  # noqa: E402
+from loraplex.training.jobs import TERMINAL  # noqa: E402
 
 REPO_DIR = BENCH_DIR.parent
 TOPICS = ["rivers", "stars", "bread", "trains", "music", "forests", "robots", "oceans", "cities", "clocks"]
-TERMINAL = ("succeeded", "failed", "cancelled")
 DEADLOCK_GUARD_S = 3600.0
 
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from loraplex import config
+from loraplex.training.jobs import TERMINAL
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 BAR_WIDTH = 30
 
 
@@ -114,8 +114,10 @@ def follow(client, job_id: str, poll_s: float, out) -> int:
         if tty:
             out.write(f"fine_tuned_model: {job['fine_tuned_model']}\n")
         return 0
-    reason = (job.get("error") or {}).get("message") or "cancelled"
-    print(f"error: job {job_id} {job['status']}: {reason}", file=sys.stderr)
+    if job["status"] == "cancelled":
+        print(f"error: job {job_id} was cancelled", file=sys.stderr)
+    else:
+        print(f"error: job {job_id} failed: {(job.get('error') or {}).get('message')}", file=sys.stderr)
     return 1
 
 

@@ -74,7 +74,7 @@ def test_create_from_a_file_id_and_cancel(user, jsonl):
     follow = cli("jobs", "events", job["id"], "--follow", "--poll-interval", "0.1", env=user)
     if cancel.returncode == 0:  # the usual outcome: it was queued or training
         assert json.loads(cancel.stdout)["status"] == "cancelled"
-        assert_one_line_error(follow, f"job {job['id']} cancelled: cancelled")
+        assert_one_line_error(follow, f"job {job['id']} was cancelled")
         assert json.loads(follow.stdout.splitlines()[-1])["message"] == "the job was cancelled"
         assert_one_line_error(cli("jobs", "cancel", job["id"], env=user), "already cancelled")
     else:  # the trainer finished all 50 epochs first

@@ -17,6 +17,9 @@ terminal). Contracts:
   finetune, the last step's metrics), none otherwise.
 - `fail_interrupted()` (call once at start-up) marks jobs left `running` by a dead process failed,
   so none stays stuck in `running`.
+- A status change (`mark_queued`, `finish`, `cancel`, `fail_interrupted`) writes its event ("the
+  job was queued", "the job has succeeded: NAME", …) in the same transaction: a reader who sees
+  the status sees the event.
 Each call opens its own SQLite connection; a lock serialises writers. Blocking: use worker threads.
 """
 
