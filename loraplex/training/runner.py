@@ -65,7 +65,8 @@ class JobRunner:
             try:
                 self._run(job)
             except Exception as e:  # a bug or a publish refusal: the job fails, the runner goes on
-                self.jobs.finish(job.id, "failed", error=str(e))
+                if not self.jobs.finish(job.id, "failed", error=str(e)):  # cancelled meanwhile
+                    self.jobs.add_event(job.id, STOPPED + str(e))
 
     def _run(self, job: Job) -> None:
         work = Path(tempfile.mkdtemp(prefix="loraplex-job-"))
@@ -97,7 +98,11 @@ class JobRunner:
                     outcome = event
             child.join()
             if outcome[0] == "error":
-                self.jobs.finish(job.id, "failed", error=outcome[1])
+                if not self.jobs.finish(job.id, "failed", error=outcome[1]):  # cancelled meanwhile
+                    self.jobs.add_event(job.id, STOPPED + "nothing was published")
+                return
+            if self.jobs.get(job.account, job.id).status != "running":  # cancelled as training ended
+                self.jobs.add_event(job.id, STOPPED + "nothing was published")
                 return
             name = self.publish(job, work / "adapter")
             if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name, trained_tokens=outcome[2]):
