@@ -94,7 +94,9 @@ from serving_load import (  # noqa: E402
 from serving_report import RUN_HEADER, SERVERS, goal_table, paired_peaks, print_summary, run_line, write_report  # noqa: E402
 from serving_sweep import BASELINE_GOALS, baseline_floor, capacity, goal_settled, holds_bounds, sweep  # noqa: E402
 
-from common import create_loraplex_account, free_port, loraplex_executable, make_adapters, thread_env  # noqa: E402,F401  (make_adapters: also used by tests/test_serving_bench.py)
+from common import (  # noqa: E402,F401  (make_adapters: also used by tests/test_serving_bench.py)
+    create_loraplex_account, free_port, loraplex_executable, make_adapters, thread_env,
+)
 
 from loraplex.client import stop_process, wait_until_healthy  # noqa: E402
 
