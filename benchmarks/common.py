@@ -6,8 +6,11 @@ never each other."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 CASES = ["distinct", "uniform", "zipf", "identical"]
@@ -101,3 +104,36 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """This process's environment, with the thread-count variables set to `threads` (if given)."""
+    env = dict(os.environ)
+    if threads is not None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            env[name] = str(threads)
+    return env
+
+
+def loraplex_executable() -> str:
+    candidate = Path(sys.executable).parent / "loraplex"
+    return str(candidate) if candidate.exists() else "loraplex"
+
+
+def create_loraplex_account(data_dir: Path) -> tuple[str, str]:
+    """`loraplex accounts create bench` (before the server starts); returns (account_id, token)."""
+    done = subprocess.run(
+        [loraplex_executable(), "accounts", "create", "bench", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"`loraplex accounts create` failed ({done.returncode}): {done.stderr[-2000:]}")
+    out = done.stdout
+    for line in reversed(out.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "account_id" in record:
+            return record["account_id"], record["token"]
+    raise RuntimeError(f"`loraplex accounts create` printed no account: {out!r}")

@@ -71,9 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -96,7 +94,9 @@ from serving_load import (  # noqa: E402
 from serving_report import RUN_HEADER, SERVERS, goal_table, paired_peaks, print_summary, run_line, write_report  # noqa: E402
 from serving_sweep import BASELINE_GOALS, baseline_floor, capacity, goal_settled, holds_bounds, sweep  # noqa: E402
 
-from common import free_port, make_adapters  # noqa: E402,F401  (make_adapters: also used by tests/test_serving_bench.py)
+from common import (  # noqa: E402,F401  (make_adapters: also used by tests/test_serving_bench.py)
+    create_loraplex_account, free_port, loraplex_executable, make_adapters, thread_env,
+)
 
 from loraplex.client import stop_process, wait_until_healthy  # noqa: E402
 
@@ -109,44 +109,11 @@ BURST_DRAIN_S = 300.0  # a burst runs to completion unless the server is stuck
 # ---------------------------------------------------------------- servers
 
 
-def thread_env(threads: int | None) -> dict[str, str]:
-    """This process's environment, with the thread-count variables set to `threads` (if given)."""
-    env = dict(os.environ)
-    if threads is not None:
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            env[name] = str(threads)
-    return env
-
-
 def peft_command(mode: str, model_dir: Path, adapters_dir: Path, port: int, max_batch: int) -> list[str]:
     return [
         sys.executable, str(PEFT_SERVER), "--model", str(model_dir), "--adapters", str(adapters_dir),
         "--port", str(port), "--mode", mode, "--max-batch", str(max_batch),
     ]
-
-
-def loraplex_executable() -> str:
-    candidate = Path(sys.executable).parent / "loraplex"
-    return str(candidate) if candidate.exists() else "loraplex"
-
-
-def create_loraplex_account(data_dir: Path) -> tuple[str, str]:
-    """`loraplex accounts create bench` (before the server starts); returns (account_id, token)."""
-    done = subprocess.run(
-        [loraplex_executable(), "accounts", "create", "bench", "--data-dir", str(data_dir)],
-        capture_output=True, text=True, cwd=REPO_DIR,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"`loraplex accounts create` failed ({done.returncode}): {done.stderr[-2000:]}")
-    out = done.stdout
-    for line in reversed(out.splitlines()):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "account_id" in record:
-            return record["account_id"], record["token"]
-    raise RuntimeError(f"`loraplex accounts create` printed no account: {out!r}")
 
 
 def upload_adapters(endpoint: Endpoint, adapters_dir: Path, names: list[str]) -> None:

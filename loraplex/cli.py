@@ -1,4 +1,4 @@
-"""`loraplex serve | accounts | finetunes | run | generate | model-path`.
+"""`loraplex serve | accounts | finetunes | jobs | run | generate | model-path` (jobs: cli_jobs.py).
 
 Failures the user can act on (a refusal from the server, no server at the URL, something else on
 the port, a missing model package) print one line `error: …` on stderr and exit 1, no traceback."""
@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from loraplex import config, env
+from loraplex import cli_jobs, config, env
 from loraplex.config import DEFAULT_HOST, DEFAULT_PORT, HttpConfig, engine_config, engine_settings
 from loraplex.logs import LOG_FORMATS
 
@@ -143,6 +143,10 @@ def _finetunes(args: argparse.Namespace) -> int:
         for finetune in client.list_finetunes():
             print_json(finetune)
     return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    return cli_jobs.run(args, _client(args))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -286,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     ft_delete = finetunes_sub.add_parser("delete", parents=[url], help="delete a finetune and its files")
     ft_delete.add_argument("finetune", help="id or name")
 
+    cli_jobs.add_parser(sub, url)
+
     run = sub.add_parser("run", parents=[url], help="run a prompt on the server (client)")
     run.add_argument("model")
     run.add_argument("prompt")
@@ -308,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         env.use_data_dir(args.data_dir)
     elif hasattr(args, "data_dir"):
         args.data_dir = env.data_dir()
-    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "run": _run,
-                "model-path": _model_path}
+    commands = {"generate": _generate, "serve": _serve, "accounts": _accounts, "finetunes": _finetunes, "jobs": _jobs,
+                "run": _run, "model-path": _model_path}
     try:
         return commands[args.command](args)
     except Exception as e:  # refusals from the server or the registry: one line, no traceback

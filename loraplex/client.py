@@ -1,5 +1,6 @@
-"""The client commands (`loraplex finetunes create|list|get|delete`, `loraplex run`), in wrangler's spirit:
-they talk to a loraplex server over its Workers AI API, as any tenant would."""
+"""The client commands (`loraplex finetunes create|list|get|delete`, `loraplex jobs …`, `loraplex run`),
+in wrangler's spirit: they talk to a loraplex server over its Workers AI API, as any tenant would
+(fine-tuning files go through the OpenAI dialect's `/v1/files`, the only route that takes them)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from loraplex.adapters.registry import Registry
+from loraplex.config import PageConfig
 
 
 class ClientError(Exception):
@@ -107,13 +109,52 @@ class Client:
 
     def list_finetunes(self) -> list[dict]:
         """All of the account's finetunes, every page of the listing."""
-        finetunes, page = [], 1
+        return self._all_pages("/finetunes")
+
+    def _all_pages(self, path: str) -> list[dict]:
+        items, page = [], 1
         while True:
-            body = self._envelope("GET", "/finetunes", params={"page": page})
-            finetunes += body["result"]
-            if not body["result"] or len(finetunes) >= body["result_info"]["total_count"]:
-                return finetunes
+            body = self._envelope("GET", path, params={"page": page, "per_page": PageConfig.max_per_page})
+            items += body["result"]
+            if not body["result"] or len(items) >= body["result_info"]["total_count"]:
+                return items
             page += 1
+
+    def upload_training_file(self, path: Path) -> dict:
+        """POST the JSONL at `path` to `/v1/files` (purpose fine-tune); the file object (its `id`).
+        The server's refusal names the bad lines."""
+        with open(path, "rb") as f:
+            try:
+                response = self._http.post(f"{self._base}/v1/files", data={"purpose": "fine-tune"},
+                                           files={"file": (path.name, f, "application/jsonl")})
+            except httpx.HTTPError as e:
+                raise self._unreachable(e) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):  # OpenAI's error shape
+            raise ClientError(f"{body['error'].get('code')}: {body['error'].get('message')}")
+        if response.status_code != 200 or not isinstance(body, dict) or body.get("object") != "file":
+            raise _not_loraplex(self._url, response)
+        return body
+
+    def create_job(self, body: dict) -> dict:
+        """A fine-tuning job; `body` as OpenAI's `POST /v1/fine_tuning/jobs` takes it."""
+        return self._call("POST", "/fine-tuning/jobs", json=body)
+
+    def list_jobs(self) -> list[dict]:
+        return self._all_pages("/fine-tuning/jobs")
+
+    def get_job(self, job_id: str) -> dict:
+        return self._call("GET", f"/fine-tuning/jobs/{quote(job_id, safe='')}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/fine-tuning/jobs/{quote(job_id, safe='')}/cancel")
+
+    def job_events(self, job_id: str) -> list[dict]:
+        """All of the job's events, oldest first."""
+        return self._all_pages(f"/fine-tuning/jobs/{quote(job_id, safe='')}/events")
 
     def run(self, model: str, prompt: str, lora: str | None = None, max_tokens: int = 256, raw: bool = False,
             temperature: float | None = None, seed: int | None = None, system: str | None = None) -> str:

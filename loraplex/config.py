@@ -18,6 +18,7 @@ DEFAULT_MAX_LORA_RANK = 32
 DEFAULT_MAX_ADAPTER_BYTES = 300 * 10**6  # adapter_model.safetensors, at most
 DEFAULT_MAX_FINETUNES_PER_ACCOUNT = 100  # every finetune counts, whatever its state
 DEFAULT_MAX_PENDING = 256  # requests in flight (queued or running) before 429 / "retry later"
+DEFAULT_JOB_POLL_S = 1.0  # `loraplex jobs events --follow` asks the server for news this often
 # Per-request bounds of SamplingParams (the engine refuses beyond them; the API's schemas use the
 # same numbers, so an HTTP client gets a 400 naming the field).
 MAX_STOP_STRINGS = 16  # stop strings per request

@@ -1,5 +1,6 @@
 """End to end with the real OpenAI SDK on a tiny model: upload JSONL, create a job, follow its
-events to `succeeded`, chat with `fine_tuned_model`; loraplex's greedy tokens for the trained
+events to `succeeded` (each step with its loss, learning rate and ETA; `trained_tokens` and the
+final checkpoint when it ends), chat with `fine_tuned_model`; loraplex's greedy tokens for the trained
 adapter reproduce the trained answer, and equal peft + transformers' greedy tokens on the
 adapter as stored."""
 
@@ -34,9 +35,17 @@ def test_job_to_served_finetune_matches_peft(server, model_dir, tmp_path):
                                          hyperparameters=MEMORISE)
     job = wait_for_job(client, job.id)
     assert job.status == "succeeded", job.error
-    events = list(client.fine_tuning.jobs.list_events(job.id))
-    assert any(e.data and "train_loss" in e.data for e in events)
+    steps = [e.data for e in reversed(list(client.fine_tuning.jobs.list_events(job.id))) if e.type == "metrics"]
+    total = 12 * 2  # epochs × batches of 2 among 4 examples
+    assert [d["step"] for d in steps] == list(range(1, total + 1)) and {d["total_steps"] for d in steps} == {total}
+    assert all(d["learning_rate"] == 2e-4 * 50 and d["eta_seconds"] >= 0 for d in steps)
+    assert steps[-1]["eta_seconds"] == 0 and steps[-1]["train_loss"] < steps[0]["train_loss"]
+    assert job.trained_tokens == steps[-1]["trained_tokens"] > 0
     assert job.fine_tuned_model.startswith(MODEL + ":pirate-")
+    (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert (checkpoint.fine_tuned_model_checkpoint, checkpoint.step_number, checkpoint.fine_tuning_job_id) == (
+        job.fine_tuned_model, total, job.id)
+    assert checkpoint.metrics.step == total and checkpoint.metrics.train_loss == steps[-1]["train_loss"]
 
     finetune = server.ctx.registry.get_finetune(account_id, job.fine_tuned_model.rpartition(":")[2])
     replies = []

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import compile_path
 
-from loraplex.api import admin, files, finetunes, jobs, logs, openai, workers_ai
+from loraplex.api import admin, files, finetunes, jobs, jobs_workers_ai, logs, openai, workers_ai
 from loraplex.api.connections import quiet_accept_errors
 from loraplex.api.console import install_console
 from loraplex.api.context import MULTIPART_FRAMING_BYTES, ApiContext
@@ -67,14 +67,14 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
     async def lifespan(app: FastAPI):
         quiet_accept_errors(asyncio.get_running_loop())
         ctx.engine.start()
-        runner = jobs.start_runner(ctx)
+        app.state.runner = jobs.start_runner(ctx)  # the trainer slot (None without one); stopped at exit
         if ctx.request_logs is not None:
             ctx.request_logs.writer.start()
         try:
             yield
         finally:
-            if runner is not None:
-                runner.stop()
+            if app.state.runner is not None:
+                app.state.runner.stop()
             ctx.engine.shutdown()
             if ctx.request_logs is not None:
                 ctx.request_logs.writer.stop()
@@ -84,7 +84,8 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router, logs.router):
+    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router,
+                   jobs_workers_ai.router, logs.router):
         app.include_router(router, prefix=API_PREFIX)
     if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)

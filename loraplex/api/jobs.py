@@ -1,11 +1,15 @@
 """OpenAI fine-tuning jobs under /accounts/{a}/ai/v1/fine_tuning/jobs: create, list, get, cancel,
-events. A job is checked before it is stored: the model must be the served base model, the
-files must be the account's own, the hyperparameters in range; a refusal stores nothing.
-Jobs wait `queued` for the trainer worker. Store calls run in worker threads.
+events, checkpoints. A job is checked before it is stored: the model must be the served base
+model, the files must be the account's own, the hyperparameters in range; a refusal stores
+nothing. Jobs wait `queued` for the trainer worker. Store calls run in worker threads.
+
+The job, event and checkpoint objects (`as_openai`, `event_json`, `checkpoint_json`) and the
+create check (`create`) are shared with the Workers AI dialect's routes (jobs_workers_ai.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Request
@@ -16,15 +20,22 @@ from loraplex.api.context import ApiContext
 from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.api.errors import invalid
 from loraplex.api.uploads import delete_unused_objects, store_asset
+from loraplex.errors import LimitReached
 from loraplex.training.hyperparameters import check_hyperparameters
 from loraplex.training.jobs import Job
+
 
 def publish(ctx: ApiContext, job: Job, folder) -> str:
     """Register the trained PEFT folder as a finetune of the job's account, through the upload
     path's validation and storage; returns `BASE:NAME`. On any refusal the finetune and its
-    objects are removed again (nothing left behind) and the error propagates. Blocking."""
+    objects are removed again (nothing left behind) and the error propagates; an account at its
+    finetune limit gets a LimitReached that says the job's training is lost. Blocking."""
     name = f"{job.suffix or 'ft'}-{job.id.removeprefix('ftjob-')[:12]}"
-    finetune = ctx.registry.create_finetune(job.account, name, ctx.model_name, f"fine-tuning job {job.id}")
+    try:
+        finetune = ctx.registry.create_finetune(job.account, name, ctx.model_name, f"fine-tuning job {job.id}")
+    except LimitReached as e:
+        raise LimitReached(f"the trained adapter could not be published: {e.message}, then create the job "
+                           "again") from None
     try:
         for file_name in (CONFIG_FILE, WEIGHTS_FILE):
             with open(folder / file_name, "rb") as src:
@@ -33,6 +44,15 @@ def publish(ctx: ApiContext, job: Job, folder) -> str:
         delete_unused_objects(ctx, ctx.registry.delete_finetune(job.account, finetune.id))
         raise
     return f"{ctx.model_name}:{name}"
+
+
+def unpublish(ctx: ApiContext, job: Job, fine_tuned_model: str) -> None:
+    """Take back what `publish` registered for `job` (a cancel won the race): the finetune is
+    deleted as `DELETE …/finetunes/{id}` deletes it (the engine forgets it, unused objects go).
+    Blocking; call it from a thread that runs no event loop (the trainer's)."""
+    finetune = ctx.registry.delete_finetune(job.account, fine_tuned_model.rpartition(":")[2])
+    asyncio.run(ctx.engine.forget_lora(finetune.id))
+    delete_unused_objects(ctx, finetune)
 
 
 router = APIRouter()
@@ -46,11 +66,27 @@ def as_openai(job: Job) -> dict:
             "fine_tuned_model": job.fine_tuned_model, "finished_at": job.finished_at, "seed": job.seed,
             "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
             "error": {"code": "training_failed", "message": job.error, "param": None} if job.error else None,
-            "organization_id": job.account, "result_files": [], "trained_tokens": None,
+            "organization_id": job.account, "result_files": [], "trained_tokens": job.trained_tokens,
             "suffix": job.suffix, "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
 
 
-def _create(ctx: ApiContext, account_id: str, body: dict) -> Job:
+def event_json(event: dict) -> dict:
+    return {"id": f"ftevent-{event['seq']}", "object": "fine_tuning.job.event", "created_at": event["created_at"],
+            "level": event["level"], "message": event["message"], "data": event["data"],
+            "type": "metrics" if event["data"] else "message"}
+
+
+def checkpoint_json(job_id: str, checkpoint: dict) -> dict:
+    metrics = checkpoint["metrics"]
+    return {"id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{checkpoint['step']}",
+            "object": "fine_tuning.job.checkpoint", "created_at": checkpoint["created_at"],
+            "fine_tuned_model_checkpoint": checkpoint["fine_tuned_model"], "fine_tuning_job_id": job_id,
+            "step_number": checkpoint["step"],
+            "metrics": {"step": metrics.get("step"), "train_loss": metrics.get("train_loss")}}
+
+
+def create(ctx: ApiContext, account_id: str, body: dict) -> Job:
+    """Check an OpenAI-shaped create body and store the job `queued` (blocking)."""
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object")
     if body.get("model") not in ctx.served_names:
@@ -82,7 +118,7 @@ async def create_job(account_id: str, request: Request):
         body = json.loads(await request.body())
     except (ValueError, RecursionError):
         raise invalid("the request body is not valid JSON") from None
-    return as_openai(await to_thread(_create, ctx, account_id, body))
+    return as_openai(await to_thread(create, ctx, account_id, body))
 
 
 @router.get(PREFIX)
@@ -108,10 +144,17 @@ async def cancel_job(account_id: str, job_id: str, request: Request):
 async def job_events(account_id: str, job_id: str, request: Request):
     await authorize(request, account_id)
     events = await to_thread(request.app.state.ctx.jobs.events, account_id, job_id)
-    data = [{"id": f"ftevent-{e['seq']}", "object": "fine_tuning.job.event", "created_at": e["created_at"],
-             "level": e["level"], "message": e["message"], "data": e["data"], "type": "metrics" if e["data"] else "message"}
-            for e in reversed(events)]
-    return {"object": "list", "data": data, "has_more": False}
+    return {"object": "list", "data": [event_json(e) for e in reversed(events)], "has_more": False}
+
+
+@router.get(PREFIX + "/{job_id}/checkpoints")
+async def job_checkpoints(account_id: str, job_id: str, request: Request):
+    """The final checkpoint of a succeeded job (its served finetune); an empty list otherwise."""
+    await authorize(request, account_id)
+    checkpoints = await to_thread(request.app.state.ctx.jobs.checkpoints, account_id, job_id)
+    data = [checkpoint_json(job_id, c) for c in reversed(checkpoints)]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 def start_runner(ctx: ApiContext):
@@ -120,6 +163,7 @@ def start_runner(ctx: ApiContext):
 
     if ctx.jobs is None or ctx.model_dir is None:
         return None
-    runner = JobRunner(ctx.jobs, ctx.files, ctx.model_dir, lambda job, folder: publish(ctx, job, folder))
+    runner = JobRunner(ctx.jobs, ctx.files, ctx.model_dir, lambda job, folder: publish(ctx, job, folder),
+                       lambda job, name: unpublish(ctx, job, name))
     runner.start()
     return runner

@@ -1,8 +1,14 @@
 """JobRunner: the server's one trainer slot. A thread claims queued jobs (fairly, JobStore.claim_next)
 and trains each in a worker *process* (spawned; torch at 1 thread there), so serving goes on.
 On success the adapter goes through the upload path's validation and storage (`publish`, given
-by the API layer) and the job records `fine_tuned_model` = `BASE:NAME`; on failure or cancel
-nothing is published and the job's temporary folder is removed. One job at a time per runner.
+by the API layer) and the job records `fine_tuned_model` = `BASE:NAME` and `trained_tokens`; on
+failure or cancel nothing is published and the job's temporary folder is removed. A cancel that
+lands while the adapter is being published wins (JobStore's rule): the runner takes the finetune
+back out with `unpublish(job, name)`. Each step adds an event with its metrics: `step`,
+`total_steps`, `epoch`, `train_loss`, `learning_rate`, `trained_tokens`, `elapsed_seconds` (since
+the first step began) and `eta_seconds` (seconds left at the mean pace so far). When the runner lets go of a job it did not finish (cancelled, or
+the server stopping) its last event starts with `STOPPED`; after it, the runner touches the job
+no more. One job at a time per runner.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from pathlib import Path
 
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import Job, JobStore
+from loraplex.training.trainer import StepReport
+
+STOPPED = "the trainer stopped: "  # the runner's last event for a job it stopped (cancel, shutdown)
 
 
 def _train_in_child(model_dir, data, out_dir, hp, seed, events):
@@ -24,17 +33,19 @@ def _train_in_child(model_dir, data, out_dir, hp, seed, events):
     from loraplex.training.trainer import train_lora
     torch.set_num_threads(1)
     try:
-        loss = train_lora(Path(model_dir), data, Path(out_dir), hp, seed,
-                          on_step=lambda s, t, loss, lr: events.put(("step", s, t, loss, lr)))
-        events.put(("done", loss))
+        result = train_lora(Path(model_dir), data, Path(out_dir), hp, seed,
+                            on_step=lambda report: events.put(("step", report)))
+        events.put(("done", result.loss, result.trained_tokens))
     except BaseException as e:  # reported to the parent, which fails the job
         events.put(("error", f"{type(e).__name__}: {e}"))
 
 
 class JobRunner:
     def __init__(self, jobs: JobStore, files: FileStore, model_dir: Path,
-                 publish: Callable[[Job, Path], str], poll_s: float = 0.2):
-        self.jobs, self.files, self.model_dir, self.publish, self.poll_s = jobs, files, model_dir, publish, poll_s
+                 publish: Callable[[Job, Path], str], unpublish: Callable[[Job, str], None],
+                 poll_s: float = 0.2):
+        self.jobs, self.files, self.model_dir, self.poll_s = jobs, files, model_dir, poll_s
+        self.publish, self.unpublish = publish, unpublish
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loraplex-trainer", daemon=True)
 
@@ -54,7 +65,8 @@ class JobRunner:
             try:
                 self._run(job)
             except Exception as e:  # a bug or a publish refusal: the job fails, the runner goes on
-                self.jobs.finish(job.id, "failed", error=str(e))
+                if not self.jobs.finish(job.id, "failed", error=str(e)):  # cancelled meanwhile
+                    self.jobs.add_event(job.id, STOPPED + str(e))
 
     def _run(self, job: Job) -> None:
         work = Path(tempfile.mkdtemp(prefix="loraplex-job-"))
@@ -72,6 +84,7 @@ class JobRunner:
                 if self.jobs.get(job.account, job.id).status != "running" or self._stop.is_set():
                     child.terminate()
                     child.join()
+                    self.jobs.add_event(job.id, STOPPED + "nothing was published")
                     return
                 try:
                     event = events.get(timeout=self.poll_s)
@@ -80,18 +93,28 @@ class JobRunner:
                         outcome = ("error", f"the trainer process exited with {child.exitcode}")
                     continue
                 if event[0] == "step":
-                    _, step, total, loss, lr = event
-                    self.jobs.add_event(job.id, f"step {step}/{total}: training loss={loss:.4f}",
-                                        {"step": step, "total_steps": total, "train_loss": loss, "learning_rate": lr})
+                    self._step_event(job, event[1])
                 else:
                     outcome = event
             child.join()
             if outcome[0] == "error":
-                self.jobs.finish(job.id, "failed", error=outcome[1])
+                if not self.jobs.finish(job.id, "failed", error=outcome[1]):  # cancelled meanwhile
+                    self.jobs.add_event(job.id, STOPPED + "nothing was published")
+                return
+            if self.jobs.get(job.account, job.id).status != "running":  # cancelled as training ended
+                self.jobs.add_event(job.id, STOPPED + "nothing was published")
                 return
             name = self.publish(job, work / "adapter")
-            if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name):
-                return
-            self.jobs.add_event(job.id, f"the job has succeeded: {name}")
+            if not self.jobs.finish(job.id, "succeeded", fine_tuned_model=name, trained_tokens=outcome[2]):
+                self.unpublish(job, name)  # cancelled while publishing: the cancel wins
+                self.jobs.add_event(job.id, STOPPED + f"cancelled while publishing, {name} was deleted again")
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _step_event(self, job: Job, report: StepReport) -> None:
+        data = {"step": report.step, "total_steps": report.total_steps, "epoch": report.epoch,
+                "train_loss": report.loss, "learning_rate": report.learning_rate,
+                "trained_tokens": report.trained_tokens, "elapsed_seconds": round(report.elapsed_s, 3),
+                "eta_seconds": round(report.eta_s, 1)}
+        self.jobs.add_event(job.id, f"step {report.step}/{report.total_steps}: training loss={report.loss:.4f}, "
+                                    f"about {report.eta_s:.0f} s left", data)
