@@ -8,7 +8,6 @@ replica). The SIGKILL test runs last: it leaves a restarted replica behind."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading

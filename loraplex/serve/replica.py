@@ -28,7 +28,7 @@ from ray import serve
 
 from loraplex.adapters.cache import LocalSource, RemoteSource
 from loraplex.api.server import ServerOptions, open_engine
-from loraplex.core import RequestOutput, SamplingParams
+from loraplex.core import SamplingParams
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine
 
