@@ -112,7 +112,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
-    """`serve --replicas N`: N engine replicas on Ray Serve behind this process's HTTP endpoint."""
+    """`serve --replicas N`: N engine replicas on Ray Serve behind this process's HTTP endpoint,
+    removed again when it stops (SIGINT, SIGTERM); a local Ray it started stops with it."""
+    import signal
+
     from loraplex.api.app import create_app
     from loraplex.api.listen import serve
     from loraplex.serve.deployment import build_ingress_context, deploy, install, start_ray, undeploy
@@ -130,7 +133,13 @@ def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
             print(f"serving {options.served_name} (and {options.served_name}-lora) on {url} "
                   f"with {scaleout.replicas} engine replicas on Ray Serve", flush=True)
 
-        serve(app, options.http, args.host, args.port, args.log_level, args.log_format, announce)
+        # uvicorn stops on SIGINT / SIGTERM, then raises the signal again: end quietly, and let
+        # `finally` remove the replicas (on a cluster they would outlive this process otherwise)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            serve(app, options.http, args.host, args.port, args.log_level, args.log_format, announce)
+        except KeyboardInterrupt:
+            pass
     finally:
         undeploy(scaleout, stop_ray=started and scaleout.ray_address is None)
     return 0

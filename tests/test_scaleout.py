@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
 
@@ -18,7 +21,10 @@ import pytest
 from cloudflare import Cloudflare
 from openai import OpenAI
 
-from api_server import LiveServer, server_options
+import ray
+from ray import serve
+
+from api_server import LiveServer, free_port, server_options
 from loraplex.core import SamplingParams
 from loraplex.engine.async_engine import EngineFailure
 from loraplex.serve.remote_engine import pinned_replica
@@ -56,7 +62,7 @@ def single(model_dir, tmp_path_factory):
 def cluster(model_dir, tmp_path_factory):
     start_local_ray()
     options = server_options(model_dir, tmp_path_factory.mktemp("cluster"), admin_token=ADMIN_TOKEN)
-    server = ScaleoutServer.start(options, test_scaleout())
+    server = ScaleoutServer.start(options, test_scaleout(app_name="loraplex-tests"))
     yield server
     server.stop()
     stop_local_ray()
@@ -185,6 +191,35 @@ def test_metrics_and_admin_view_cover_every_replica(cluster, accounts):
     assert all(line in text for line in expected), text
     for rid in ids:
         assert f'loraplex_replica_requests_in_flight{{replica="{rid}"}}' in text
+
+
+def test_the_cli_serves_replicas_on_a_cluster_it_joins_and_removes_them_on_exit(cluster, model_dir, tmp_path):
+    """`loraplex serve --replicas 1 --ray-address <this module's Ray>` (beside the module's own app)."""
+    port = free_port()
+    command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir), "--model-name", MODEL,
+               "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", str(32 << 20), "--data-dir", str(tmp_path),
+               "--port", str(port), "--dev-account", "--replicas", "1", "--replica-cpus", "0.5",
+               "--ray-address", ray.get_runtime_context().gcs_address]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "serving" in line and "engine replicas on Ray Serve" in line:
+                break
+        else:
+            raise AssertionError("".join(seen[-30:]))
+        printed = "".join(seen)
+        account = (re.search(r"LORAPLEX_ACCOUNT_ID=(\S+)", printed)[1], re.search(r"LORAPLEX_API_TOKEN=(\S+)", printed)[1])
+        text, replica = reply(f"http://127.0.0.1:{port}", account, PROMPTS[0], None)
+        assert text and replica not in (None, INGRESS)
+        assert "loraplex" in serve.status().applications
+    finally:
+        process.send_signal(signal.SIGTERM)  # (SIGINT ends it the same way)
+        process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert "loraplex" not in serve.status().applications
+    assert "loraplex-tests" in serve.status().applications
 
 
 def _pids(cluster) -> dict[str, int]:
