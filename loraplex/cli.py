@@ -114,10 +114,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
     """`serve --replicas N`: N engine replicas on Ray Serve behind this process's HTTP endpoint,
     removed again when it stops (SIGINT, SIGTERM); a local Ray it started stops with it."""
+    import logging
     import signal
 
     from loraplex.api.app import create_app
     from loraplex.api.listen import serve
+    from loraplex.logs import event
     from loraplex.serve.deployment import build_ingress_context, deploy, install, start_ray, undeploy
 
     scaleout = config.ScaleoutConfig(replicas=args.replicas, ray_address=args.ray_address,
@@ -130,8 +132,12 @@ def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
         def announce(url: str) -> None:
             if dev_account is not None:
                 _print_dev_help(args.data_dir, *dev_account, url, options.served_name)
-            print(f"serving {options.served_name} (and {options.served_name}-lora) on {url} "
-                  f"with {scaleout.replicas} engine replicas on Ray Serve", flush=True)
+            if args.log_format == "json":
+                event(logging.getLogger("loraplex.server"), "serving", model=options.served_name, url=url,
+                      replicas=scaleout.replicas)
+            else:
+                print(f"serving {options.served_name} (and {options.served_name}-lora) on {url} "
+                      f"with {scaleout.replicas} engine replicas on Ray Serve", flush=True)
 
         # uvicorn stops on SIGINT / SIGTERM, then raises the signal again: end quietly, and let
         # `finally` remove the replicas (on a cluster they would outlive this process otherwise)

@@ -37,6 +37,7 @@ ADMIN_TOKEN = "operator-secret"
 NAMES = ("a0", "a1", "a2", "a3")
 PROMPTS = ("The capital of France is", "Once upon a time")
 HEADER = "x-loraplex-replica"
+SPILL = 4  # the replicas' spill bound (ScaleoutConfig.spill_in_flight), small to see it act
 MAX_TOKENS = 96  # long enough that the victim replica is busy when it is killed
 
 
@@ -62,7 +63,7 @@ def single(model_dir, tmp_path_factory):
 def cluster(model_dir, tmp_path_factory):
     start_local_ray()
     options = server_options(model_dir, tmp_path_factory.mktemp("cluster"), admin_token=ADMIN_TOKEN)
-    server = ScaleoutServer.start(options, test_scaleout(app_name="loraplex-tests"))
+    server = ScaleoutServer.start(options, test_scaleout(app_name="loraplex-tests", spill_in_flight=SPILL))
     yield server
     server.stop()
     stop_local_ray()
@@ -131,11 +132,12 @@ def test_outputs_equal_the_single_process_server_through_both_sdks(single, clust
 def test_every_response_names_its_replica(cluster, accounts):
     account_id, token = accounts[1]
     ids = cluster.replica_ids()
-    with httpx.stream("POST", f"{cluster.url}/client/v4/accounts/{account_id}/ai/run/{MODEL}",
-                      json={"prompt": PROMPTS[0], "lora": "a0", "max_tokens": 4, "stream": True},
-                      headers={"Authorization": f"Bearer {token}"}, timeout=120) as r:
-        assert r.status_code == 200 and r.headers[HEADER] in ids
-        assert r.read().endswith(b"data: [DONE]\n\n")
+    for lora in (None, "a0"):
+        with httpx.stream("POST", f"{cluster.url}/client/v4/accounts/{account_id}/ai/run/{MODEL}",
+                          json={"prompt": PROMPTS[0], "lora": lora, "max_tokens": 4, "stream": True},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=120) as r:
+            assert r.status_code == 200 and r.headers[HEADER] in ids
+            assert r.read().endswith(b"data: [DONE]\n\n")
     assert httpx.get(f"{cluster.url}/healthz").headers[HEADER] == INGRESS
     refused = run(cluster.url, (account_id, "not-a-token"), {"prompt": "x"})
     assert refused.status_code == 401 and refused.headers[HEADER] == INGRESS
@@ -172,6 +174,30 @@ def test_an_uploaded_adapter_is_served_at_once_by_every_replica(single, cluster,
         assert asyncio.run(generate_on(replica)) == expected
     registered = asyncio.run(ctx.engine.call(lambda engine: finetune in engine.adapters.names))
     assert registered == {"replicas": {rid: True for rid in cluster.replica_ids()}}
+
+    account_id, token = accounts[1]  # deleted through the endpoint: forgotten by every replica
+    deleted = httpx.delete(f"{cluster.url}/client/v4/accounts/{account_id}/ai/finetunes/{finetune}",
+                           headers={"Authorization": f"Bearer {token}"})
+    assert deleted.status_code == 200, deleted.text
+    registered = asyncio.run(ctx.engine.call(lambda engine: finetune in engine.adapters.names))
+    assert registered == {"replicas": {rid: False for rid in cluster.replica_ids()}}
+    gone = run(cluster.url, accounts[1], {"prompt": PROMPTS[1], "lora": "fresh"})
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == 3037, gone.text
+
+
+def test_a_burst_for_one_adapter_past_the_spill_bound_spreads_over_both_replicas(cluster, accounts):
+    """More requests for one adapter at once than `spill_in_flight`: the others go elsewhere."""
+    served: list = []
+
+    def send() -> None:
+        served.append(reply(cluster.url, accounts[1], PROMPTS[0], "a1", max_tokens=24)[1])
+
+    threads = [threading.Thread(target=send) for _ in range(3 * SPILL)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(served) == 3 * SPILL and set(served) == set(cluster.replica_ids())
 
 
 def test_metrics_and_admin_view_cover_every_replica(cluster, accounts):

@@ -39,6 +39,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from loraplex import errors
 from loraplex.adapters.cache import LocalSource, RemoteSource
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.engine.async_engine import AdapterForgotten, EngineFailure, QueueFull
@@ -149,6 +150,8 @@ class RemoteEngine:
             raise QueueFull(f"too many requests in flight ({self.max_pending}); retry later")
         if lora is not None and lora in self._forgotten:
             raise AdapterForgotten(lora)
+        if lora is not None and lora not in self._sources:
+            raise errors.InvalidInput(f"no LoRA adapter named '{lora}' has been added")
         self._in_flight += 1
         delivered: RequestOutput | None = None
         tried: list[str] = []
