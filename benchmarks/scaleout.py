@@ -12,6 +12,7 @@ The model: the default model's architecture and tokenizer cut to a few layers, r
 run: the machine is shared.
 
     python benchmarks/scaleout.py                # writes benchmarks/out/scaleout.{json,png}
+    python benchmarks/scaleout.py --seed 1       # another workload: benchmarks/out/scaleout-seed1.*
     python benchmarks/scaleout.py --quick        # a short smoke run
 """
 
@@ -255,7 +256,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loraplex-scaleout-") as tmp:
         rows = benchmark(args, Path(tmp))
     meta = {k: v for k, v in vars(args).items()}
-    save_results([{**row, "settings": meta} for row in rows], OUT, "scaleout" + ("-quick" if args.quick else ""), plot)
+    name = "scaleout" + (f"-seed{args.seed}" if args.seed else "") + ("-quick" if args.quick else "")
+    save_results([{**row, "settings": meta} for row in rows], OUT, name, plot)
     print(table(rows))
 
 

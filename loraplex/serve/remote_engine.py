@@ -21,7 +21,8 @@ Contracts:
   reproducible; a reproducible one (greedy, or seeded) resumes transparently: the new replica's
   outputs are skipped until they pass what was delivered, and they must repeat it token for token.
   Otherwise the stream ends with EngineFailure (a clean error event for a streaming client).
-- `call(fn)`: fn(engine) on every running replica: {"replicas": {replica id: result}}.
+- `call(fn)`: fn(engine) on every running replica: {"replicas": {replica id: result}} (the
+  admin view's shape behind the ingress: one residency snapshot per replica).
 - `stats()` and `cache_stats()`: sums over the replicas' latest routing stats (they lag by Ray
   Serve's collection period); `replicas()` gives each one's own.
 """
@@ -120,8 +121,18 @@ class RemoteEngine:
         return _sum_dicts([r.get("cache", {}) for r in self.replicas().values()])
 
     async def call(self, fn: Callable[[Any], Any]) -> dict:
-        results = await self._handle.broadcast("call", fn).results_async()
-        return {"replicas": dict(sorted(results))}
+        """fn(engine) on every running replica: {"replicas": {replica id: result}}. A replica that
+        fails to answer (dying, restarting) is left out and logged; fn's own exception is raised."""
+        results = await self._handle.broadcast("call", fn).results_async(return_exceptions=True)
+        answered = {}
+        for result in results:
+            if isinstance(result, REPLICA_LOST):
+                event(log, "replica did not answer", error=type(result).__name__)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answered[result[0]] = result[1]
+        return {"replicas": dict(sorted(answered.items()))}
 
     async def model_info(self) -> dict:
         """{"model_args", "max_model_len"} of the model the replicas serve."""
