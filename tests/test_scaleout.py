@@ -8,6 +8,7 @@ replica). The SIGKILL test runs last: it leaves a restarted replica behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -26,7 +27,6 @@ from ray import serve
 
 from api_server import LiveServer, free_port, server_options
 from loraplex.core import SamplingParams
-from loraplex.engine.async_engine import EngineFailure
 from loraplex.serve.remote_engine import pinned_replica
 from loraplex.serve.replica_header import INGRESS
 from scaleout_server import ScaleoutServer, start_local_ray, stop_local_ray, test_scaleout
@@ -252,26 +252,26 @@ def _pids(cluster) -> dict[str, int]:
     return asyncio.run(cluster.ctx.engine.call(lambda engine: os.getpid()))["replicas"]
 
 
-def test_a_stream_on_a_killed_replica_ends_with_an_error_and_the_replica_comes_back(cluster, accounts):
-    """Sampling without a seed cannot be replayed elsewhere: the stream ends with EngineFailure."""
-    ctx = cluster.ctx
-    victim = cluster.replica_ids()[0]
-    pid = _pids(cluster)[victim]
-    params = SamplingParams(max_tokens=400, temperature=1.0, ignore_eos=True)
-
-    async def stream() -> BaseException | None:
-        with pinned_replica(victim):
-            outputs = ctx.engine.generate(ctx.tokenizer.encode(PROMPTS[0]), params)
-            await anext(outputs)
-            os.kill(pid, signal.SIGKILL)
-            try:
-                async for _ in outputs:
-                    pass
-            except EngineFailure as e:
-                return e
-        return None
-
-    assert isinstance(asyncio.run(stream()), EngineFailure)
+def test_a_stream_on_a_killed_replica_ends_with_an_error_event_and_the_replica_comes_back(single, cluster, accounts):
+    """A sampled request without a seed cannot be replayed elsewhere: its stream ends with the
+    SSE error event (3040). top_k=1 makes it as long as the greedy reply, which runs to
+    max_tokens (checked on the single-process server), so it is still streaming at the kill."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 450, "raw": True}
+    whole = run(single.url, accounts[0], body | {"temperature": 0})
+    assert whole.json()["result"]["usage"]["completion_tokens"] == 450  # no end-of-sequence before
+    pids = _pids(cluster)
+    account_id, token = accounts[1]
+    with httpx.stream("POST", f"{cluster.url}/client/v4/accounts/{account_id}/ai/run/{MODEL}",
+                      json=body | {"temperature": 1.0, "top_k": 1, "stream": True},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=120) as r:
+        victim = r.headers[HEADER]
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "response" in json.loads(first[6:])
+        os.kill(pids[victim], signal.SIGKILL)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] != "[DONE]"
+    assert json.loads(events[-1])["error"]["code"] == 3040, events[-3:]
     assert victim not in cluster.wait_for_replicas(2, without=victim)
 
 
