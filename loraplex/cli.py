@@ -117,13 +117,22 @@ def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
     import logging
     import signal
 
+    from loraplex import errors
     from loraplex.api.app import create_app
     from loraplex.api.listen import serve
     from loraplex.logs import event
-    from loraplex.serve.deployment import build_ingress_context, deploy, install, start_ray, undeploy
 
-    scaleout = config.ScaleoutConfig(replicas=args.replicas, ray_address=args.ray_address,
-                                     replica_num_cpus=args.replica_cpus, replica_num_gpus=args.replica_gpus)
+    try:
+        from loraplex.serve.deployment import build_ingress_context, deploy, install, start_ray, undeploy
+    except ImportError as e:
+        raise errors.InvalidInput(f"--replicas needs Ray Serve ({e}): pip install 'loraplex[scaleout]', "
+                                  "or `make serve REPLICAS=N`") from None
+
+    try:
+        scaleout = config.ScaleoutConfig(replicas=args.replicas, ray_address=args.ray_address,
+                                         replica_num_cpus=args.replica_cpus, replica_num_gpus=args.replica_gpus)
+    except ValueError as e:
+        raise errors.InvalidInput(f"--replicas: {e}") from None
     started = start_ray(scaleout.ray_address)
     try:
         ctx = build_ingress_context(options, scaleout, deploy(options, scaleout))

@@ -33,11 +33,9 @@ def stop_local_ray() -> None:
     ray.shutdown()
 
 
-def test_scaleout(replicas: int = 2, **overrides) -> ScaleoutConfig:
+def scaleout_config(replicas: int = 2, **overrides) -> ScaleoutConfig:
+    """Replicas small enough that two fit on the local Ray, routing stats collected often."""
     return ScaleoutConfig(replicas=replicas, replica_num_cpus=REPLICA_CPUS, routing_stats_period_s=0.2, **overrides)
-
-
-test_scaleout.__test__ = False  # (not a test: a config for tests)
 
 
 @dataclass

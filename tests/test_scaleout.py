@@ -29,7 +29,7 @@ from api_server import LiveServer, free_port, server_options
 from loraplex.core import SamplingParams
 from loraplex.serve.remote_engine import pinned_replica
 from loraplex.serve.replica_header import INGRESS
-from scaleout_server import ScaleoutServer, start_local_ray, stop_local_ray, test_scaleout
+from scaleout_server import ScaleoutServer, scaleout_config, start_local_ray, stop_local_ray
 from tiny_models import make_peft_adapter
 
 MODEL = "@cf/test/tiny-llama"
@@ -63,7 +63,7 @@ def single(model_dir, tmp_path_factory):
 def cluster(model_dir, tmp_path_factory):
     start_local_ray()
     options = server_options(model_dir, tmp_path_factory.mktemp("cluster"), admin_token=ADMIN_TOKEN)
-    server = ScaleoutServer.start(options, test_scaleout(app_name="loraplex-tests", spill_in_flight=SPILL))
+    server = ScaleoutServer.start(options, scaleout_config(app_name="loraplex-tests", spill_in_flight=SPILL))
     yield server
     server.stop()
     stop_local_ray()

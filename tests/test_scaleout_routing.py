@@ -1,8 +1,11 @@
 """The adapter-affinity decision (loraplex/serve/routing.py), without Ray: residency tiers, load,
-spill past the bound, spreading new adapters, the sticky window."""
+spill past the bound, spreading new adapters, the sticky window; and the scale-out settings'
+refusals (ScaleoutConfig, `serve --replicas 0`), before any Ray starts."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -90,3 +93,9 @@ def test_a_sequential_series_over_many_adapters_sticks_and_spreads():
 def test_scaleout_config_refuses_nonsense(bad):
     with pytest.raises(ValueError):
         ScaleoutConfig(**bad)
+
+
+def test_serve_refuses_a_replica_count_below_one_in_one_line(model_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir),
+                           "--data-dir", str(tmp_path), "--replicas", "0"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr.strip()) == (1, "error: --replicas: replicas must be a positive integer, got 0")
