@@ -157,9 +157,10 @@ class HttpConfig:
 class ScaleoutConfig:
     """`loraplex serve --replicas N`: engine replicas on Ray Serve behind one API (loraplex/serve/).
 
-    Routing (serve/routing.py): a request for an adapter prefers a replica holding it (device slot,
-    then host memory, or where it was sent within `sticky_s`), else the least-loaded one; a replica
-    with `spill_in_flight` or more requests in flight is passed over while another is below it."""
+    Routing (serve/routing.py): a request for an adapter prefers the replica it was last sent to
+    (within `sticky_s`), then one holding it (device slot, then host memory), else the least-loaded
+    one; a replica with `spill_in_flight` or more requests in flight is passed over while another
+    is below it."""
 
     replicas: int = 2
     ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://host:port": join a cluster

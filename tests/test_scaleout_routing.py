@@ -29,12 +29,17 @@ def test_a_slot_beats_host_memory_beats_cold_whatever_the_load_below_the_bound()
     assert rank("x", replicas) == ["slot", "host", "cold"]
 
 
-def test_the_sticky_replica_counts_as_warm_before_any_report_says_so():
+def test_the_sticky_replica_comes_first_before_any_report_says_so():
     replicas = [view("r0", 0), view("r1", 2)]
     assert rank("x", replicas, sticky_replica="r1") == ["r1", "r0"]
 
 
-def test_among_warm_replicas_the_least_loaded_first():
+def test_the_sticky_replica_beats_another_holding_the_adapter_in_a_slot():
+    replicas = [view("r0", 0, slots={"x"}), view("r1", 2, slots={"x"})]
+    assert rank("x", replicas, sticky_replica="r1") == ["r1", "r0"]
+
+
+def test_among_replicas_holding_it_in_a_slot_the_least_loaded_first():
     replicas = [view("r0", 3, slots={"x"}), view("r1", 1, slots={"x"}), view("r2", 0)]
     assert rank("x", replicas) == ["r1", "r0", "r2"]
 

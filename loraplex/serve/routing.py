@@ -7,8 +7,8 @@ The order for a request of adapter `a` (first the best):
 1. replicas below the spill bound (`in_flight < spill_in_flight`) before those at or above it —
    an overloaded replica's adapters spill to the others, which load them (no head-of-line
    blocking); when every replica is overloaded, the least loaded still comes first;
-2. then by where `a` lives: warm (in a device slot, or sent there within the sticky window), then
-   in host memory, then cold;
+2. then by where `a` lives: where it was last sent (within the sticky window), then in a device
+   slot, then in host memory, then nowhere (cold);
 3. then the least in flight; then (cold ones) the fewest adapters recently sent there, so new
    adapters spread over the replicas instead of piling onto the first idle one; then the id.
 
@@ -16,7 +16,8 @@ The base model (`adapter` None) has no residency: least in flight first, then th
 
 Residency comes from the replicas' reports, which lag (Ray Serve collects them periodically), so
 `StickyMap` remembers where each adapter was sent lately: a second request for an adapter follows
-the first even before any report says the adapter arrived there.
+the first even before any report says the adapter arrived there, and an adapter resident on two
+replicas keeps to the one it was last sent to (no flip-flop on stale load figures).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ReplicaView(NamedTuple):
     host: frozenset[str] = frozenset()
 
 
-WARM, HOST, COLD = 0, 1, 2
+STICKY, SLOT, HOST, COLD = 0, 1, 2, 3
 
 
 class StickyMap:
@@ -69,8 +70,10 @@ class StickyMap:
 
 
 def tier_of(view: ReplicaView, adapter: str, sticky_replica: str | None) -> int:
-    if view.id == sticky_replica or adapter in view.slots:
-        return WARM
+    if view.id == sticky_replica:
+        return STICKY
+    if adapter in view.slots:
+        return SLOT
     return HOST if adapter in view.host else COLD
 
 
