@@ -13,7 +13,6 @@ the application (the replicas) and, when this process started Ray, stops it.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -33,7 +32,6 @@ from loraplex.serve.replica_header import ReplicaHeaderMiddleware
 from loraplex.serve.router import AffinityRouter, RoundRobinRouter
 from loraplex.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "EngineReplica"
 
 
@@ -54,7 +52,10 @@ def deploy(options: ServerOptions, scaleout: ScaleoutConfig) -> DeploymentHandle
     """Run `scaleout.replicas` EngineReplicas of `options` (each receives the whole ServerOptions)
     as the Serve application `scaleout.app_name`, replacing one of that name; returns its handle
     once every replica is up. The default model is converted here first, so that the replicas
-    do not race to convert it."""
+    do not race to convert it.
+
+    A process keeps the request-router class it first built for an application: to compare
+    routers in one process (benchmarks), deploy each under its own `app_name`."""
     resolve_model_dir(options.engine.model.model, options.data_dir)
     if scaleout.router == "affinity":
         router = RequestRouterConfig(request_router_class=AffinityRouter,
