@@ -27,7 +27,9 @@ from ray import serve
 
 from api_server import LiveServer, free_port, server_options
 from loraplex.core import SamplingParams
-from loraplex.serve.remote_engine import pinned_replica
+from loraplex.engine.async_engine import QueueFull
+from loraplex.serve.deployment import DEPLOYMENT_NAME
+from loraplex.serve.remote_engine import RemoteEngine, pinned_replica
 from loraplex.serve.replica_header import INGRESS
 from scaleout_server import ScaleoutServer, scaleout_config, start_local_ray, stop_local_ray
 from tiny_models import make_peft_adapter
@@ -198,6 +200,27 @@ def test_a_burst_for_one_adapter_past_the_spill_bound_spreads_over_both_replicas
     for t in threads:
         t.join()
     assert len(served) == 3 * SPILL and set(served) == set(cluster.replica_ids())
+
+
+def test_the_ingress_admits_max_pending_per_replica_then_refuses(cluster):
+    """RemoteEngine's own bound (max_pending × replicas), before any replica is asked."""
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, cluster.scaleout.app_name)
+    engine = RemoteEngine(handle, cluster.scaleout.app_name, num_replicas=2, max_pending=1)
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    prompt = cluster.ctx.tokenizer.encode(PROMPTS[0])
+
+    async def fill_then_one_more() -> None:
+        running = [engine.generate(prompt, params) for _ in range(2)]
+        for outputs in running:
+            await anext(outputs)
+        assert engine.num_in_flight == 2
+        with pytest.raises(QueueFull, match="too many requests in flight"):
+            await anext(engine.generate(prompt, params))
+        for outputs in running:
+            await outputs.aclose()
+        assert engine.num_in_flight == 0
+
+    asyncio.run(fill_then_one_more())
 
 
 def test_metrics_and_admin_view_cover_every_replica(cluster, accounts):
