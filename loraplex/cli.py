@@ -96,6 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
     raise_open_file_limit()
     options = _server_options(args)
     dev_account = _dev_account(args.data_dir, args.registry) if args.dev_account else None
+    if args.replicas is not None:
+        return _serve_replicas(args, options, dev_account)
     app = create_app(build_context(options))
 
     def announce(url: str) -> None:
@@ -107,6 +109,55 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"serving {options.served_name} (and {options.served_name}-lora) on {url}", flush=True)
 
     serve(app, options.http, args.host, args.port, args.log_level, args.log_format, announce)
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
+    """`serve --replicas N`: N engine replicas on Ray Serve behind this process's HTTP endpoint,
+    removed again when it stops (SIGINT, SIGTERM); a local Ray it started stops with it."""
+    import logging
+    import signal
+
+    from loraplex import errors
+    from loraplex.api.app import create_app
+    from loraplex.api.listen import serve
+    from loraplex.logs import event
+
+    try:
+        from loraplex.serve.deployment import build_ingress_context, deploy, install, start_ray, undeploy
+    except ImportError as e:
+        raise errors.InvalidInput(f"--replicas needs Ray Serve ({e}): pip install 'loraplex[scaleout]', "
+                                  "or `make serve REPLICAS=N`") from None
+
+    try:
+        scaleout = config.ScaleoutConfig(replicas=args.replicas, ray_address=args.ray_address,
+                                         replica_num_cpus=args.replica_cpus, replica_num_gpus=args.replica_gpus)
+    except ValueError as e:
+        raise errors.InvalidInput(f"--replicas: {e}") from None
+    started = start_ray(scaleout.ray_address)
+    try:
+        ctx = build_ingress_context(options, scaleout, deploy(options, scaleout))
+        app = install(create_app(ctx), ctx)
+
+        def announce(url: str) -> None:
+            if dev_account is not None:
+                _print_dev_help(args.data_dir, *dev_account, url, options.served_name)
+            if args.log_format == "json":
+                event(logging.getLogger("loraplex.server"), "serving", model=options.served_name, url=url,
+                      replicas=scaleout.replicas)
+            else:
+                print(f"serving {options.served_name} (and {options.served_name}-lora) on {url} "
+                      f"with {scaleout.replicas} engine replicas on Ray Serve", flush=True)
+
+        # uvicorn stops on SIGINT / SIGTERM, then raises the signal again: end quietly, and let
+        # `finally` remove the replicas (on a cluster they would outlive this process otherwise)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            serve(app, options.http, args.host, args.port, args.log_level, args.log_format, announce)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        undeploy(scaleout, stop_ray=started and scaleout.ray_address is None)
     return 0
 
 
@@ -266,6 +317,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-docs", dest="docs", action="store_false",
                        help="do not serve /docs, /redoc and /openapi.json (served, without a token, by default)")
     serve.add_argument("--dev-account", action="store_true", help="create (once) and print a development account")
+    scaleout = config.ScaleoutConfig()
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="run this many engine replicas on Ray Serve behind this one endpoint (default: one "
+                            "engine in this process, no Ray)")
+    serve.add_argument("--ray-address", default=None,
+                       help="with --replicas: join this Ray cluster ('auto' on a cluster node, or ray://HOST:PORT); "
+                            "default: start a local Ray")
+    serve.add_argument("--replica-cpus", type=float, default=scaleout.replica_num_cpus,
+                       help=f"with --replicas: Ray CPUs per replica (default {scaleout.replica_num_cpus:g})")
+    serve.add_argument("--replica-gpus", type=float, default=scaleout.replica_num_gpus,
+                       help=f"with --replicas: Ray GPUs per replica (default {scaleout.replica_num_gpus:g})")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                        help="text lines, or one JSON object per line (for log collectors)")

@@ -183,3 +183,31 @@ class RequestLogConfig:
             raise ValueError("default_retention_days must lie within [min_retention_days, max_retention_days]")
         if not self.sweep_interval_s > 0:
             raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s!r}")
+
+
+@dataclass(frozen=True)
+class ScaleoutConfig:
+    """`loraplex serve --replicas N`: engine replicas on Ray Serve behind one API (loraplex/serve/).
+
+    Routing (serve/routing.py): a request for an adapter prefers the replica it was last sent to
+    (within `sticky_s`), then one holding it (device slot, then host memory), else the least-loaded
+    one; a replica with `spill_in_flight` or more requests in flight is passed over while another
+    is below it."""
+
+    replicas: int = 2
+    ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://host:port": join a cluster
+    replica_num_cpus: float = 1.0  # Ray CPUs reserved per replica (fractions allowed)
+    replica_num_gpus: float = 0.0  # Ray GPUs per replica (1 for one GPU each)
+    router: str = "affinity"  # "affinity" (serve/router.py) or "round_robin" (a baseline for benchmarks)
+    spill_in_flight: int = 32  # in flight on a replica from which an adapter's requests spill elsewhere
+    sticky_s: float = 30.0  # an adapter sent to a replica counts as resident there this long
+    routing_stats_period_s: float = 0.5  # how often Ray Serve collects each replica's residency and load
+    max_attempts: int = 3  # tries of one request on replicas that die under it
+    app_name: str = "loraplex"  # the Ray Serve application (one per cluster namespace)
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "replicas", "spill_in_flight", "max_attempts")
+        if self.router not in ("affinity", "round_robin"):
+            raise ValueError(f"router must be 'affinity' or 'round_robin', got {self.router!r}")
+        if not self.replica_num_cpus >= 0 or not self.replica_num_gpus >= 0:
+            raise ValueError("replica_num_cpus and replica_num_gpus must be >= 0")

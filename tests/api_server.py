@@ -36,7 +36,11 @@ class LiveServer:
     @classmethod
     def start(cls, options: ServerOptions) -> LiveServer:
         ctx = build_context(options)
-        app = create_app(ctx)
+        return cls.serve(ctx, create_app(ctx), options)
+
+    @classmethod
+    def serve(cls, ctx: ApiContext, app: FastAPI, options: ServerOptions) -> LiveServer:
+        """Serve an app built elsewhere (e.g. the scale-out ingress, tests/scaleout_server.py)."""
         port = free_port()
         server = uvicorn.Server(uvicorn_config(app, options.http, "127.0.0.1", port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

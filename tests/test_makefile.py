@@ -32,7 +32,7 @@ def at(path: Path, t: int) -> None:
 def dry_run(project: Path, *args: str) -> list[str]:
     # make reads the environment too; and under `make test` MAKELEVEL/MAKEFLAGS would make it a
     # sub-make, which prints "Entering/Leaving directory" lines around the commands
-    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST", "REPLICAS", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(["make", "-n", *args], cwd=project, capture_output=True, text=True, check=True, env=env)
     return done.stdout.splitlines()
 
@@ -47,6 +47,16 @@ def test_serve_installs_the_runtime_only_and_takes_port_and_host(project):
                                  "--port", "9123", "--host", "0.0.0.0"]
     at(project / ".venv" / ".installed-runtime", 2000)
     assert dry_run(project, "serve") == [".venv/bin/loraplex serve --model default --dev-account  "]
+
+
+def test_serve_with_replicas_adds_ray_serve_and_runs_the_replicas(project):
+    at(project / "pyproject.toml", 1000)
+    at(project / ".venv" / ".installed-runtime", 2000)
+    lines = dry_run(project, "serve", "REPLICAS=2")
+    assert lines[0] == ".venv/bin/pip install -q -e '.[train,scaleout]'" and not any("[dev]" in line for line in lines)
+    assert lines[-1].split() == [".venv/bin/loraplex", "serve", "--model", "default", "--dev-account", "--replicas", "2"]
+    at(project / ".venv" / ".installed-scaleout", 3000)
+    assert len(dry_run(project, "serve", "REPLICAS=2")) == 1
 
 
 def test_test_adds_the_dev_extras_over_a_serving_install(project):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters.registry import open_registry
-from loraplex.adapters.storage import open_store
+from loraplex.adapters.storage import ObjectStore, open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
 from loraplex.api.request_log import RequestLogs
@@ -22,6 +23,8 @@ from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PE
                              EngineConfig, HttpConfig, MetricsConfig, RequestLogConfig, engine_config)
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine, resolve_model_dir
+from loraplex.models.hf_config import ModelArgs
+from loraplex.tokenizer import Tokenizer
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import JobStore
 from loraplex.training.log_writer import LogWriter
@@ -75,26 +78,45 @@ def open_request_logs(data_dir: Path, config: RequestLogConfig, metrics: Metrics
     return RequestLogs(writer.store, writer)
 
 
+def open_engine(opts: ServerOptions) -> tuple[LLMEngine, ObjectStore]:
+    """Load the model into an engine (slow: seconds) and open the adapter object store (the data
+    dir's `objects/` unless the engine config names one). Each scale-out replica calls this too."""
+    store = open_adapter_store(opts)
+    return LLMEngine(dataclasses.replace(opts.engine, data_dir=str(opts.data_dir)), adapter_store=store), store
+
+
+def open_adapter_store(opts: ServerOptions) -> ObjectStore:
+    """The object store of adapter files: the engine config's `storage`, else the data dir's `objects/`."""
+    return open_store(opts.engine.lora.storage or (opts.data_dir / "objects").resolve().as_uri())
+
+
 def build_context(opts: ServerOptions) -> ApiContext:
     """Load the model and open the registry and store (slow: seconds). The engine thread is
     started by the app's lifespan. Uploads a previous process was staging when it died are
     removed (one API process per data dir)."""
-    shutil.rmtree(opts.data_dir / "uploads", ignore_errors=True)
-    config = dataclasses.replace(opts.engine, data_dir=str(opts.data_dir))
-    store = open_store(config.lora.storage or (opts.data_dir / "objects").resolve().as_uri())
-    engine = LLMEngine(config, adapter_store=store)
+    engine, store = open_engine(opts)
     async_engine = AsyncEngine(engine, max_pending=opts.max_pending)
-    metrics = Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapters.stats,
+    return api_context(opts, async_engine, store, engine.tokenizer, engine.model_args, engine.max_model_len,
+                       engine.adapters.stats)
+
+
+def api_context(opts: ServerOptions, engine, store: ObjectStore, tokenizer: Tokenizer, model_args: ModelArgs,
+                max_model_len: int, cache_stats: Callable[[], dict]) -> ApiContext:
+    """The ApiContext serving `engine` (an AsyncEngine, or anything with its interface: the
+    scale-out ingress passes serve/remote_engine.py's RemoteEngine); opens the registry, files
+    jobs and request logs, and removes the uploads a previous process was staging when it died."""
+    shutil.rmtree(opts.data_dir / "uploads", ignore_errors=True)
+    metrics = Metrics(engine.stats, lambda: engine.num_in_flight, cache_stats,
                       MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels))
     return ApiContext(
-        engine=async_engine,
+        engine=engine,
         registry=open_registry(opts.data_dir, opts.registry, opts.max_finetunes_per_account),
         store=store,
-        tokenizer=engine.tokenizer,
-        model_args=engine.model_args,
+        tokenizer=tokenizer,
+        model_args=model_args,
         model_name=opts.served_name,
-        max_model_len=engine.max_model_len,
-        limits=Limits(max_adapter_bytes=opts.max_adapter_bytes, max_lora_rank=config.lora.max_lora_rank),
+        max_model_len=max_model_len,
+        limits=Limits(max_adapter_bytes=opts.max_adapter_bytes, max_lora_rank=opts.engine.lora.max_lora_rank),
         metrics=metrics,
         upload_dir=opts.data_dir / "uploads",
         admin_token=opts.admin_token,
@@ -102,6 +124,6 @@ def build_context(opts: ServerOptions) -> ApiContext:
         docs=opts.docs,
         files=FileStore(opts.data_dir),
         jobs=open_jobs(opts.data_dir),
-        model_dir=resolve_model_dir(config.model.model, opts.data_dir),
+        model_dir=resolve_model_dir(opts.engine.model.model, opts.data_dir),
         request_logs=open_request_logs(opts.data_dir, opts.request_logs, metrics),
     )
