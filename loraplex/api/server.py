@@ -103,7 +103,7 @@ def build_context(opts: ServerOptions) -> ApiContext:
 def api_context(opts: ServerOptions, engine, store: ObjectStore, tokenizer: Tokenizer, model_args: ModelArgs,
                 max_model_len: int, cache_stats: Callable[[], dict]) -> ApiContext:
     """The ApiContext serving `engine` (an AsyncEngine, or anything with its interface: the
-    scale-out ingress passes serve/remote_engine.py's RemoteEngine); opens the registry, files
+    scale-out ingress passes serve/remote_engine.py's RemoteEngine); opens the registry, files,
     jobs and request logs, and removes the uploads a previous process was staging when it died."""
     shutil.rmtree(opts.data_dir / "uploads", ignore_errors=True)
     metrics = Metrics(engine.stats, lambda: engine.num_in_flight, cache_stats,
