@@ -7,8 +7,13 @@ lands while the adapter is being published wins (JobStore's rule): the runner ta
 back out with `unpublish(job, name)`. Each step adds an event with its metrics: `step`,
 `total_steps`, `epoch`, `train_loss`, `learning_rate`, `trained_tokens`, `elapsed_seconds` (since
 the first step began) and `eta_seconds` (seconds left at the mean pace so far). When the runner lets go of a job it did not finish (cancelled, or
-the server stopping) its last event starts with `STOPPED`; after it, the runner touches the job
+the server stopping, which fails the job) its last event starts with `STOPPED`; after it, the runner touches the job
 no more. One job at a time per runner.
+
+Across servers (JobStore's claim and lease rule): the runner has its own trainer id; it claims
+jobs as that trainer, renews the job's lease every `lease_s / 3` while it trains or publishes, and
+lets go (STOPPED) as soon as the job is no longer running for it — cancelled through any server,
+or failed as abandoned. While idle it fails other trainers' abandoned jobs (`fail_abandoned`).
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import multiprocessing as mp
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from loraplex.training.files import FileStore
-from loraplex.training.jobs import Job, JobStore
+from loraplex.training.jobs import Job, JobStore, new_trainer_id
 from loraplex.training.trainer import StepReport
 
+STARTED = "training started by trainer "  # the runner's first event for a job it claimed, + its id
+SERVER_STOPPED = "the server running the job stopped"
 STOPPED = "the trainer stopped: "  # the runner's last event for a job it stopped (cancel, shutdown)
 
 
@@ -46,6 +54,9 @@ class JobRunner:
                  poll_s: float = 0.2):
         self.jobs, self.files, self.model_dir, self.poll_s = jobs, files, model_dir, poll_s
         self.publish, self.unpublish = publish, unpublish
+        self.trainer = new_trainer_id()
+        self._renew_every_s = jobs.lease_s / 3
+        self._renewed_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loraplex-trainer", daemon=True)
 
@@ -56,12 +67,26 @@ class JobRunner:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def _still_mine(self, job: Job) -> bool:
+        """Whether the job is still running for this trainer: its lease renewed when due (a write),
+        else its status read."""
+        if time.monotonic() - self._renewed_at >= self._renew_every_s:
+            self._renewed_at = time.monotonic()
+            return self.jobs.renew(job.id, self.trainer)
+        return self.jobs.get(job.account, job.id).status == "running"
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.jobs.claim_next()
+            try:
+                self.jobs.fail_abandoned()
+                job = self.jobs.claim_next(self.trainer)
+            except Exception:  # the database unreachable: try again later
+                self._stop.wait(self.poll_s)
+                continue
             if job is None:
                 self._stop.wait(self.poll_s)
                 continue
+            self._renewed_at = time.monotonic()
             try:
                 self._run(job)
             except Exception as e:  # a bug or a publish refusal: the job fails, the runner goes on
@@ -78,12 +103,14 @@ class JobRunner:
                                 args=(str(self.model_dir), data, str(work / "adapter"), job.hyperparameters,
                                       job.seed, events))
             child.start()
-            self.jobs.add_event(job.id, "training started")
+            self.jobs.add_event(job.id, f"{STARTED}{self.trainer}")
             outcome = None
             while outcome is None:
-                if self.jobs.get(job.account, job.id).status != "running" or self._stop.is_set():
+                if self._stop.is_set() or not self._still_mine(job):
                     child.terminate()
                     child.join()
+                    if self._stop.is_set():  # the server stops: the job fails now, not a lease later
+                        self.jobs.finish(job.id, "failed", error=SERVER_STOPPED)
                     self.jobs.add_event(job.id, STOPPED + "nothing was published")
                     return
                 try:
@@ -101,7 +128,8 @@ class JobRunner:
                 if not self.jobs.finish(job.id, "failed", error=outcome[1]):  # cancelled meanwhile
                     self.jobs.add_event(job.id, STOPPED + "nothing was published")
                 return
-            if self.jobs.get(job.account, job.id).status != "running":  # cancelled as training ended
+            self._renewed_at = float("-inf")  # renew now: the lease covers the publish
+            if not self._still_mine(job):  # cancelled as training ended
                 self.jobs.add_event(job.id, STOPPED + "nothing was published")
                 return
             name = self.publish(job, work / "adapter")
