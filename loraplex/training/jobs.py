@@ -152,8 +152,9 @@ class JobStore:
                    LIMIT 1""" + self.db.backend.SKIP_LOCKED).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE training_jobs SET status='running', started_at=?, trainer=?, lease_until=? "
-                         "WHERE id=? AND status='queued'", (now, trainer, now + self.lease_s, row[0]))
+            if conn.execute("UPDATE training_jobs SET status='running', started_at=?, trainer=?, lease_until=? "
+                            "WHERE id=? AND status='queued'", (now, trainer, now + self.lease_s, row[0])).rowcount != 1:
+                return None  # (not reached: the row is locked and queued) the caller polls again
         return self.get(row[1], row[0])
 
     def renew(self, job_id: str, trainer: str) -> bool:
