@@ -77,7 +77,7 @@ def test_a_failed_write_leaves_no_orphan(open_training, objects, monkeypatch):
     db = open_training()
     store = FileStore(db, objects)
     db.close()  # every statement now fails
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match="database is closed"):
         store.create("acct-a", "fine-tune", "t.jsonl", GOOD)
     assert _objects_left(objects) == []
 

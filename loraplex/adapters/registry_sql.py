@@ -327,7 +327,7 @@ class ThreadConnections:
 
     def get(self) -> Connection:
         if self.closed:
-            raise RuntimeError("the registry is closed")
+            raise RuntimeError("the database is closed")
         holder = getattr(self._local, "holder", None)
         if holder is not None and holder.conn is not None and not self._usable(holder.conn):
             holder.close()

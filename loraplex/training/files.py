@@ -103,8 +103,8 @@ class FileStore:
 
     def delete(self, account: str, file_id: str) -> None:
         with self.db.write() as conn:
-            row = conn.execute("SELECT object_key FROM training_files WHERE account=? AND id=?" + self.db.backend.FOR_UPDATE,
-                               (account, file_id)).fetchone()
+            row = conn.execute("SELECT object_key FROM training_files WHERE account=? AND id=?"
+                               + self.db.backend.FOR_UPDATE, (account, file_id)).fetchone()
             if row is None:
                 raise NotFound(f"no file {str(file_id)[:100]!r}")
             conn.execute("DELETE FROM training_files WHERE id=?", (file_id,))

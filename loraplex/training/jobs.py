@@ -98,7 +98,8 @@ class JobStore:
                validation_file: str | None = None, suffix: str | None = None, seed: int = 0) -> Job:
         job_id = f"ftjob-{uuid.uuid4().hex}"
         with self.db.write() as conn:
-            conn.execute(f"INSERT INTO training_jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)",
+            conn.execute(f"INSERT INTO training_jobs ({_COLUMNS}) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,NULL,NULL)",
                          (job_id, account, model, training_file, validation_file, suffix, seed,
                           json.dumps(hyperparameters), "validating_files", int(self.clock())))
         return self.get(account, job_id)
