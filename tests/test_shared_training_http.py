@@ -146,3 +146,38 @@ def test_logging_turned_on_through_one_server_applies_on_the_other(servers):
         time.sleep(0.1)
     for server in servers:
         assert {e["messages"][0]["content"] for e in carol.logs(server)} == {"logged", "through proc"}
+
+
+def test_a_dead_servers_job_is_failed_by_the_other_once_its_lease_lapsed(servers):
+    """The subprocess trains a job (the live server's trainer is stopped, so it cannot take it);
+    the live server checking for abandoned jobs, as a starting server does, leaves it alone; the
+    subprocess is SIGKILLed; once the job's lease has passed (the live server's store on a clock
+    moved past it: no waiting), the live server fails it as abandoned. (Last in this module: the
+    subprocess is gone afterwards.)"""
+    import psutil
+
+    from loraplex.training.jobs import ABANDONED
+
+    live, proc = servers
+    dave = Tenant(servers, "dave")
+    live.app.state.runner.stop()
+    uploaded = dave.oai(live).files.create(file=("t.jsonl", io.BytesIO(DATA)), purpose="fine-tune")
+    job = dave.oai(live).fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id,
+                                                 hyperparameters={"n_epochs": 50, "batch_size": 1})
+    wait_for_event(dave.oai(live), job.id, STARTED)  # the subprocess's trainer has it
+    assert live.ctx.jobs.fail_abandoned() == 0  # its trainer renews the lease: not abandoned
+    assert live.ctx.jobs.get(dave.id, job.id).status == "running"
+
+    trainers = psutil.Process(proc.proc.pid).children(recursive=True)
+    proc.kill()
+    for child in trainers:  # the dead server's training process, orphaned: gone too
+        child.kill()
+    assert live.ctx.jobs.fail_abandoned() == 0  # dead, but its lease has not passed yet
+    real_clock = live.ctx.jobs.clock
+    live.ctx.jobs.clock = lambda: real_clock() + live.ctx.jobs.lease_s + 1
+    try:
+        assert live.ctx.jobs.fail_abandoned() == 1
+    finally:
+        live.ctx.jobs.clock = real_clock
+    failed = dave.oai(live).fine_tuning.jobs.retrieve(job.id)
+    assert (failed.status, failed.error.message, failed.fine_tuned_model) == ("failed", ABANDONED, None)
