@@ -18,7 +18,9 @@ terminal). Contracts:
   called by anyone at any time (each server's trainer calls it at start-up and while idle). So a
   server starting never fails a job another live server is running, and no job stays `running`
   longer than about one lease after its trainer died. A trainer whose `renew` answers False has
-  lost the job (cancelled, or failed as abandoned) and stops touching it.
+  lost the job (cancelled, or failed as abandoned) and stops touching it. Leases are measured on
+  each server's own clock: servers sharing a database must keep their clocks (NTP) within a small
+  fraction of `lease_s` of each other.
 - Cancel: `cancel` of a terminal job raises `InvalidInput`; of a queued/running one marks it
   cancelled, from any server; the trainer running it sees that through `status`/`renew` (it polls)
   and stops.
