@@ -19,6 +19,10 @@ DEFAULT_MAX_ADAPTER_BYTES = 300 * 10**6  # adapter_model.safetensors, at most
 DEFAULT_MAX_FINETUNES_PER_ACCOUNT = 100  # every finetune counts, whatever its state
 DEFAULT_MAX_PENDING = 256  # requests in flight (queued or running) before 429 / "retry later"
 DEFAULT_JOB_POLL_S = 1.0  # `loraplex jobs events --follow` asks the server for news this often
+# A trainer running a job renews its lease on it every third of this; a running job whose lease is
+# this long past due counts as abandoned (its trainer died) and is failed by whichever server
+# notices (training/jobs.py). Longer: slower to notice a dead trainer; shorter: more renewals.
+DEFAULT_TRAINER_LEASE_S = 30.0
 # Per-request bounds of SamplingParams (the engine refuses beyond them; the API's schemas use the
 # same numbers, so an HTTP client gets a 400 naming the field).
 MAX_STOP_STRINGS = 16  # stop strings per request
@@ -164,7 +168,9 @@ class RequestLogConfig:
     (messages, prompt, response, correction) exceeds `max_entry_bytes` is not stored (counted as
     dropped). Records wait in a queue of `max_queued` for the writer thread; a record that finds
     it full is dropped and counted, never waited for. Expired entries are deleted on each write
-    of the account and by a sweep of all accounts every `sweep_interval_s`."""
+    of the account and by a sweep of all accounts every `sweep_interval_s`. Each server caches an
+    account's settings for `settings_ttl_s` (a change made through another server applies to this
+    one's requests within it)."""
 
     default_enabled: bool = False
     default_retention_days: int = 30
@@ -175,6 +181,9 @@ class RequestLogConfig:
     max_queued: int = 1024
     sweep_interval_s: float = 600.0
     max_per_page: int = 100  # entries per page of the list (each up to max_entry_bytes)
+    # a server reads an account's settings again after this long (another server may have changed
+    # them: a change through one server reaches the others' requests within it); 0: every request
+    settings_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
         _require_positive(self, "default_retention_days", "min_retention_days", "max_retention_days",
@@ -183,6 +192,8 @@ class RequestLogConfig:
             raise ValueError("default_retention_days must lie within [min_retention_days, max_retention_days]")
         if not self.sweep_interval_s > 0:
             raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s!r}")
+        if not self.settings_ttl_s >= 0:
+            raise ValueError(f"settings_ttl_s must be >= 0, got {self.settings_ttl_s!r}")
 
 
 @dataclass(frozen=True)

@@ -133,3 +133,21 @@ def registry_location(request, tmp_path):
     if request.param == "sqlite":
         return tmp_path / "data" / "registry.sqlite3"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def open_training(registry_location, tmp_path):
+    """Opens the training database (files, jobs, logs) beside `registry_location`, once per backend:
+    `open_training()` → a SqlDatabase; each call a new one on the same database (as another server
+    would open it); all closed after the test."""
+    from loraplex.training.database import open_training_db
+
+    opened = []
+
+    def open_one():
+        opened.append(open_training_db(tmp_path / "data", registry_location))
+        return opened[-1]
+
+    yield open_one
+    for db in opened:
+        db.close()

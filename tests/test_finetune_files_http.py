@@ -26,7 +26,10 @@ def server(model_dir, tmp_path_factory):
 
 
 def _leftovers(server) -> list[str]:
-    return sorted(p.name for p in server.ctx.files.content_dir.iterdir())
+    """The training files' objects in the server's object store (a file:// folder here)."""
+    from loraplex.training.files import KEY_SCOPE
+
+    return sorted(str(p) for p in (server.ctx.store.root / KEY_SCOPE).rglob("*") if p.is_file())
 
 
 def test_upload_list_get_content_delete(server):

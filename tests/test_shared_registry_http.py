@@ -13,8 +13,7 @@ import threading
 import cloudflare
 import pytest
 
-from api_server import LiveServer, server_options
-from fault_helpers import ServeProcess
+from shared_servers import two_servers
 from upload_client import ALL_LINEAR, CONFIG, MODEL, WEIGHTS
 
 LIMIT = 4
@@ -45,20 +44,9 @@ def postgres_url(postgres_databases):
 def servers(model_dir, tmp_path_factory, postgres_url):
     """(LiveServer a, `loraplex serve` process b), each with its own data dir and engine, on one
     registry and one object store."""
-    tmp_path = tmp_path_factory.mktemp("two-servers")
-    store = (tmp_path / "shared-objects").as_uri()
-    b = ServeProcess(model_dir, tmp_path / "b", tmp_path / "b.log", env={"OMP_NUM_THREADS": "1"},
-                     extra_args=("--registry", postgres_url, "--storage", store,
-                                 "--max-finetunes-per-account", str(LIMIT)))
-    a = LiveServer.start(server_options(model_dir, tmp_path / "a", storage=store, registry=postgres_url,
-                                        max_finetunes_per_account=LIMIT))
-    try:
-        b.start()
+    with two_servers(model_dir, tmp_path_factory.mktemp("two-servers"), postgres_url,
+                     ("--max-finetunes-per-account", str(LIMIT)), max_finetunes_per_account=LIMIT) as (a, b):
         yield a, b
-    finally:
-        b.kill()
-        a.stop()
-        a.ctx.registry.close()
 
 
 def sdk(server, token: str) -> cloudflare.Cloudflare:

@@ -161,6 +161,14 @@ BAD_KEYS = [
     "md5/" + "a" * 32,
     "",
     None,
+    # scoped keys: 1 to 3 lowercase segments before sha256/, nothing that climbs or hides
+    "../sha256/" + "a" * 64,
+    "./sha256/" + "a" * 64,
+    "Training/sha256/" + "a" * 64,
+    "a/b/c/d/sha256/" + "a" * 64,
+    "a//sha256/" + "a" * 64,
+    "-a/sha256/" + "a" * 64,
+    "a b/sha256/" + "a" * 64,
 ]
 
 
@@ -173,6 +181,22 @@ def test_invalid_keys_are_refused(backend, tmp_path):
                 call(key)
             assert isinstance(err.value, ValueError) and isinstance(err.value, StorageError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scoped_object_is_verified_and_deleted_alone(backend):
+    """`<scope>/sha256/<hex>`: the same content under two scopes is two objects, each read
+    verified against its hash and deleted without touching the other (training files' objects)."""
+    store = backend.open()
+    data = b'{"messages": []}\n'
+    first = store.put_bytes(data, scope="training-files/file-1")
+    second = store.put_bytes(data, scope="training-files/file-2")
+    assert first.key == f"training-files/file-1/sha256/{first.sha256}" and first.sha256 == second.sha256
+    assert store.get_bytes(first.key) == data and store.exists(second.key)
+    store.delete(first.key)
+    assert not store.exists(first.key) and store.get_bytes(second.key) == data
+    assert not store.exists(f"sha256/{first.sha256}")  # never the shared, unscoped object
+    with pytest.raises(InvalidKey):
+        store.put_bytes(data, scope="../up")
 
 
 # -- integrity ------------------------------------------------------------------------------

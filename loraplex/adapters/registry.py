@@ -44,16 +44,14 @@ import hmac
 import logging
 import secrets
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from loraplex import errors
 from loraplex.adapters.registry_rules import (MAX_TOKEN_CHARS, REQUIRED_FILES, SHA256_RE, Asset, Finetune, check_name,
                                              check_text, hash_token, invalid, not_found, printable, storable,
                                              utc_now)
-from loraplex.adapters.registry_sql import (Connection, PostgresBackend, RegistrySchemaError, SqlBackend,
-                                            ThreadConnections, backend_for, is_postgres_url)
+from loraplex.adapters.registry_sql import (Connection, RegistrySchemaError, SqlBackend, SqlDatabase,
+                                            is_postgres_url)
 from loraplex.config import DEFAULT_MAX_FINETUNES_PER_ACCOUNT
 
 __all__ = ["Asset", "Finetune", "Registry", "RegistrySchemaError", "MIGRATIONS", "open_registry"]
@@ -130,93 +128,30 @@ class Registry:
         if isinstance(max_finetunes_per_account, bool) or not isinstance(max_finetunes_per_account, int) \
                 or max_finetunes_per_account < 0:
             raise ValueError(f"max_finetunes_per_account must be an int >= 0, got {max_finetunes_per_account!r}")
-        self._backend: SqlBackend = backend_for(location, busy_timeout_s)
+        self._db = SqlDatabase(location, MIGRATIONS, schema="registry", busy_timeout_s=busy_timeout_s,
+                               what="the registry")
+        self._backend: SqlBackend = self._db.backend
         self.location = location
         self.max_finetunes_per_account = max_finetunes_per_account
-        self._connections = ThreadConnections(self._backend.connect, self._backend.usable)
-        try:
-            self._migrate()
-        except BaseException:
-            self.close()
-            raise
+        # the transaction plumbing lives in registry_sql.SqlDatabase (shared with the training stores)
+        self._conn, self._write, self._read = self._db.conn, self._db.write, self._db.read
+        self._unavailable = self._db.unavailable
+
+    def exclusive(self, name: str):
+        """Hold the lock `name` against every other thread and process using this registry's
+        database, waited for without a timeout, dropped if the process dies (registry_sql.py: a
+        PostgreSQL advisory lock; a Linux file lock beside a SQLite file). Not re-entrant: never
+        nest one name. errors.Unavailable when the database cannot be reached."""
+        return self._db.exclusive(name)
 
     @property
     def backend(self) -> str:
         """"sqlite" or "postgresql"."""
-        return "postgresql" if isinstance(self._backend, PostgresBackend) else "sqlite"
-
-    # --- connections and transactions -------------------------------------------------------
-    def _conn(self) -> Connection:
-        try:
-            return self._connections.get()
-        except Exception as e:
-            if self._backend.is_unavailable(e):
-                raise self._unavailable(e) from e
-            raise
-
-    def _unavailable(self, error: Exception) -> errors.Unavailable:
-        """For a database that cannot be reached: errors.Unavailable (503 / 3040 to API clients),
-        saying nothing of the database (host, name); the details go to the log."""
-        log.warning("registry %s unavailable: %s", self._backend.describe(),
-                    " ".join(str(error).split())[:500] or type(error).__name__)
-        return errors.Unavailable("the registry is unavailable; retry later")
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """One write transaction (see registry_sql.py for its isolation): committed when the block
-        ends, rolled back on any error."""
-        conn = self._conn()
-        try:
-            conn.execute(self._backend.BEGIN_WRITE)
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as e:
-            self._rollback(conn)
-            if isinstance(e, Exception) and self._backend.is_unavailable(e):
-                raise self._unavailable(e) from e
-            raise
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        """One read transaction: all statements inside see the same snapshot."""
-        conn = self._conn()
-        try:
-            conn.execute(self._backend.BEGIN_READ)
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as e:
-            self._rollback(conn)
-            if isinstance(e, Exception) and self._backend.is_unavailable(e):
-                raise self._unavailable(e) from e
-            raise
-
-    def _rollback(self, conn: Connection) -> None:
-        # the database may already have rolled back (SQLite on disk full) or be gone (PostgreSQL)
-        if self._backend.usable(conn) and self._backend.in_transaction(conn):
-            conn.execute("ROLLBACK")
-
-    def _migrate(self) -> None:
-        if self._checked_version(self._conn()) == SCHEMA_VERSION:
-            return
-        with self._write() as conn:
-            self._backend.begin_migration(conn)
-            version = self._checked_version(conn)  # another process may have won
-            for index in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[index]:
-                    conn.execute(statement)
-                self._backend.write_version(conn, index + 1)
-
-    def _checked_version(self, conn: Connection) -> int:
-        version = self._backend.read_version(conn)
-        if version > SCHEMA_VERSION:
-            raise RegistrySchemaError(
-                f"{self._backend.describe()}: registry schema version {version} is newer than this loraplex "
-                f"supports ({SCHEMA_VERSION}); upgrade loraplex or use another registry")
-        return version
+        return self._db.kind
 
     def close(self) -> None:
         """Close every thread's connection. Call only when no call is in flight."""
-        self._connections.close_all()
+        self._db.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -226,21 +161,7 @@ class Registry:
 
     @property
     def schema_version(self) -> int:
-        return self._backend.read_version(self._conn())
-
-    @contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
-        """Hold the lock `name` against every other thread and process using this registry's
-        database, waited for without a timeout, dropped if the process dies (registry_sql.py: a
-        PostgreSQL advisory lock; a Linux file lock beside a SQLite file). Not re-entrant: never
-        nest one name. errors.Unavailable when the database cannot be reached."""
-        try:
-            with self._backend.exclusive(self._conn(), name):
-                yield
-        except Exception as e:
-            if self._backend.is_unavailable(e):
-                raise self._unavailable(e) from e
-            raise
+        return self._db.schema_version
 
     # --- accounts and tokens ----------------------------------------------------------------
     def create_account(self, name: str) -> tuple[str, str]:

@@ -3,11 +3,15 @@
 Every object lives under its content address, ``sha256/<64 lowercase hex>``, and every read is
 verified against that address: content that does not hash to its key is refused
 (:class:`IntegrityError`) and never handed to the caller, never left at the destination path.
+An object may also be stored under a *scope*, ``<scope>/sha256/<hex>`` (1 to 3 segments of
+``[a-z0-9][a-z0-9_-]{0,63}``, e.g. ``training-files/file-<id>``): still verified against its hash,
+but owned by one record (a training file), so it is deleted with that record and never shared;
+unscoped objects (adapter files) are shared by every record of the same content.
 
 Contracts shared by both backends:
 
-* Keys are validated before any use (``sha256/`` + 64 lowercase hex digits, nothing else), so no
-  key can name a path outside the store's root or prefix.
+* Keys are validated before any use (an optional scope, then ``sha256/`` + 64 lowercase hex
+  digits, nothing else), so no key can name a path outside the store's root or prefix.
 * Uploads and downloads are streamed in ``CHUNK_SIZE`` pieces; a file is never read whole into
   memory (``get_bytes`` / ``put_bytes`` hold the one object they were asked for, by definition).
 * ``put_*`` is idempotent: the same content gives the same key, and an object already stored with
@@ -43,7 +47,8 @@ from typing import BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import unquote, urlparse
 
 CHUNK_SIZE = 1 << 20
-_KEY_RE = re.compile(r"sha256/[0-9a-f]{64}")
+_SCOPE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}(?:/[a-z0-9][a-z0-9_-]{0,63}){0,2}")
+_KEY_RE = re.compile(r"(?:" + _SCOPE_RE.pattern + r"/)?sha256/[0-9a-f]{64}")
 _T = TypeVar("_T")
 
 
@@ -81,8 +86,11 @@ def validate_key(key: object) -> str:
     return key
 
 
-def key_for(sha256_hex: str) -> str:
-    return validate_key(f"sha256/{sha256_hex}")
+def key_for(sha256_hex: str, scope: str | None = None) -> str:
+    """The key of content hashing to `sha256_hex`: ``sha256/<hex>``, or ``<scope>/sha256/<hex>``."""
+    if scope is not None and not (isinstance(scope, str) and _SCOPE_RE.fullmatch(scope)):
+        raise InvalidKey(f"invalid object key scope {scope!r}")
+    return validate_key(f"{scope}/sha256/{sha256_hex}" if scope else f"sha256/{sha256_hex}")
 
 
 class _HashingReader:
@@ -144,7 +152,7 @@ def _hash_file(path: Path) -> ObjectInfo:
 def _verify(key: str, size: int, digest: str, declared_size: int | None, where: str) -> ObjectInfo:
     if declared_size is not None and size != declared_size:
         raise IntegrityError(f"{where}: {key}: got {size} bytes, the store declared {declared_size}")
-    if f"sha256/{digest}" != key:
+    if not key.endswith(f"sha256/{digest}"):  # a valid key ends with exactly its content address
         raise IntegrityError(f"{where}: {key}: content hashes to sha256/{digest}")
     return ObjectInfo(key, size, digest)
 
@@ -204,11 +212,11 @@ class ObjectStore(ABC):
         info = _hash_file(path)
         return self._put(info, lambda: open(path, "rb"), rewrite)
 
-    def put_bytes(self, data: bytes) -> ObjectInfo:
-        """Store ``data``; not re-uploaded if already stored."""
+    def put_bytes(self, data: bytes, scope: str | None = None) -> ObjectInfo:
+        """Store ``data`` (under ``scope``, see the module docstring); not re-uploaded if already stored."""
         data = bytes(data)
         digest = hashlib.sha256(data).hexdigest()
-        info = ObjectInfo(key_for(digest), len(data), digest)
+        info = ObjectInfo(key_for(digest, scope), len(data), digest)
         return self._put(info, lambda: io.BytesIO(data))
 
     def fetch_to(self, key: str, dest: Path) -> ObjectInfo:
@@ -280,7 +288,7 @@ def _check_upload(reader: _HashingReader, info: ObjectInfo, where: str) -> None:
 
 
 class LocalStore(ObjectStore):
-    """Objects under ``<root>/sha256/<first 2 hex>/<hex>``; written via temp file + fsync + rename.
+    """Objects under ``<root>/[<scope>/]sha256/<first 2 hex>/<hex>``; written via temp file + fsync + rename.
 
     The root and fan-out directories are created on first write. No retries: local file system
     errors surface as ``OSError``.
@@ -291,8 +299,8 @@ class LocalStore(ObjectStore):
         self.url = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        digest = key[len("sha256/"):]
-        return self.root / "sha256" / digest[:2] / digest
+        scope, _, digest = key.rpartition("sha256/")
+        return self.root / scope / "sha256" / digest[:2] / digest
 
     def _size(self, key: str) -> int | None:
         try:
@@ -320,7 +328,18 @@ class LocalStore(ObjectStore):
         return declared
 
     def _delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        scope = key.rpartition("sha256/")[0].strip("/")
+        if "/" in scope:  # a record's own folders (below the scope's first segment) go with it
+            top = self.root / scope.split("/")[0]
+            for parent in path.parents:
+                if parent == top:
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty, or gone
+                    break
 
 
 # -- S3 -------------------------------------------------------------------------------------

@@ -2,20 +2,24 @@
 
 Each generation route calls `await capture(...)` once its body is parsed and before it starts
 generating: it decides whether this request is logged (the `cf-aig-collect-log: true|false`
-header, else the account's setting, read from a per-process cache after its first read) and puts
+header, else the account's setting, from a per-process cache of `settings_ttl_s`) and puts
 the decision in the context variable `LOG_CAPTURE` (None: not logged). A `Generation` picks it up
 when it starts and, when it ends, calls `LogCapture.record(...)`, which only builds a `LogRecord`
 and hands it to the `LogWriter`'s bounded queue: no I/O, never blocks, never raises. A header
 other than true/false is a 400 before any generation starts.
 
-Settings cache: one API process per data dir writes an account's settings (PUT goes through
-`RequestLogs.put_settings`, which updates the cache), so the cache never goes stale.
+Settings cache: an account's settings are read from the store at most once per
+`RequestLogConfig.settings_ttl_s` (default 5 s) per process; a PUT through this server updates
+this server's cache at once. Servers sharing the training database (a PostgreSQL registry) change
+each other's settings: a change made through server A applies to requests through server B at most
+`settings_ttl_s` later (0: every request reads the store).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -57,21 +61,27 @@ LOG_CAPTURE: ContextVar[LogCapture | None] = ContextVar("loraplex_log_capture", 
 
 
 class RequestLogs:
-    """The server's request logs: the store, its background writer and the settings cache."""
+    """The server's request logs: the store, its background writer and the settings cache
+    (each account's settings and the `clock()` time they were read; see the module docstring)."""
 
-    def __init__(self, store: LogStore, writer: LogWriter):
-        self.store, self.writer = store, writer
-        self._settings: dict[str, LogSettings] = {}
+    def __init__(self, store: LogStore, writer: LogWriter, clock: Callable[[], float] = time.monotonic):
+        self.store, self.writer, self.clock = store, writer, clock
+        self.ttl_s = store.config.settings_ttl_s
+        self._settings: dict[str, tuple[float, LogSettings]] = {}
 
     async def settings(self, account: str) -> LogSettings:
         cached = self._settings.get(account)
-        if cached is None:
-            cached = self._settings[account] = await to_thread(self.store.settings, account)
-        return cached
+        if cached is not None and self.clock() - cached[0] < self.ttl_s:
+            return cached[1]
+        read_at = self.clock()
+        fresh = await to_thread(self.store.settings, account)
+        self._settings[account] = (read_at, fresh)
+        return fresh
 
     async def put_settings(self, account: str, enabled: bool | None, retention_days: int | None) -> LogSettings:
+        read_at = self.clock()
         new = await to_thread(self.store.put_settings, account, enabled, retention_days)
-        self._settings[account] = new
+        self._settings[account] = (read_at, new)
         return new
 
 

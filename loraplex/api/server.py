@@ -1,7 +1,8 @@
 """Build a serving ApiContext from options, and run it with uvicorn.
 
-Layout of the data dir: `registry.sqlite` (accounts, tokens, finetunes; unless the options name a
-PostgreSQL registry), `objects/` (the default
+Layout of the data dir: `registry.sqlite` (accounts, tokens, finetunes) and `training.sqlite`
+(fine-tuning files' rows, jobs, request logs; training/database.py), both unless the options name
+a PostgreSQL registry (then both live in that database), `objects/` (the default
 local object store), `uploads/` (staging), `models/` (the converted default model),
 `adapter-cache/` (per-engine download caches).
 """
@@ -25,10 +26,11 @@ from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine, resolve_model_dir
 from loraplex.models.hf_config import ModelArgs
 from loraplex.tokenizer import Tokenizer
+from loraplex.training.database import open_training_db
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import JobStore
 from loraplex.training.log_writer import LogWriter
-from loraplex.training.logs import SqliteLogStore
+from loraplex.training.logs import LogStore, SqlLogStore
 
 DEFAULT_MODEL_NAME = "@cf/huggingface/smollm2-135m-instruct"
 
@@ -63,19 +65,11 @@ class ServerOptions:
         return DEFAULT_MODEL_NAME if model == "default" else Path(model).name
 
 
-def open_jobs(data_dir: Path) -> JobStore:
-    """The job store; jobs a previous process left `running` are marked failed (one API process per data dir)."""
-    jobs = JobStore(data_dir)
-    jobs.fail_interrupted()
-    return jobs
-
-
-def open_request_logs(data_dir: Path, config: RequestLogConfig, metrics: Metrics) -> RequestLogs:
-    """The request-log store in the data dir and its writer (started and stopped with the app)."""
-    writer = LogWriter(SqliteLogStore(data_dir, config),
-                       on_drop=lambda why: metrics.request_logs_dropped.labels(why).inc(),
+def open_request_logs(store: LogStore, metrics: Metrics) -> RequestLogs:
+    """The request-log store's writer (started and stopped with the app) and settings cache."""
+    writer = LogWriter(store, on_drop=lambda why: metrics.request_logs_dropped.labels(why).inc(),
                        on_written=metrics.request_logs_written.inc)
-    return RequestLogs(writer.store, writer)
+    return RequestLogs(store, writer)
 
 
 def open_engine(opts: ServerOptions) -> tuple[LLMEngine, ObjectStore]:
@@ -108,6 +102,7 @@ def api_context(opts: ServerOptions, engine, store: ObjectStore, tokenizer: Toke
     shutil.rmtree(opts.data_dir / "uploads", ignore_errors=True)
     metrics = Metrics(engine.stats, lambda: engine.num_in_flight, cache_stats,
                       MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels))
+    training = open_training_db(opts.data_dir, opts.registry)  # files, jobs, logs: beside the registry
     return ApiContext(
         engine=engine,
         registry=open_registry(opts.data_dir, opts.registry, opts.max_finetunes_per_account),
@@ -122,8 +117,8 @@ def api_context(opts: ServerOptions, engine, store: ObjectStore, tokenizer: Toke
         admin_token=opts.admin_token,
         metrics_token=opts.metrics_token,
         docs=opts.docs,
-        files=FileStore(opts.data_dir),
-        jobs=open_jobs(opts.data_dir),
+        files=FileStore(training, store),
+        jobs=JobStore(training),
         model_dir=resolve_model_dir(opts.engine.model.model, opts.data_dir),
-        request_logs=open_request_logs(opts.data_dir, opts.request_logs, metrics),
+        request_logs=open_request_logs(SqlLogStore(training, opts.request_logs), metrics),
     )

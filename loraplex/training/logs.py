@@ -1,7 +1,8 @@
 """Request logs: each account's recorded generations, its logging settings, and their bounds.
 
-`LogStore` is the interface (SQLite here, `SqliteLogStore`; a PostgreSQL store implements the
-same methods). Contracts every implementation keeps:
+`LogStore` is the interface; `SqlLogStore` keeps it in the training database (training/database.py:
+the registry's PostgreSQL database, shared by every server using it, or `training.sqlite`).
+Contracts every implementation keeps:
 - Every method taking an account answers `NotFound` for another account's entry, exactly as for
   a missing one; lists and counts hold the account's own entries only.
 - `add` keeps the bounds of `RequestLogConfig`: an entry whose text is over `max_entry_bytes` is
@@ -11,22 +12,20 @@ same methods). Contracts every implementation keeps:
 - Retention: an entry older than its account's `retention_days` (measured by `clock`, which
   tests may replace) is never listed, fetched or exported, and is deleted by the next `add` of
   the account or the next `sweep()`.
-Blocking (SQLite): call from worker threads. Each call opens its own connection; a lock
-serialises writers, so the store is safe from any thread.
+Blocking: call from worker threads. Thread-safe (one database connection per thread); each write
+is one transaction (an `add` and its trimming commit together).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from loraplex.adapters.registry_sql import SqlDatabase
 from loraplex.config import RequestLogConfig
 from loraplex.errors import InvalidInput, NotFound, TooLarge
 
@@ -137,18 +136,9 @@ class LogStore(ABC):
         return days
 
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS request_logs (
-        id TEXT PRIMARY KEY, account TEXT NOT NULL, created_ms INTEGER NOT NULL, model TEXT NOT NULL,
-        finetune TEXT, dialect TEXT NOT NULL, messages TEXT NOT NULL, prompt TEXT, response TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, duration_ms INTEGER NOT NULL,
-        finish_reason TEXT, feedback INTEGER, corrected_response TEXT)""",
-    "CREATE INDEX IF NOT EXISTS request_logs_by_account ON request_logs (account, created_ms)",
-    """CREATE TABLE IF NOT EXISTS log_settings (
-        account TEXT PRIMARY KEY, enabled INTEGER NOT NULL, retention_days INTEGER NOT NULL)""",
-)
 _COLUMNS = ("id, account, created_ms, model, finetune, dialect, messages, prompt, response, prompt_tokens, "
             "completion_tokens, duration_ms, finish_reason, feedback, corrected_response")
+_NO_LIMIT = 2**62  # LIMIT of an unbounded page (SQLite needs a LIMIT before OFFSET)
 
 
 def _entry(row) -> LogEntry:
@@ -160,27 +150,16 @@ def _entry(row) -> LogEntry:
 
 
 @dataclass
-class SqliteLogStore(LogStore):
-    """Tables `request_logs` and `log_settings` in `<data_dir>/training.sqlite` (beside files and jobs)."""
+class SqlLogStore(LogStore):
+    """Tables `training_request_logs` and `training_log_settings` of the training database."""
 
-    data_dir: Path
+    db: SqlDatabase
     config: RequestLogConfig = field(default_factory=RequestLogConfig)
     clock: Callable[[], float] = time.time
 
-    def __post_init__(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.data_dir / "training.sqlite"
-        self._lock = threading.Lock()
-        with self._connect() as conn:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.db_path, timeout=30)
-
     def settings(self, account: str) -> LogSettings:
-        with self._connect() as conn:
-            row = conn.execute("SELECT enabled, retention_days FROM log_settings WHERE account=?",
+        with self.db.read() as conn:
+            row = conn.execute("SELECT enabled, retention_days FROM training_log_settings WHERE account=?",
                                (account,)).fetchone()
         if row is None:
             return LogSettings(self.config.default_enabled, self.config.default_retention_days)
@@ -192,13 +171,18 @@ class SqliteLogStore(LogStore):
             raise InvalidInput(f"enabled must be true or false, got {str(enabled)[:40]!r}")
         if retention_days is not None:
             self.check_retention(retention_days)
-        with self._lock:
-            current = self.settings(account)
-            new = LogSettings(current.enabled if enabled is None else enabled,
-                              current.retention_days if retention_days is None else retention_days)
-            with self._connect() as conn:
-                conn.execute("INSERT OR REPLACE INTO log_settings VALUES (?,?,?)",
-                             (account, int(new.enabled), new.retention_days))
+        default = LogSettings(self.config.default_enabled, self.config.default_retention_days)
+        with self.db.write() as conn:
+            # the row is created (defaults) then locked, so two servers changing different fields
+            # at once both keep their change
+            conn.execute("INSERT INTO training_log_settings (account, enabled, retention_days) VALUES (?,?,?) "
+                         "ON CONFLICT (account) DO NOTHING", (account, int(default.enabled), default.retention_days))
+            row = conn.execute("SELECT enabled, retention_days FROM training_log_settings WHERE account=?"
+                               + self.db.backend.FOR_UPDATE, (account,)).fetchone()
+            new = LogSettings(bool(row[0]) if enabled is None else enabled,
+                              row[1] if retention_days is None else retention_days)
+            conn.execute("UPDATE training_log_settings SET enabled=?, retention_days=? WHERE account=?",
+                         (int(new.enabled), new.retention_days, account))
         return new
 
     def _cutoff(self, account: str) -> int:
@@ -212,24 +196,27 @@ class SqliteLogStore(LogStore):
         entry = LogEntry(uuid.uuid4().hex, record)
         r = record
         cutoff = self._cutoff(r.account)
-        with self._lock, self._connect() as conn:
-            conn.execute(f"INSERT INTO request_logs ({_COLUMNS}) VALUES ({','.join('?' * 15)})",
+        with self.db.write() as conn:
+            conn.execute(f"INSERT INTO training_request_logs ({_COLUMNS}) VALUES ({','.join('?' * 15)})",
                          (entry.id, r.account, _ms(r.created_at), r.model, r.finetune, r.dialect,
                           json.dumps(r.messages, ensure_ascii=False), r.prompt, r.response, r.prompt_tokens,
                           r.completion_tokens, r.duration_ms, r.finish_reason, None, None))
-            conn.execute("DELETE FROM request_logs WHERE account=? AND created_ms < ?", (r.account, cutoff))
-            over = conn.execute("SELECT COUNT(*) FROM request_logs WHERE account=?",
+            conn.execute("DELETE FROM training_request_logs WHERE account=? AND created_ms < ?", (r.account, cutoff))
+            over = conn.execute("SELECT COUNT(*) FROM training_request_logs WHERE account=?",
                                 (r.account,)).fetchone()[0] - self.config.max_entries_per_account
             if over > 0:
-                conn.execute("""DELETE FROM request_logs WHERE rowid IN (SELECT rowid FROM request_logs
-                                WHERE account=? ORDER BY created_ms, rowid LIMIT ?)""", (r.account, over))
+                conn.execute("""DELETE FROM training_request_logs WHERE seq IN (SELECT seq FROM training_request_logs
+                                WHERE account=? ORDER BY created_ms, seq LIMIT ?)""", (r.account, over))
         return entry
 
     def _where(self, account: str, query: LogQuery) -> tuple[str, list]:
         clauses, params = ["account=?", "created_ms >= ?"], [account, self._cutoff(account)]
         if query.finetunes is not None:
-            clauses.append(f"finetune IN ({','.join('?' * len(query.finetunes))})")
-            params += query.finetunes
+            if not query.finetunes:
+                clauses.append("1=0")
+            else:
+                clauses.append(f"finetune IN ({','.join('?' * len(query.finetunes))})")
+                params += query.finetunes
         if query.since is not None:
             clauses.append("created_ms >= ?")
             params.append(_ms(query.since))
@@ -245,23 +232,24 @@ class SqliteLogStore(LogStore):
              oldest_first: bool = False) -> list[LogEntry]:
         where, params = self._where(account, query)
         order = "ASC" if oldest_first else "DESC"
-        with self._connect() as conn:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM request_logs WHERE {where} "
-                                f"ORDER BY created_ms {order}, rowid {order} LIMIT ? OFFSET ?",
-                                (*params, -1 if limit is None else limit, offset)).fetchall()
+        with self.db.read() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM training_request_logs WHERE {where} "
+                                f"ORDER BY created_ms {order}, seq {order} LIMIT ? OFFSET ?",
+                                (*params, _NO_LIMIT if limit is None else limit, offset)).fetchall()
         return [_entry(r) for r in rows]
 
     def count(self, account: str, query: LogQuery) -> int:
         where, params = self._where(account, query)
-        with self._connect() as conn:
-            return conn.execute(f"SELECT COUNT(*) FROM request_logs WHERE {where}", params).fetchone()[0]
+        with self.db.read() as conn:
+            return conn.execute(f"SELECT COUNT(*) FROM training_request_logs WHERE {where}", params).fetchone()[0]
 
     def get(self, account: str, log_id: str) -> LogEntry:
-        with self._connect() as conn:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM request_logs WHERE account=? AND id=? AND created_ms >= ?",
-                               (account, log_id, self._cutoff(account))).fetchone()
+        cutoff = self._cutoff(account)
+        with self.db.read() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM training_request_logs WHERE account=? AND id=? "
+                               "AND created_ms >= ?", (account, log_id, cutoff)).fetchone()
         if row is None:
-            raise NotFound(f"no log entry {log_id[:100]!r}")
+            raise NotFound(f"no log entry {str(log_id)[:100]!r}")
         return _entry(row)
 
     def update(self, account: str, log_id: str, changes: dict) -> LogEntry:
@@ -276,20 +264,21 @@ class SqliteLogStore(LogStore):
         if size > self.config.max_entry_bytes:
             raise TooLarge(f"with this correction the entry has {size} bytes of text; "
                            f"the limit is {self.config.max_entry_bytes}")
-        with self._lock, self._connect() as conn:
-            conn.execute("UPDATE request_logs SET feedback=?, corrected_response=? WHERE id=?",
+        with self.db.write() as conn:
+            conn.execute("UPDATE training_request_logs SET feedback=?, corrected_response=? WHERE id=?",
                          (feedback, corrected, entry.id))
         return self.get(account, log_id)
 
     def delete(self, account: str, log_id: str) -> None:
         entry = self.get(account, log_id)
-        with self._lock, self._connect() as conn:
-            conn.execute("DELETE FROM request_logs WHERE id=?", (entry.id,))
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM training_request_logs WHERE id=?", (entry.id,))
 
     def sweep(self) -> int:
         now, default = self.clock(), self.config.default_retention_days
-        with self._lock, self._connect() as conn:
+        with self.db.write() as conn:
             return conn.execute(
-                """DELETE FROM request_logs WHERE created_ms < ? - ? * COALESCE(
-                     (SELECT retention_days FROM log_settings s WHERE s.account = request_logs.account), ?)""",
+                """DELETE FROM training_request_logs WHERE created_ms < ? - ? * COALESCE(
+                     (SELECT retention_days FROM training_log_settings s
+                      WHERE s.account = training_request_logs.account), ?)""",
                 (_ms(now), _ms(DAY_S), default)).rowcount
