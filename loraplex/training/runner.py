@@ -1,5 +1,11 @@
 """JobRunner: the server's one trainer slot. A thread claims queued jobs (fairly, JobStore.claim_next)
-and trains each in a worker *process* (spawned; torch at 1 thread there), so serving goes on.
+and trains each away from the serving threads, as its `launch` says (training/launch.py): by
+default in a spawned worker *process* on this machine (torch at 1 thread there); on the scale-out
+server (`serve --replicas`) as a Ray task that runs on whichever node of the cluster has the
+resources it asks for (serve/training_task.py: events come back through a Ray queue, the adapter's
+files as the task's result). The launch is the only difference: claim, lease, events, cancel
+(the training is stopped: the process terminated, the task force-cancelled) and publish are the
+runner's, the same for both. A training that dies (process killed, node lost) fails the job.
 On success the adapter goes through the upload path's validation and storage (`publish`, given
 by the API layer) and the job records `fine_tuned_model` = `BASE:NAME` and `trained_tokens`; on
 failure or cancel nothing is published and the job's temporary folder is removed. A cancel that
@@ -18,7 +24,6 @@ or failed as abandoned. While idle it fails other trainers' abandoned jobs (`fai
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import tempfile
 import threading
@@ -30,6 +35,7 @@ from pathlib import Path
 from loraplex.errors import Unavailable
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import Job, JobStore, new_trainer_id
+from loraplex.training.launch import Launch, Training, launch_local_process
 from loraplex.training.trainer import StepReport
 
 log = logging.getLogger(__name__)
@@ -38,24 +44,11 @@ SERVER_STOPPED = "the server running the job stopped"
 STOPPED = "the trainer stopped: "  # the runner's last event for a job it stopped (cancel, shutdown)
 
 
-def _train_in_child(model_dir, data, out_dir, hp, seed, events):
-    import torch
-
-    from loraplex.training.trainer import train_lora
-    torch.set_num_threads(1)
-    try:
-        result = train_lora(Path(model_dir), data, Path(out_dir), hp, seed,
-                            on_step=lambda report: events.put(("step", report)))
-        events.put(("done", result.loss, result.trained_tokens))
-    except BaseException as e:  # reported to the parent, which fails the job
-        events.put(("error", f"{type(e).__name__}: {e}"))
-
-
 class JobRunner:
     def __init__(self, jobs: JobStore, files: FileStore, model_dir: Path,
                  publish: Callable[[Job, Path], str], unpublish: Callable[[Job, str], None],
-                 poll_s: float = 0.2):
-        self.jobs, self.files, self.model_dir, self.poll_s = jobs, files, model_dir, poll_s
+                 poll_s: float = 0.2, launch: Launch = launch_local_process):
+        self.jobs, self.files, self.model_dir, self.poll_s, self.launch = jobs, files, model_dir, poll_s, launch
         self.publish, self.unpublish = publish, unpublish
         self.trainer = new_trainer_id()
         self._renew_every_s = jobs.lease_s / 3
@@ -109,18 +102,11 @@ class JobRunner:
         work = Path(tempfile.mkdtemp(prefix="loraplex-job-"))
         try:
             data = self.files.content(job.account, job.training_file)
-            ctx = mp.get_context("spawn")
-            events = ctx.Queue()
-            child = ctx.Process(target=_train_in_child, daemon=True,
-                                args=(str(self.model_dir), data, str(work / "adapter"), job.hyperparameters,
-                                      job.seed, events))
-            child.start()
+            training = self.launch(job.id, self.model_dir, data, work / "adapter", job.hyperparameters, job.seed)
             try:
-                outcome = self._follow(job, child, events)
+                outcome = self._follow(job, training)
             finally:
-                if child.is_alive():  # stopped, cancelled, or an error here: the child goes too
-                    child.terminate()
-                child.join()
+                training.stop()  # stopped, cancelled, or an error here: the training goes too
             if outcome is None:
                 return
             if outcome[0] == "error":
@@ -138,32 +124,31 @@ class JobRunner:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _follow(self, job: Job, child, events) -> tuple | None:
-        """Relay the child's step events until it ends: its outcome ("done", loss, tokens) or
+    def _follow(self, job: Job, training: Training) -> tuple | None:
+        """Relay the training's events until it ends: its outcome ("done", loss, tokens) or
         ("error", message); None when the runner let go of the job (cancelled, lost, stopping)."""
         self.jobs.add_event(job.id, f"{STARTED}{self.trainer}")
         outcome = None
         while outcome is None:
             if self._stop.is_set() or not self._still_mine(job):
-                child.terminate()
-                child.join()
+                training.stop()
                 if self._stop.is_set():  # the server stops: the job fails now, not a lease later
                     self.jobs.finish(job.id, "failed", error=SERVER_STOPPED)
                 self.jobs.add_event(job.id, STOPPED + "nothing was published")
                 return None
-            try:
-                event = events.get(timeout=self.poll_s)
-            except Exception:
-                if not child.is_alive() and events.empty():
-                    outcome = ("error", f"the trainer process exited with {child.exitcode}")
+            event = training.next_event(self.poll_s)
+            if event is None:
                 continue
-            if event[0] == "step":
-                try:
-                    self._step_event(job, event[1])
-                except Unavailable:  # a step's event is lost, the training goes on
-                    log.warning("job %s: a step event was not stored (the fine-tuning store is unavailable)", job.id)
-            else:
+            if event[0] not in ("note", "step"):
                 outcome = event
+                continue
+            try:
+                if event[0] == "note":
+                    self.jobs.add_event(job.id, event[1])
+                else:
+                    self._step_event(job, event[1])
+            except Unavailable:  # an event is lost, the training goes on
+                log.warning("job %s: an event was not stored (the fine-tuning store is unavailable)", job.id)
         return outcome
 
     def _step_event(self, job: Job, report: StepReport) -> None:
