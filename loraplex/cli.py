@@ -131,7 +131,8 @@ def _serve_replicas(args: argparse.Namespace, options, dev_account) -> int:
 
     try:
         scaleout = config.ScaleoutConfig(replicas=args.replicas, ray_address=args.ray_address,
-                                         replica_num_cpus=args.replica_cpus, replica_num_gpus=args.replica_gpus)
+                                         replica_num_cpus=args.replica_cpus, replica_num_gpus=args.replica_gpus,
+                                         train_num_cpus=args.train_cpus, train_num_gpus=args.train_gpus)
     except ValueError as e:
         raise errors.InvalidInput(f"--replicas: {e}") from None
     started = start_ray(scaleout.ray_address)
@@ -328,6 +329,11 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"with --replicas: Ray CPUs per replica (default {scaleout.replica_num_cpus:g})")
     serve.add_argument("--replica-gpus", type=float, default=scaleout.replica_num_gpus,
                        help=f"with --replicas: Ray GPUs per replica (default {scaleout.replica_num_gpus:g})")
+    serve.add_argument("--train-cpus", type=float, default=scaleout.train_num_cpus,
+                       help="with --replicas: Ray CPUs of each fine-tuning job's training task "
+                            f"(default {scaleout.train_num_cpus:g})")
+    serve.add_argument("--train-gpus", type=float, default=scaleout.train_num_gpus,
+                       help=f"with --replicas: Ray GPUs of each training task (default {scaleout.train_num_gpus:g})")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                        help="text lines, or one JSON object per line (for log collectors)")

@@ -209,6 +209,8 @@ class ScaleoutConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://host:port": join a cluster
     replica_num_cpus: float = 1.0  # Ray CPUs reserved per replica (fractions allowed)
     replica_num_gpus: float = 0.0  # Ray GPUs per replica (1 for one GPU each)
+    train_num_cpus: float = 1.0  # Ray CPUs of each fine-tuning job's training task (serve/training_task.py)
+    train_num_gpus: float = 0.0  # Ray GPUs of each training task (the trainer runs on CPU today)
     router: str = "affinity"  # "affinity" (serve/router.py) or "round_robin" (a baseline for benchmarks)
     spill_in_flight: int = 32  # in flight on a replica from which an adapter's requests spill elsewhere
     sticky_s: float = 30.0  # an adapter sent to a replica counts as resident there this long
@@ -222,3 +224,5 @@ class ScaleoutConfig:
             raise ValueError(f"router must be 'affinity' or 'round_robin', got {self.router!r}")
         if not self.replica_num_cpus >= 0 or not self.replica_num_gpus >= 0:
             raise ValueError("replica_num_cpus and replica_num_gpus must be >= 0")
+        if not self.train_num_cpus >= 0 or not self.train_num_gpus >= 0:
+            raise ValueError("train_num_cpus and train_num_gpus must be >= 0")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 # hyperparameters with which a tiny random model learns a one-word answer to a handful of prompts
 MEMORISE = {"n_epochs": 12, "batch_size": 2, "learning_rate_multiplier": 50.0}
+MEMORISE_PROMPTS = [f"say {w}" for w in ("one", "two", "three", "four")]  # each answered "ARR"
+MEMORISE_DATA = "".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                  {"role": "assistant", "content": "ARR"}]}) + "\n"
+                        for p in MEMORISE_PROMPTS).encode()
 
 
 def wait_for_job(client, job_id: str, guard_s: float = 300):

@@ -5,19 +5,16 @@ adapter reproduce the trained answer, and equal peft + transformers' greedy toke
 adapter as stored."""
 
 import io
-import json
 
 import pytest
 import torch
 from openai import OpenAI
 
 from tests.api_server import LiveServer, server_options
-from tests.finetune_helpers import MEMORISE, wait_for_job
+from tests.finetune_helpers import MEMORISE, MEMORISE_DATA, MEMORISE_PROMPTS, wait_for_job
 
 MODEL = "@cf/test/tiny-llama"
-PROMPTS = [f"say {w}" for w in ("one", "two", "three", "four")]
-DATA = ("\n".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "ARR"}]})
-                  for p in PROMPTS) + "\n").encode()
+PROMPTS, DATA = MEMORISE_PROMPTS, MEMORISE_DATA
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,16 @@
 one endpoint, against a single-process server on the same model and adapters (the reference),
 through the real Cloudflare and OpenAI SDKs and plain httpx.
 
+Fine-tuning jobs created through the replicated endpoint train as Ray tasks (one CPU each; the
+replicas take the other): trained, cancelled, and killed.
+
 One local Ray and one deployment for the whole module (2 CPUs, half a CPU and one torch thread per
 replica). The SIGKILL test runs last: it leaves a restarted replica behind."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -15,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import httpx
@@ -31,6 +36,9 @@ from loraplex.engine.async_engine import QueueFull
 from loraplex.serve.deployment import DEPLOYMENT_NAME
 from loraplex.serve.remote_engine import RemoteEngine, pinned_replica
 from loraplex.serve.replica_header import INGRESS
+from loraplex.serve.training_task import TASK_PREFIX
+from loraplex.training.runner import STOPPED
+from finetune_helpers import MEMORISE, MEMORISE_DATA, MEMORISE_PROMPTS, wait_for_job
 from scaleout_server import ScaleoutServer, scaleout_config, start_local_ray, stop_local_ray
 from tiny_models import make_peft_adapter
 
@@ -273,6 +281,94 @@ def test_the_cli_serves_replicas_on_a_cluster_it_joins_and_removes_them_on_exit(
 
 def _pids(cluster) -> dict[str, int]:
     return asyncio.run(cluster.ctx.engine.call(lambda engine: os.getpid()))["replicas"]
+
+
+def _ray_training(client, job_id: str, guard_s: float = 300) -> tuple[str, int]:
+    """(the job's "training as Ray task …" event, the task's pid) once the task has reported a step.
+    `guard_s` only guards against a hang."""
+    deadline = time.monotonic() + guard_s
+    while True:
+        events = list(client.fine_tuning.jobs.list_events(job_id))
+        notes = [e.message for e in events if e.message.startswith("training as Ray task")]
+        if notes and any(e.type == "metrics" for e in events):
+            return notes[0], int(re.search(r"pid (\d+)", notes[0])[1])
+        assert time.monotonic() < deadline and not any(e.message.startswith(STOPPED) for e in events), events
+        time.sleep(0.1)
+
+
+def _process_ended(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def _until_ended(pid: int, guard_s: float = 60) -> None:
+    deadline = time.monotonic() + guard_s
+    while not _process_ended(pid):
+        assert time.monotonic() < deadline, f"the training task (pid {pid}) still runs"
+        time.sleep(0.1)
+
+
+def _long_job(client, suffix: str):
+    """A job of many steps (a few hundred examples, 50 epochs), running long after its first step."""
+    data = "".join(json.dumps({"messages": [{"role": "user", "content": f"count {i}"},
+                                            {"role": "assistant", "content": "ARR"}]}) + "\n" for i in range(400))
+    f = client.files.create(file=("long.jsonl", io.BytesIO(data.encode())), purpose="fine-tune")
+    return client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, suffix=suffix,
+                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
+
+
+def _account_id(client) -> str:
+    return client.base_url.path.split("/")[4]
+
+
+def test_a_fine_tuning_job_trains_as_a_ray_task_and_its_finetune_is_served_by_the_replicas(cluster):
+    client = cluster.live.openai_client("trainee")
+    f = client.files.create(file=("t.jsonl", io.BytesIO(MEMORISE_DATA)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, seed=1, suffix="pirate",
+                                         hyperparameters=MEMORISE)
+    job = wait_for_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id))))
+    (note,) = [e.message for e in events if e.message.startswith("training as Ray task")]
+    assert f"Ray task {TASK_PREFIX}{job.id} on node {ray.get_runtime_context().get_node_id()}" in note
+    assert int(re.search(r"pid (\d+)", note)[1]) not in (os.getpid(), *_pids(cluster).values())
+    steps = [e.data for e in events if e.type == "metrics"]
+    assert [d["step"] for d in steps] == list(range(1, 12 * 2 + 1))
+    assert job.trained_tokens == steps[-1]["trained_tokens"]
+    replies = [client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3, temperature=0,
+                                              messages=[{"role": "user", "content": p}]).choices[0].message.content
+               for p in MEMORISE_PROMPTS]
+    assert sum(r == "ARR" for r in replies) >= 3, replies
+
+
+def test_cancelling_a_job_kills_its_ray_task_and_publishes_nothing(cluster):
+    client = cluster.live.openai_client("canceller")
+    job = _long_job(client, "cancelled")
+    _, pid = _ray_training(client, job.id)
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    deadline = time.monotonic() + 60  # until the runner lets go (it stopped the task first)
+    while not any(e.message.startswith(STOPPED) for e in client.fine_tuning.jobs.list_events(job.id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    _until_ended(pid)
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert (done.status, done.fine_tuned_model) == ("cancelled", None)
+    assert cluster.ctx.registry.list_finetunes(_account_id(client)) == []
+
+
+def test_a_training_task_that_dies_fails_its_job_with_a_clear_error(cluster):
+    """SIGKILL of the task's worker process, as when its node is lost."""
+    client = cluster.live.openai_client("crasher")
+    job = _long_job(client, "killed")
+    _, pid = _ray_training(client, job.id)
+    os.kill(pid, signal.SIGKILL)
+    done = wait_for_job(client, job.id)
+    assert done.status == "failed" and done.fine_tuned_model is None
+    assert "the training task was lost" in done.error.message, done.error
+    assert cluster.ctx.registry.list_finetunes(_account_id(client)) == []
 
 
 def test_a_stream_on_a_killed_replica_ends_with_an_error_event_and_the_replica_comes_back(single, cluster, accounts):

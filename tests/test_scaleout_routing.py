@@ -94,7 +94,7 @@ def test_a_sequential_series_over_many_adapters_sticks_and_spreads():
 
 
 @pytest.mark.parametrize("bad", [dict(replicas=0), dict(spill_in_flight=0), dict(router="random"),
-                                 dict(replica_num_cpus=-1), dict(max_attempts=0)])
+                                 dict(replica_num_cpus=-1), dict(train_num_gpus=-1), dict(max_attempts=0)])
 def test_scaleout_config_refuses_nonsense(bad):
     with pytest.raises(ValueError):
         ScaleoutConfig(**bad)

@@ -24,6 +24,7 @@ from loraplex.models.hf_config import ModelArgs
 from loraplex.tokenizer import Tokenizer
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import JobStore
+from loraplex.training.launch import Launch
 
 MULTIPART_FRAMING_BYTES = 2**16  # an uploaded file's body limit: the file plus this
 
@@ -59,6 +60,7 @@ class ApiContext:
     jobs: JobStore | None = None  # fine-tuning jobs (training/jobs.py)
     model_dir: Path | None = None  # the base model's folder (the trainer loads it)
     request_logs: RequestLogs | None = None  # tenants' request logs (api/request_log.py); None: none kept
+    launch_training: Launch | None = None  # how the trainer runs a job (training/launch.py); None: a local process
 
     @property
     def served_names(self) -> tuple[str, str]:

@@ -158,12 +158,14 @@ async def job_checkpoints(account_id: str, job_id: str, request: Request):
 
 
 def start_runner(ctx: ApiContext):
-    """The server's trainer (training/runner.py), started with the app; None without a job store."""
+    """The server's trainer (training/runner.py), started with the app; None without a job store.
+    It trains as `ctx.launch_training` says (the scale-out ingress: Ray tasks), else in a local process."""
     from loraplex.training.runner import JobRunner
 
     if ctx.jobs is None or ctx.model_dir is None:
         return None
+    launch = {} if ctx.launch_training is None else {"launch": ctx.launch_training}
     runner = JobRunner(ctx.jobs, ctx.files, ctx.model_dir, lambda job, folder: publish(ctx, job, folder),
-                       lambda job, name: unpublish(ctx, job, name))
+                       lambda job, name: unpublish(ctx, job, name), **launch)
     runner.start()
     return runner

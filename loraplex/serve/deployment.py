@@ -30,6 +30,7 @@ from loraplex.serve.remote_engine import RemoteEngine
 from loraplex.serve.replica import EngineReplica
 from loraplex.serve.replica_header import ReplicaHeaderMiddleware
 from loraplex.serve.router import AffinityRouter, RoundRobinRouter
+from loraplex.serve.training_task import ray_launch
 from loraplex.tokenizer import Tokenizer
 
 DEPLOYMENT_NAME = "EngineReplica"
@@ -74,14 +75,17 @@ def deploy(options: ServerOptions, scaleout: ScaleoutConfig) -> DeploymentHandle
 
 
 def build_ingress_context(options: ServerOptions, scaleout: ScaleoutConfig, handle: DeploymentHandle) -> ApiContext:
-    """The ApiContext of the ingress: this process's registry, object store and tokenizer, and a
-    RemoteEngine over the replicas behind `handle`."""
+    """The ApiContext of the ingress: this process's registry, object store and tokenizer, a
+    RemoteEngine over the replicas behind `handle`, and fine-tuning jobs trained as Ray tasks
+    (serve/training_task.py) with `scaleout`'s train_num_cpus / train_num_gpus."""
     engine = RemoteEngine(handle, scaleout.app_name, scaleout.replicas, options.max_pending, scaleout.max_attempts)
     with ThreadPoolExecutor(1) as pool:  # (the handle's sync API must not run on an event loop)
         info = pool.submit(lambda: handle.model_info.remote().result()).result()
     tokenizer = Tokenizer.from_dir(resolve_model_dir(options.engine.model.model, options.data_dir))
-    return api_context(options, engine, open_adapter_store(options), tokenizer, info["model_args"], info["max_model_len"],
-                       engine.cache_stats)
+    ctx = api_context(options, engine, open_adapter_store(options), tokenizer, info["model_args"], info["max_model_len"],
+                      engine.cache_stats)
+    ctx.launch_training = ray_launch(scaleout)
+    return ctx
 
 
 def install(app: FastAPI, ctx: ApiContext) -> FastAPI:
