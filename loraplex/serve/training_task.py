@@ -61,9 +61,13 @@ class RayTraining:
         self._pending: deque[tuple] = deque()  # drained from the queue once the task ended, then its outcome
         self._ended = False
         threads = max(1, int(scaleout.train_num_cpus))
-        self.ref = _train_task.options(name=TASK_PREFIX + job_id, num_cpus=scaleout.train_num_cpus,
-                                       num_gpus=scaleout.train_num_gpus).remote(
-            str(model_dir), data, hp, seed, threads, self._events)
+        try:
+            self.ref = _train_task.options(name=TASK_PREFIX + job_id, num_cpus=scaleout.train_num_cpus,
+                                           num_gpus=scaleout.train_num_gpus).remote(
+                str(model_dir), data, hp, seed, threads, self._events)
+        except BaseException:  # not submitted: the runner fails the job; the queue goes
+            self._events.shutdown(force=True)
+            raise
 
     def next_event(self, timeout_s: float) -> tuple | None:
         if self._pending:
