@@ -151,3 +151,33 @@ class HttpConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RequestLogConfig:
+    """Request logs (opt-in per account; see loraplex/training/logs.py and api/request_log.py).
+
+    An account's settings start at `default_enabled` / `default_retention_days`; a PUT may set
+    `retention_days` within [min_retention_days, max_retention_days]. Each account keeps at most
+    `max_entries_per_account` entries (the oldest are dropped to make room); an entry whose text
+    (messages, prompt, response, correction) exceeds `max_entry_bytes` is not stored (counted as
+    dropped). Records wait in a queue of `max_queued` for the writer thread; a record that finds
+    it full is dropped and counted, never waited for. Expired entries are deleted on each write
+    of the account and by a sweep of all accounts every `sweep_interval_s`."""
+
+    default_enabled: bool = False
+    default_retention_days: int = 30
+    min_retention_days: int = 1
+    max_retention_days: int = 365
+    max_entries_per_account: int = 10_000
+    max_entry_bytes: int = 256 * 2**10
+    max_queued: int = 1024
+    sweep_interval_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "default_retention_days", "min_retention_days", "max_retention_days",
+                          "max_entries_per_account", "max_entry_bytes", "max_queued")
+        if not self.min_retention_days <= self.default_retention_days <= self.max_retention_days:
+            raise ValueError("default_retention_days must lie within [min_retention_days, max_retention_days]")
+        if not self.sweep_interval_s > 0:
+            raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s!r}")

@@ -78,7 +78,7 @@ def test_every_account_route_refuses_other_tenants(fuzz_server):
               if "{account_id}" in path]
     assert len(routes) >= 11
     values = {"account_id": account_id, "finetune_id": finetune_id, "model_name": "@cf/test/tiny-llama",
-              "file_id": "file-of-nobody", "job_id": "ftjob-of-nobody"}
+              "file_id": "file-of-nobody", "job_id": "ftjob-of-nobody", "log_id": "log-of-nobody"}
     with httpx.Client(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {other_token}"}) as client:
         for method, path in routes:
             response = client.request(method, path.format(**values), json={"prompt": "x"})

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import compile_path
 
-from loraplex.api import admin, files, finetunes, jobs, openai, workers_ai
+from loraplex.api import admin, files, finetunes, jobs, logs, openai, workers_ai
 from loraplex.api.connections import quiet_accept_errors
 from loraplex.api.console import install_console
 from loraplex.api.context import MULTIPART_FRAMING_BYTES, ApiContext
@@ -68,19 +68,23 @@ def create_app(ctx: ApiContext | None) -> FastAPI:
         quiet_accept_errors(asyncio.get_running_loop())
         ctx.engine.start()
         runner = jobs.start_runner(ctx)
+        if ctx.request_logs is not None:
+            ctx.request_logs.writer.start()
         try:
             yield
         finally:
             if runner is not None:
                 runner.stop()
             ctx.engine.shutdown()
+            if ctx.request_logs is not None:
+                ctx.request_logs.writer.stop()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   description="Multi-tenant LoRA inference: Workers AI and OpenAI dialects.",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router):
+    for router in (workers_ai.router, finetunes.router, openai.router, files.router, jobs.router, logs.router):
         app.include_router(router, prefix=API_PREFIX)
     if ctx is not None and ctx.admin_token:  # (ctx None: an app built only for its OpenAPI schema)
         app.include_router(admin.router)

@@ -16,6 +16,7 @@ from loraplex.adapters.registry import Finetune, Registry
 from loraplex.adapters.storage import ObjectStore
 from loraplex.api.errors import ApiError, invalid
 from loraplex.api.metrics import Metrics
+from loraplex.api.request_log import RequestLogs
 from loraplex.config import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_LORA_RANK
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.lora.adapter import MAX_CONFIG_BYTES
@@ -57,6 +58,7 @@ class ApiContext:
     files: FileStore | None = None  # fine-tuning files (training/files.py)
     jobs: JobStore | None = None  # fine-tuning jobs (training/jobs.py)
     model_dir: Path | None = None  # the base model's folder (the trainer loads it)
+    request_logs: RequestLogs | None = None  # tenants' request logs (api/request_log.py); None: none kept
 
     @property
     def served_names(self) -> tuple[str, str]:

@@ -2,7 +2,8 @@
 the first token — an adapter that will not load, a full queue — is a proper HTTP error), then
 read whole or as deltas for streaming. When it ends (finished, failed or abandoned) it
 records its metrics and logs one line: request id, account, finetune, prompt and output token
-counts, TTFT, duration and finish reason — never the prompt, the output or the API token.
+counts, TTFT, duration and finish reason — never the prompt, the output or the API token. When
+its request is logged for the tenant (request_log.py), it hands its record to the request logs.
 
 A client that leaves is noticed at every stage that waits on the engine: before the first token
 (`start(..., request)`), while a non-streamed answer is generated (`complete(request)`), and
@@ -21,6 +22,7 @@ from typing import NamedTuple, TypeVar
 from starlette.requests import ClientDisconnect, Request
 
 from loraplex.api.context import ApiContext
+from loraplex.api.request_log import LOG_CAPTURE
 from loraplex.api.request_scope import ACCOUNT_ID, REQUEST_ID
 from loraplex.core import RequestOutput, SamplingParams
 from loraplex.logs import event
@@ -51,6 +53,7 @@ class Generation:
         self._sent_chars = 0
         self._adapter = adapter
         self._request_id, self._account = REQUEST_ID.get(), ACCOUNT_ID.get()
+        self._log_capture = LOG_CAPTURE.get()  # set by the route when this request is logged
         self._ended = False
         self._sent_tokens = 0
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -146,7 +149,8 @@ class Generation:
             self._end(out.finish_reason)
 
     def _end(self, finish_reason: str | None) -> None:
-        """Once per generation: the per-finetune counters and the log line."""
+        """Once per generation: the per-finetune counters, the log line, and (when the request is
+        logged) its record handed to the request logs' writer (non-blocking, never raises)."""
         if self._ended:
             return
         self._ended = True
@@ -157,6 +161,9 @@ class Generation:
         event(log, "generation", request_id=self._request_id, account=self._account, finetune=self._adapter,
               prompt_tokens=self.num_prompt_tokens, output_tokens=output_tokens, ttft_s=ttft,
               duration_s=round(now - self._started, 6), finish_reason=finish_reason)
+        if self._log_capture is not None and self.output is not None:
+            self._log_capture.record(self._adapter, self.output.text, self.num_prompt_tokens,
+                                     self.num_completion_tokens, now - self._started, finish_reason)
 
 
 async def until_disconnect(request: Request | None, work: Awaitable[_T]) -> _T:

@@ -95,6 +95,11 @@ class Metrics:
                                               ["finetune"], registry=r)
         self.finetune_generation_tokens = Counter("loraplex_finetune_generation_tokens",
                                                   "Tokens generated per finetune.", ["finetune"], registry=r)
+        self.request_logs_written = Counter("loraplex_request_logs_written", "Request-log entries stored.",
+                                            registry=r)
+        self.request_logs_dropped = Counter(
+            "loraplex_request_logs_dropped",
+            "Request-log records not stored, by reason (queue_full, too_large, store_error).", ["reason"], registry=r)
         r.register(_EngineCollector(engine_stats, in_flight, cache_stats))
 
     def finetune_label(self, finetune_id: str | None) -> str:

@@ -16,6 +16,7 @@ from loraplex.api.body import parse_body
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import invalid
 from loraplex.api.choices import Choices, CompletionLogprobs, chat_logprobs, choice_params
+from loraplex.api.request_log import capture
 from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest, json_body
 from loraplex.api.streaming import DONE, sse, sse_response
 from loraplex.core import SamplingParams
@@ -33,6 +34,11 @@ def split_model(ctx: ApiContext, model: str, lora: str | None) -> str | None:
         lora = named
     ctx.check_model(model)
     return lora
+
+
+def base_model(ctx: ApiContext, model: str) -> str:
+    """The base model a (checked) `model` names: itself, or BASE of `BASE:FINETUNE`."""
+    return model if model in ctx.served_names else model.rpartition(":")[0]
 
 
 def sampling_params(ctx: ApiContext, body, prompt_len: int, max_tokens: int | None,
@@ -72,7 +78,9 @@ def _usage_chunk(base: dict, choices: Choices, body) -> list[bytes]:
 @router.post(PREFIX + "/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(account_id: str, request: Request):
     ctx, body, adapter = await _start(request, account_id, ChatCompletionRequest)
-    prompt_ids = await ctx.encode_chat([m.as_dict() for m in body.messages])
+    messages = [m.as_dict() for m in body.messages]
+    prompt_ids = await ctx.encode_chat(messages)
+    await capture(request, account_id, "openai-chat", base_model(ctx, body.model), messages=messages)
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(ctx, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, top)
     choices = await Choices.start(ctx, prompt_ids, choice_params(params, body.n), adapter, request)
@@ -112,6 +120,7 @@ async def completions(account_id: str, request: Request):
     ctx, body, adapter = await _start(request, account_id, CompletionRequest)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     prompt_ids = await ctx.encode_prompt(prompt, raw=True)
+    await capture(request, account_id, "openai-completions", base_model(ctx, body.model), prompt=prompt)
     params = sampling_params(ctx, body, len(prompt_ids), body.max_tokens, body.logprobs)
     choices = await Choices.start(ctx, prompt_ids, choice_params(params, body.n), adapter, request)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,

@@ -16,12 +16,15 @@ from loraplex.adapters.registry import Registry
 from loraplex.adapters.storage import open_store
 from loraplex.api.context import ApiContext, Limits
 from loraplex.api.metrics import Metrics
+from loraplex.api.request_log import RequestLogs
 from loraplex.config import (DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_FINETUNES_PER_ACCOUNT, DEFAULT_MAX_PENDING,
-                             EngineConfig, HttpConfig, MetricsConfig, engine_config)
+                             EngineConfig, HttpConfig, MetricsConfig, RequestLogConfig, engine_config)
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.engine import LLMEngine, resolve_model_dir
 from loraplex.training.files import FileStore
 from loraplex.training.jobs import JobStore
+from loraplex.training.log_writer import LogWriter
+from loraplex.training.logs import SqliteLogStore
 
 DEFAULT_MODEL_NAME = "@cf/huggingface/smollm2-135m-instruct"
 
@@ -42,6 +45,7 @@ class ServerOptions:
     http: HttpConfig = field(default_factory=HttpConfig)  # connection cap, header/body/keep-alive timeouts
     metrics_token: str | None = None  # /metrics wants `Authorization: Bearer <it>`; None: /metrics is open
     docs: bool = True  # serve /docs, /redoc and /openapi.json (public: they describe the API, hold no data)
+    request_logs: RequestLogConfig = field(default_factory=RequestLogConfig)  # defaults and bounds of request logs
 
     @property
     def served_name(self) -> str:
@@ -63,6 +67,13 @@ def open_jobs(data_dir: Path) -> JobStore:
     return jobs
 
 
+def open_request_logs(data_dir: Path, config: RequestLogConfig, metrics: Metrics) -> RequestLogs:
+    """The request-log store in the data dir and its writer (started and stopped with the app)."""
+    writer = LogWriter(SqliteLogStore(data_dir, config), on_drop=lambda why: metrics.request_logs_dropped.labels(why).inc(),
+                       on_written=metrics.request_logs_written.inc)
+    return RequestLogs(writer.store, writer)
+
+
 def build_context(opts: ServerOptions) -> ApiContext:
     """Load the model and open the registry and store (slow: seconds). The engine thread is
     started by the app's lifespan. Uploads a previous process was staging when it died are
@@ -72,6 +83,8 @@ def build_context(opts: ServerOptions) -> ApiContext:
     store = open_store(config.lora.storage or (opts.data_dir / "objects").resolve().as_uri())
     engine = LLMEngine(config, adapter_store=store)
     async_engine = AsyncEngine(engine, max_pending=opts.max_pending)
+    metrics = Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapters.stats,
+                      MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels))
     return ApiContext(
         engine=async_engine,
         registry=open_registry(opts.data_dir, opts.max_finetunes_per_account),
@@ -81,8 +94,7 @@ def build_context(opts: ServerOptions) -> ApiContext:
         model_name=opts.served_name,
         max_model_len=engine.max_model_len,
         limits=Limits(max_adapter_bytes=opts.max_adapter_bytes, max_lora_rank=config.lora.max_lora_rank),
-        metrics=Metrics(async_engine.stats, lambda: async_engine.num_in_flight, engine.adapters.stats,
-                        MetricsConfig(max_finetune_labels=opts.max_finetune_metric_labels)),
+        metrics=metrics,
         upload_dir=opts.data_dir / "uploads",
         admin_token=opts.admin_token,
         metrics_token=opts.metrics_token,
@@ -90,4 +102,5 @@ def build_context(opts: ServerOptions) -> ApiContext:
         files=FileStore(opts.data_dir),
         jobs=open_jobs(opts.data_dir),
         model_dir=resolve_model_dir(config.model.model, opts.data_dir),
+        request_logs=open_request_logs(opts.data_dir, opts.request_logs, metrics),
     )

@@ -16,6 +16,7 @@ from loraplex.api.context import ApiContext
 from loraplex.api.errors import envelope
 from loraplex.api.generation import Generation
 from loraplex.api.pagination import PAGE_PARAMS, paginated
+from loraplex.api.request_log import capture
 from loraplex.api.schemas import RunRequest, json_body
 from loraplex.api.streaming import DONE, sse, sse_response
 from loraplex.core import SamplingParams
@@ -45,9 +46,13 @@ async def run(account_id: str, model_name: str, request: Request):
     ctx.check_max_tokens(body.max_tokens)
     adapter = await ctx.adapter_for(account_id, body.lora)
     if body.messages is not None:
-        prompt_ids = await ctx.encode_chat([m.as_dict() for m in body.messages])
+        messages = [m.as_dict() for m in body.messages]
+        prompt_ids = await ctx.encode_chat(messages)
+        await capture(request, account_id, "workers-ai", model_name, messages=messages)
     else:
         prompt_ids = await ctx.encode_prompt(body.prompt, body.raw)
+        await capture(request, account_id, "workers-ai", model_name, prompt=body.prompt if body.raw else None,
+                      messages=None if body.raw else [{"role": "user", "content": body.prompt}])
     gen = await Generation.start(ctx, prompt_ids, sampling_params(body), adapter, request)
     if body.stream:
         async def events():

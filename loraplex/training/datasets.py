@@ -82,3 +82,20 @@ def validate_chat_jsonl(data: bytes, count_tokens: Callable[[list], int] | None 
     if examples == 0:
         raise InvalidInput("invalid training file: no examples")
     return DatasetSummary(examples=examples, tokens=tokens)
+
+
+EXPORTED_FINISH_REASONS = ("stop", "length")
+
+
+def chat_example(messages: list[dict], response: str, corrected_response: str | None, feedback: int | None,
+                 finish_reason: str | None) -> dict | None:
+    """One logged generation as a training example `{"messages": [..., assistant]}`, the corrected
+    response replacing the original; None when it is left out of a dataset: a raw prompt (no
+    messages), a role the format has not got, feedback −1 without a correction, an aborted or
+    failed generation without a correction, or an empty answer."""
+    answer = corrected_response if corrected_response is not None else response
+    if corrected_response is None and (feedback == -1 or finish_reason not in EXPORTED_FINISH_REASONS):
+        return None
+    if not messages or not answer.strip() or any(m.get("role") not in ROLES for m in messages):
+        return None
+    return {"messages": [*messages, {"role": "assistant", "content": answer}]}
