@@ -92,7 +92,7 @@ export function render(main, session) {
   const next = h("button", { id: "logs-next", type: "button", class: "small", onclick: () => { page += 1; refresh(); } }, "Older →");
 
   // --- export
-  const filename = h("input", { id: "export-filename", maxlength: 200, spellcheck: "false", placeholder: "logs.jsonl" });
+  const filename = h("input", { id: "export-filename", maxlength: 200, spellcheck: "false", placeholder: "logs-export.jsonl" });
   const exportButton = h("button", { id: "export", type: "submit" }, "Export as a dataset");
   const exportError = h("p", { id: "export-error", class: "error", role: "alert", hidden: true });
   const exportDone = h("p", { id: "export-done", class: "ok", role: "status" });
