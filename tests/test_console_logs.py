@@ -1,10 +1,10 @@
 """The console's Logs page in a real headless Chromium against a live server on the tiny model:
 logging turned on through the API, the entries that API calls made (Workers AI chat and raw, the
 OpenAI SDK with a finetune; a request with `cf-aig-collect-log: false` is not there) listed as the
-API lists them, filtered (finetune, feedback), feedback given by mouse and by keyboard, a response
-corrected, the entries exported to a dataset file that the Datasets page then lists, with the
-content the API serves; the settings saved from the page; another account sees none of it.
-Screenshot: logs (browser.SCREENSHOTS).
+API lists them, filtered (finetune, time range, feedback) and a page at a time; feedback given by
+mouse and by keyboard, a response corrected, the entries exported to a dataset file that the
+Datasets page then lists, with the content the API serves; the settings saved from the page;
+another account sees none of it. Screenshots: logs, logs-entry (browser.SCREENSHOTS).
 
 One browser and one server for the module (tests run in file order and share the signed-in tab).
 Run: .venv/bin/python -m pytest -q tests/test_console_logs.py
@@ -111,6 +111,17 @@ def test_logs_made_by_api_calls_are_listed_as_the_api_lists_them(driver, server,
     assert len(shown(driver)) == 1 and shown(driver)[0]["cells"][2] == "Tell me a joke"
     show_only(driver)
     shown_ids(driver, [e["id"] for e in entries], "every entry again")
+    # the time range (the browser's local time): nothing until 2000, everything since then
+    set_time = "document.getElementById(arguments[0]).value = arguments[1]"
+    driver.execute_script(set_time, "filter-until", "2000-01-01T00:00:00")
+    by_css(driver, "#filter-apply").click()
+    wait_for(lambda: text_at(driver, "#log-rows") == "No entries match these filters.", "no entry until 2000")
+    assert text_at(driver, "#logs-page") == "Page 1 of 1 · 0 entries"
+    driver.execute_script(set_time, "filter-until", "")
+    driver.execute_script(set_time, "filter-since", "2000-01-01T00:00:00")
+    by_css(driver, "#filter-apply").click()
+    shown_ids(driver, [e["id"] for e in entries], "every entry since 2000")
+    driver.execute_script(set_time, "filter-since", "")
 
 
 def test_feedback_and_a_correction(driver, server, alice):
@@ -206,3 +217,29 @@ def test_another_account_sees_none_of_them(driver, server, alice):
     source = driver.page_source
     assert not any(e["id"] in source for e in entries)
     assert "from-console" not in source
+
+
+def test_entries_come_a_page_at_a_time(driver, server):
+    carol = Tenant.open(server, "carol", MODEL)
+    try:
+        token = carol.client.headers["Authorization"].split()[1]
+        carol.client.put("/logs/settings", json={"enabled": True})
+        for i in range(21):  # one more than the page holds
+            reply = carol.client.post(f"/run/{MODEL}", json={"messages": [{"role": "user", "content": f"question {i}"}],
+                                                            "max_tokens": 1})
+            assert reply.status_code == 200, reply.text
+        server.ctx.request_logs.writer.drain()
+        newest_first = [e["id"] for e in api_logs(carol, per_page=100)]
+        sign_in(driver, server, carol.account_id, token)
+        wait_for(lambda: by_css(driver, "#upload-form"), "carol's finetunes page")
+        open_page(driver, server, "logs")
+        shown_ids(driver, newest_first[:20], "the first page")
+        assert text_at(driver, "#logs-page") == "Page 1 of 2 · 21 entries"
+        assert not by_css(driver, "#logs-prev").is_enabled()
+        by_css(driver, "#logs-next").click()
+        shown_ids(driver, newest_first[20:], "the second page")
+        assert shown(driver)[0]["cells"][2] == "question 0" and not by_css(driver, "#logs-next").is_enabled()
+        by_css(driver, "#logs-prev").click()
+        shown_ids(driver, newest_first[:20], "the first page again")
+    finally:
+        carol.close()

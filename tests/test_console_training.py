@@ -1,9 +1,9 @@
 """The console's Datasets and Jobs pages in a real headless Chromium against a live server on the
 tiny model: upload a JSONL dataset (a bad one is refused in the server's own words, naming the
-line), preview it, start a fine-tuning job from the page (a refused rank shown in words), watch
-its loss curve get the points the job's events report and the job reach `succeeded` with the
-finetune it produced named; another account sees none of those files or jobs. Screenshots:
-datasets, jobs (browser.SCREENSHOTS).
+line), preview it, delete one after a confirmation; start a fine-tuning job from the page (a
+refused rank shown in words), watch its loss curve get the points the job's events report and
+the job reach `succeeded` with the finetune it produced named; cancel a long job from the page;
+another account sees none of those files or jobs. Screenshots: datasets, jobs (browser.SCREENSHOTS).
 
 One browser and one server for the module (tests run in file order and share the signed-in tab).
 Run: .venv/bin/python -m pytest -q tests/test_console_training.py
@@ -89,6 +89,22 @@ def test_upload_a_dataset(driver, server, alice, tmp_path):
     by_css(driver, f"#dataset-rows tr[data-id='{stored.id}'] button[aria-label='Preview pirate.jsonl']").click()
     wait_for(lambda: text_at(driver, "#preview-content") == DATASET.rstrip("\n"), "the preview")
     by_css(driver, "#preview-close").click()
+    # a second file, deleted after a confirmation (cancelled once)
+    by_css(driver, "#dataset-file").send_keys(str(good))
+    by_css(driver, "#dataset-upload").click()
+    wait_for(lambda: len(dataset_rows(driver)) == 2, "the second file listed")
+    [extra] = [f.id for f in client.files.list() if f.id != stored.id]
+    delete = f"#dataset-rows tr[data-id='{extra}'] button.danger"
+    by_css(driver, delete).click()
+    wait_for(lambda: by_css(driver, "#confirm-dialog").is_displayed(), "the confirmation")
+    assert extra in text_at(driver, "#confirm-text")
+    by_css(driver, "#confirm-cancel").click()
+    assert client.files.retrieve(extra).id == extra
+    by_css(driver, delete).click()
+    wait_for(lambda: by_css(driver, "#confirm-dialog").is_displayed(), "the confirmation again")
+    by_css(driver, "#confirm-ok").click()
+    wait_for(lambda: list(dataset_rows(driver)) == [stored.id], "the row to go")
+    assert [f.id for f in client.files.list()] == [stored.id]
     screenshot(driver, "datasets")
 
 
@@ -145,6 +161,26 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     assert row.get_attribute("data-status") == "succeeded" and name in row.text
     wait_for(lambda: "the job has succeeded" in text_at(driver, "#job-events"), "the final event")
     screenshot(driver, "jobs")
+    # a long job (2000 steps), cancelled from its row: nothing published
+    long_file = client.files.create(file=("long.jsonl", (DATASET * 10).encode()), purpose="fine-tune").id
+    wait_for(lambda: long_file in [o.get_attribute("value") for o in driver.find_elements("css selector", "#job-file option")],
+             "the new file offered")
+    Select(by_css(driver, "#job-file")).select_by_value(long_file)
+    for selector, value in (("#job-epochs", 50), ("#job-batch-size", 1)):
+        by_css(driver, selector).clear()
+        by_css(driver, selector).send_keys(str(value))
+    by_css(driver, "#job-suffix").clear()
+    by_css(driver, "#job-suffix").send_keys("endless")
+    by_css(driver, "#job-start").click()
+    long_id = wait_for(lambda: (m := re.fullmatch(r"Started (ftjob-\w+): .*", text_at(driver, "#job-started"))) and m.group(1) != job_id
+                       and m.group(1), "the long job")
+    by_css(driver, f"#job-rows tr[data-id='{long_id}'] button[aria-label='Cancel {long_id}']").click()
+    wait_for(lambda: text_at(driver, "#watch-state") == "cancelled", "the cancelled job")
+    assert client.fine_tuning.jobs.retrieve(long_id).status == "cancelled"
+    assert text_at(driver, "#watch-finetune") == "The job was cancelled: nothing was published."
+    assert not driver.find_elements("css selector", f"#job-rows tr[data-id='{long_id}'] button.danger")
+    by_css(driver, f"#job-rows tr[data-id='{job_id}'] button[aria-label='Watch {job_id}']").click()
+    wait_for(lambda: text_at(driver, "#watch-finetune-name") == name, "the first job watched again")
     by_css(driver, "#watch-finetune a[href='#/finetunes']").click()
     wait_for(lambda: driver.find_elements("css selector", f"#finetune-rows tr[data-name='{name}']"), "the finetune listed")
     assert "ready" in text_at(driver, f"#finetune-rows tr[data-name='{name}']")
@@ -152,16 +188,17 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
 
 def test_another_account_sees_none_of_them(driver, server, alice):
     _, _, client = alice
-    [dataset], [job] = list(client.files.list()), list(client.fine_tuning.jobs.list())
+    datasets, jobs = list(client.files.list()), list(client.fine_tuning.jobs.list())
+    job = next(j for j in jobs if j.status == "succeeded")
     bob_id, bob_token = server.account("bob")
     sign_in(driver, server, bob_id, bob_token)
     wait_for(lambda: by_css(driver, "#upload-form"), "bob's finetunes page")
     open_page(driver, server, "datasets")
     wait_for(lambda: "No dataset files yet" in text_at(driver, "#datasets-table caption"), "bob's empty list")
-    open_page(driver, server, f"jobs?file={dataset.id}&job={job.id}")  # alice's ids, typed into bob's address bar
+    open_page(driver, server, f"jobs?file={datasets[0].id}&job={job.id}")  # alice's ids, typed into bob's address bar
     wait_for(lambda: "No jobs yet" in text_at(driver, "#jobs-table caption"), "bob's empty job list")
     assert text_at(driver, "#watch-status") == f"No job {job.id} in this account."
     assert text_at(driver, "#job-file") == "No dataset files yet: upload one on the Datasets page"
     assert loss_points(driver) == [] and text_at(driver, "#job-events") == ""
-    assert dataset.id not in driver.page_source.replace(f"file={dataset.id}", "")
-    assert "pirate" not in driver.page_source
+    assert not any(d.id in driver.page_source for d in datasets)
+    assert "pirate" not in driver.page_source and not any(j.id in driver.page_source for j in jobs if j is not job)

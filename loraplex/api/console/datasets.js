@@ -44,7 +44,7 @@ export function render(main, session) {
 
   function row(f) {
     const remove = h("button", { type: "button", class: "danger small", "aria-label": `Delete ${f.filename}`, onclick: async () => {
-      if (!(await dialog.ask(`Delete dataset file “${f.filename}” (${f.id})? Jobs already started with it keep their copy.`))) return;
+      if (!(await dialog.ask(`Delete dataset file “${f.filename}” (${f.id})? A job that has not started training on it yet will fail.`))) return;
       remove.disabled = true;
       try {
         await api(session, `/v1/files/${encodeURIComponent(f.id)}`, { method: "DELETE" });
