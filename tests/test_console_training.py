@@ -89,6 +89,8 @@ def test_upload_a_dataset(driver, server, alice, tmp_path):
     by_css(driver, f"#dataset-rows tr[data-id='{stored.id}'] button[aria-label='Preview pirate.jsonl']").click()
     wait_for(lambda: text_at(driver, "#preview-content") == DATASET.rstrip("\n"), "the preview")
     by_css(driver, "#preview-close").click()
+    assert text_at(driver, "#dataset-progress-text") == f"{stored.bytes} B of {stored.bytes} B"
+    screenshot(driver, "datasets")
     # a second file, deleted after a confirmation (cancelled once)
     by_css(driver, "#dataset-file").send_keys(str(good))
     by_css(driver, "#dataset-upload").click()
@@ -105,7 +107,6 @@ def test_upload_a_dataset(driver, server, alice, tmp_path):
     by_css(driver, "#confirm-ok").click()
     wait_for(lambda: list(dataset_rows(driver)) == [stored.id], "the row to go")
     assert [f.id for f in client.files.list()] == [stored.id]
-    screenshot(driver, "datasets")
 
 
 def loss_points(driver) -> list[tuple[int, float]]:
@@ -114,6 +115,7 @@ def loss_points(driver) -> list[tuple[int, float]]:
 
 
 def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.select import Select
 
     _, _, client = alice
@@ -174,13 +176,14 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     by_css(driver, "#job-start").click()
     long_id = wait_for(lambda: (m := re.fullmatch(r"Started (ftjob-\w+): .*", text_at(driver, "#job-started"))) and m.group(1) != job_id
                        and m.group(1), "the long job")
-    by_css(driver, f"#job-rows tr[data-id='{long_id}'] button[aria-label='Cancel {long_id}']").click()
+    wait_for(lambda: by_css(driver, f"#job-rows tr[data-id='{long_id}'] button[aria-label='Cancel {long_id}']"), "its row").click()
     wait_for(lambda: text_at(driver, "#watch-state") == "cancelled", "the cancelled job")
     assert client.fine_tuning.jobs.retrieve(long_id).status == "cancelled"
     assert text_at(driver, "#watch-finetune") == "The job was cancelled: nothing was published."
     assert not driver.find_elements("css selector", f"#job-rows tr[data-id='{long_id}'] button.danger")
-    by_css(driver, f"#job-rows tr[data-id='{job_id}'] button[aria-label='Watch {job_id}']").click()
+    by_css(driver, f"#job-rows tr[data-id='{job_id}'] button[aria-label='Watch {job_id}']").send_keys(Keys.ENTER)
     wait_for(lambda: text_at(driver, "#watch-finetune-name") == name, "the first job watched again")
+    assert driver.switch_to.active_element.get_attribute("id") == "watch-title"  # the keyboard follows
     by_css(driver, "#watch-finetune a[href='#/finetunes']").click()
     wait_for(lambda: driver.find_elements("css selector", f"#finetune-rows tr[data-name='{name}']"), "the finetune listed")
     assert "ready" in text_at(driver, f"#finetune-rows tr[data-name='{name}']")

@@ -119,11 +119,15 @@ function uploadForm(session, uploaded) {
     done.textContent = "";
     if (!chosen) { showError(error, "Choose a JSONL file first."); return; }
     submit.disabled = true;
-    const show = (sent, total) => { progress.value = total ? sent / total : 1; progressText.textContent = `${formatBytes(sent)} of ${formatBytes(total)}`; };
-    show(0, chosen.size);
+    const size = chosen.size;  // the request's total also counts the multipart framing: shown as a share of the file
+    const show = (sent, total) => {
+      progress.value = total ? sent / total : 1;
+      progressText.textContent = `${formatBytes(Math.round(size * progress.value))} of ${formatBytes(size)}`;
+    };
+    show(0, size);
     try {
       const file = await uploadDataset(session, chosen, show);
-      progress.value = 1;
+      show(1, 1);
       done.textContent = `Uploaded ${file.filename} as ${file.id} (${formatBytes(file.bytes)}).`;
       form.reset();
       take(null);

@@ -82,7 +82,7 @@ export function render(main, session) {
     ["Job", "Created", "Status", "Dataset", "Epochs", "Rank", "Finetune", ""].map((t) => h("th", { scope: "col" }, t)))), rows);
 
   // --- the watched job
-  const watchTitle = h("h2", { id: "watch-title" }, "Watch a job");
+  const watchTitle = h("h2", { id: "watch-title", tabindex: -1 }, "Watch a job");
   const watchStatus = h("p", { id: "watch-status", class: "muted" }, "Choose “Watch” on a job, or start one.");
   const chart = lossChart("loss-chart");
   const watchResult = h("p", { id: "watch-finetune", class: "watch-result" }, "\u00a0");
@@ -103,6 +103,7 @@ export function render(main, session) {
     chart.update([]);
     events.replaceChildren();
     tick();
+    watchTitle.focus({ preventScroll: true });  // keyboard users continue at the job they chose
     watchCard.scrollIntoView({ block: "nearest" });
   }
 
@@ -123,6 +124,24 @@ export function render(main, session) {
       h("td", { class: "num" }, String(hp.rank)), h("td", {}, name || h("span", { class: "muted" }, "—")),
       h("td", { class: "actions" }, h("button", { type: "button", class: "small", "aria-label": `Watch ${job.id}`,
         onclick: () => watch(job.id) }, "Watch"), cancel));
+  }
+
+  /** Render the list, replacing only the rows whose job changed: a focused button in an
+   *  unchanged row keeps the focus while the page polls. */
+  const shownRows = new Map();  // job id → {signature, tr}
+  function showRows() {
+    const wanted = jobs.map((job) => {
+      const signature = JSON.stringify([job, job.id === watched, fileLabel(job.training_file)]);
+      const old = shownRows.get(job.id);
+      if (old && old.signature === signature) return old.tr;
+      const tr = row(job);
+      shownRows.set(job.id, { signature, tr });
+      return tr;
+    });
+    const current = [...rows.children];
+    const sameJobs = current.length === wanted.length && current.every((tr, i) => tr.dataset.id === wanted[i].dataset.id);
+    if (!sameJobs) { rows.replaceChildren(...wanted); return; }
+    current.forEach((tr, i) => { if (tr !== wanted[i]) tr.replaceWith(wanted[i]); });
   }
 
   async function showWatched(job, isLatest) {
@@ -163,7 +182,7 @@ export function render(main, session) {
       showError(listError, "");
       fillFiles();
       caption.textContent = jobs.length ? `${jobs.length} job${jobs.length === 1 ? "" : "s"}` : "No jobs yet: start one above.";
-      rows.replaceChildren(...jobs.map(row));
+      showRows();
       const job = jobs.find((j) => j.id === watched);
       if (job) await showWatched(job, isLatest);
       else if (watched) watchStatus.textContent = `No job ${watched} in this account.`;

@@ -43,7 +43,7 @@ export function lossChart(id) {
     if (high - low < 1e-6) { low -= 0.5; high += 0.5; }
     const margin = (high - low) * 0.06;  // no point on the frame
     low = Math.max(0, low - margin); high += margin;
-    const yTicks = ticks(low, high);
+    const yTicks = ticks(low, high, 6);
     const x = (step) => PAD.left + (step / maxStep) * (WIDTH - PAD.left - PAD.right);
     const y = (loss) => PAD.top + (1 - (loss - low) / (high - low)) * (HEIGHT - PAD.top - PAD.bottom);
 
