@@ -187,6 +187,12 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     by_css(driver, "#watch-finetune a[href='#/finetunes']").click()
     wait_for(lambda: driver.find_elements("css selector", f"#finetune-rows tr[data-name='{name}']"), "the finetune listed")
     assert "ready" in text_at(driver, f"#finetune-rows tr[data-name='{name}']")
+    driver.back()
+    wait_for(lambda: text_at(driver, "#watch-finetune-name") == name, "the jobs page again")
+    by_css(driver, "#watch-finetune a[href^='#/playground']").click()
+    wait_for(lambda: Select(by_css(driver, "#right-model")).first_selected_option.get_attribute("value") == name,
+             "the finetune on the playground's right side")
+    assert Select(by_css(driver, "#left-model")).first_selected_option.get_attribute("value") == ""  # the base model
 
 
 def test_another_account_sees_none_of_them(driver, server, alice):

@@ -100,6 +100,8 @@ export function render(main, session) {
 
   function watch(jobId) {
     watched = jobId;
+    params.set("job", jobId);
+    history.replaceState(null, "", `#/jobs?${params}`);  // a reload or "back" shows this job again
     chart.update([]);
     events.replaceChildren();
     tick();
@@ -161,7 +163,7 @@ export function render(main, session) {
     if (job.status === "succeeded" && name) {
       watchResult.replaceChildren("Produced the finetune ", h("strong", { id: "watch-finetune-name" }, name),
         ` (use it as lora "${name}", or as model "${job.fine_tuned_model}" in the OpenAI dialect): `,
-        h("a", { href: "#/finetunes" }, "see it in Finetunes"), " · ", h("a", { href: "#/playground" }, "try it in the Playground"), ".");
+        h("a", { href: "#/finetunes" }, "see it in Finetunes"), " · ", h("a", { href: `#/playground?finetune=${encodeURIComponent(name)}` }, "try it in the Playground against the base model"), ".");
     } else if (job.status === "failed") {
       watchResult.replaceChildren(h("span", { class: "error" }, `The job failed: ${job.error ? job.error.message : "no reason given"}`));
     } else if (job.status === "cancelled") {
