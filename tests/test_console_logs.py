@@ -2,9 +2,9 @@
 logging turned on through the API, the entries that API calls made (Workers AI chat and raw, the
 OpenAI SDK with a finetune; a request with `cf-aig-collect-log: false` is not there) listed as the
 API lists them, filtered (finetune, time range, feedback) and a page at a time; feedback given by
-mouse and by keyboard, a response corrected, the entries exported to a dataset file that the
-Datasets page then lists, with the content the API serves; the settings saved from the page;
-another account sees none of it. Screenshots: logs, logs-entry (browser.SCREENSHOTS).
+mouse and by keyboard, a response corrected, an entry deleted, the entries exported to a dataset
+file that the Datasets page then lists, with the content the API serves; the settings saved from
+the page; another account sees none of it. Screenshots: logs, logs-entry (browser.SCREENSHOTS).
 
 One browser and one server for the module (tests run in file order and share the signed-in tab).
 Run: .venv/bin/python -m pytest -q tests/test_console_logs.py
@@ -241,5 +241,14 @@ def test_entries_come_a_page_at_a_time(driver, server):
         assert shown(driver)[0]["cells"][2] == "question 0" and not by_css(driver, "#logs-next").is_enabled()
         by_css(driver, "#logs-prev").click()
         shown_ids(driver, newest_first[:20], "the first page again")
+        # the newest entry deleted, after a confirmation
+        by_css(driver, f"#log-rows tr[data-id='{newest_first[0]}'] td:last-child button").click()
+        wait_for(lambda: by_css(driver, "#log-dialog").is_displayed(), "the entry's dialog")
+        by_css(driver, "#log-delete").click()
+        wait_for(lambda: by_css(driver, "#confirm-dialog").is_displayed(), "the confirmation")
+        by_css(driver, "#confirm-ok").click()
+        shown_ids(driver, newest_first[1:21], "the list without it")
+        assert text_at(driver, "#logs-page") == "Page 1 of 1 · 20 entries" and not by_css(driver, "#log-dialog").is_displayed()
+        assert carol.client.get(f"/logs/{newest_first[0]}").status_code == 404
     finally:
         carol.close()

@@ -5,7 +5,7 @@
 // appears on the Datasets page and can train a job. Times are shown in UTC.
 
 import { ApiFailure, api, listAll } from "./api.js";
-import { formatTime, h, showError } from "./dom.js";
+import { confirmDialog, formatTime, h, showError } from "./dom.js";
 
 const PER_PAGE = 20;
 const FEEDBACK_LABELS = { 1: "Good (+1)", "-1": "Bad (−1)" };
@@ -120,11 +120,11 @@ export function render(main, session) {
       "without a correction are left out)."),
     h("div", { class: "row" }, h("label", { class: "inline grow" }, "File name ", filename), exportButton), exportError, exportDone);
 
-  const detail = detailDialog(session, (entry) => replaceRow(entry));
+  const detail = detailDialog(session, (entry) => replaceRow(entry), () => refresh());
   main.append(h("h1", {}, "Request logs"), settings,
     h("section", { class: "card" }, h("h2", {}, "Entries"), filters, listError,
       h("div", { class: "table-wrap" }, table), h("div", { class: "row" }, prev, next, pageText)),
-    exporter, detail.element);
+    exporter, detail.element, detail.confirm.element);
 
   function replaceRow(entry) {
     const old = rows.querySelector(`tr[data-id="${CSS.escape(entry.id)}"]`);
@@ -206,8 +206,9 @@ export function render(main, session) {
   return () => { generation += 1; };
 }
 
-/** The entry's whole exchange, its feedback and its correction. `changed(entry)` gets each saved entry. */
-function detailDialog(session, changed) {
+/** The entry's whole exchange and its correction; delete after a confirmation. `changed(entry)`
+ *  gets each saved entry, `deleted()` is called once the entry is gone. */
+function detailDialog(session, changed, deleted) {
   let current = null;
   const title = h("h2", { id: "log-title" });
   const transcript = h("div", { id: "log-transcript", class: "transcript short" });
@@ -217,9 +218,11 @@ function detailDialog(session, changed) {
   const save = h("button", { id: "log-save", type: "button" }, "Save correction");
   const clear = h("button", { id: "log-clear", type: "button", class: "small" }, "Remove correction");
   const close = h("button", { id: "log-close", type: "button" }, "Close");
+  const remove = h("button", { id: "log-delete", type: "button", class: "danger" }, "Delete entry");
+  const confirm = confirmDialog();
   const element = h("dialog", { id: "log-dialog", "aria-labelledby": "log-title" }, title, transcript,
     h("label", { for: "log-correction" }, "Corrected response (used instead of the original when exported)"), correction,
-    error, saved, h("div", { class: "row end" }, clear, save, close));
+    error, saved, h("div", { class: "row" }, remove, h("span", { class: "grow" }), clear, save, close));
   close.addEventListener("click", () => element.close());
 
   async function patch(body, done) {
@@ -234,6 +237,17 @@ function detailDialog(session, changed) {
       showError(error, `Could not save: ${e.message || e}`);
     }
   }
+  remove.addEventListener("click", async () => {
+    if (!(await confirm.ask("Delete this log entry? It is gone for good, and no export will hold it."))) return;
+    showError(error, "");
+    try {
+      await api(session, `/logs/${encodeURIComponent(current.id)}`, { method: "DELETE" });
+      element.close();
+      deleted();
+    } catch (e) {
+      showError(error, `Could not delete: ${e.message || e}`);
+    }
+  });
   save.addEventListener("click", () => patch({ corrected_response: correction.value }, "Correction saved."));
   clear.addEventListener("click", () => patch({ corrected_response: null }, "Correction removed."));
 
@@ -249,6 +263,7 @@ function detailDialog(session, changed) {
 
   return {
     element,
+    confirm,
     show(entry, who) {
       current = entry;
       title.textContent = `${formatTime(entry.created_at, true)} · ${who} · ${entry.model}`;
