@@ -173,10 +173,11 @@ class RequestLogConfig:
     max_entry_bytes: int = 256 * 2**10
     max_queued: int = 1024
     sweep_interval_s: float = 600.0
+    max_per_page: int = 100  # entries per page of the list (each up to max_entry_bytes)
 
     def __post_init__(self) -> None:
         _require_positive(self, "default_retention_days", "min_retention_days", "max_retention_days",
-                          "max_entries_per_account", "max_entry_bytes", "max_queued")
+                          "max_entries_per_account", "max_entry_bytes", "max_queued", "max_per_page")
         if not self.min_retention_days <= self.default_retention_days <= self.max_retention_days:
             raise ValueError("default_retention_days must lie within [min_retention_days, max_retention_days]")
         if not self.sweep_interval_s > 0:

@@ -5,13 +5,13 @@ adapter as stored."""
 
 import io
 import json
-import time
 
 import pytest
 import torch
 from openai import OpenAI
 
 from tests.api_server import LiveServer, server_options
+from tests.finetune_helpers import MEMORISE, wait_for_job
 
 MODEL = "@cf/test/tiny-llama"
 PROMPTS = [f"say {w}" for w in ("one", "two", "three", "four")]
@@ -31,12 +31,8 @@ def test_job_to_served_finetune_matches_peft(server, model_dir, tmp_path):
     client = OpenAI(api_key=token, base_url=f"{server.url}/client/v4/accounts/{account_id}/ai/v1", max_retries=0)
     f = client.files.create(file=("t.jsonl", io.BytesIO(DATA)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, seed=1, suffix="pirate",
-                                         hyperparameters={"n_epochs": 12, "batch_size": 2,
-                                                          "learning_rate_multiplier": 50.0})
-    deadline = time.monotonic() + 300  # a deadlock guard only
-    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+                                         hyperparameters=MEMORISE)
+    job = wait_for_job(client, job.id)
     assert job.status == "succeeded", job.error
     events = list(client.fine_tuning.jobs.list_events(job.id))
     assert any(e.data and "train_loss" in e.data for e in events)

@@ -12,15 +12,12 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
-from cloudflare import Cloudflare
 
 from loraplex.config import RequestLogConfig
 from tests.api_server import LiveServer, server_options
+from tests.request_log_client import MODEL, OFF, ON, Tenant, refused
 
-MODEL = "@cf/test/tiny-llama"
-ON, OFF = {"cf-aig-collect-log": "true"}, {"cf-aig-collect-log": "false"}
 BOUNDS = RequestLogConfig(max_entries_per_account=6, max_entry_bytes=400)
 
 
@@ -29,44 +26,6 @@ def server(model_dir, tmp_path_factory):
     live = LiveServer.start(server_options(model_dir, tmp_path_factory.mktemp("data"), request_logs=BOUNDS))
     yield live
     live.stop()
-
-
-class Tenant:
-    """One account, seen through httpx (the logs routes), the Cloudflare SDK and the OpenAI SDK."""
-
-    def __init__(self, server: LiveServer, name: str):
-        self.server = server
-        self.id, self.token = server.account(name)
-        self.base = f"{server.url}/client/v4/accounts/{self.id}/ai"
-        self.cf = Cloudflare(api_token=self.token, base_url=f"{server.url}/client/v4", max_retries=0)
-        self.oai = openai.OpenAI(api_key=self.token, base_url=f"{self.base}/v1", max_retries=0)
-
-    def call(self, method: str, path: str, **kwargs) -> httpx.Response:
-        return httpx.request(method, f"{self.base}/logs{path}", headers={"Authorization": f"Bearer {self.token}"},
-                             **kwargs)
-
-    def ok(self, method: str, path: str, **kwargs):
-        response = self.call(method, path, **kwargs)
-        assert response.status_code == 200, response.text
-        return response.json()["result"]
-
-    def logs(self, **params) -> list[dict]:
-        self.server.ctx.request_logs.writer.drain()
-        return self.ok("GET", "", params=params)
-
-    def run(self, prompt: str, headers: dict | None = None) -> str:
-        return self.cf.ai.run(MODEL, account_id=self.id, prompt=prompt, max_tokens=4, temperature=0,
-                              extra_headers=headers)["response"]
-
-    def chat(self, content: str, headers: dict | None = None, model: str = MODEL):
-        return self.oai.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                                max_tokens=4, temperature=0, extra_headers=headers)
-
-
-def refused(response: httpx.Response, status: int, needle: str) -> None:
-    body = response.json()
-    assert response.status_code == status, response.text
-    assert body["success"] is False and body["result"] is None and needle in body["errors"][0]["message"]
 
 
 def dropped(server, reason: str) -> float:
@@ -102,13 +61,17 @@ def test_each_dialect_is_recorded_and_the_header_overrides_the_setting(server):
             400, "cf-aig-collect-log header must be true or false")
     t.ok("PUT", "/settings", json={"enabled": True})
     t.chat("not logged: the header says false", OFF)
+    stream = t.oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "streamed"}],
+                                           max_tokens=4, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     t.chat("logged by the setting")
 
     entries = t.logs()
     assert [e["messages"][0]["content"] if e["messages"] else e["prompt"] for e in entries] == [
-        "logged by the setting", "raw text", "a chat, logged by the header", "logged by the header"]
-    setting, raw, chat_entry, run_entry = entries
-    assert [e["dialect"] for e in entries] == ["openai-chat", "openai-completions", "openai-chat", "workers-ai"]
+        "logged by the setting", "streamed", "raw text", "a chat, logged by the header", "logged by the header"]
+    setting, stream_entry, raw, chat_entry, run_entry = entries
+    assert stream_entry["response"] == streamed
+    assert [e["dialect"] for e in entries] == ["openai-chat"] * 2 + ["openai-completions", "openai-chat", "workers-ai"]
     assert run_entry["messages"] == [{"role": "user", "content": "logged by the header"}]
     assert run_entry["prompt"] is None and run_entry["response"] == answer
     assert (raw["messages"], raw["response"]) == ([], completion.choices[0].text)
@@ -144,6 +107,10 @@ def test_filters_pages_feedback_correction_delete(server):
     assert ids(finetune="no-such-finetune") == []
     refused(t.call("GET", "", params={"since": "yesterday"}), 400, "since must be ISO 8601 or unix seconds")
     refused(t.call("GET", "", params={"feedback": "0"}), 400, "feedback must be 1, -1 or none")
+    refused(t.call("GET", "", params={"per_page": 101}), 400, "per_page must be between 1 and 100")
+    for bad in ("inf", "nan", "1e300", "-1"):
+        refused(t.call("GET", "", params={"until": bad}), 400, "until must be a time from 1970 to 9999")
+    assert t.ok("GET", "", params={"page": 2**80}) == []
     page = t.call("GET", "", params={"page": 2, "per_page": 2}).json()
     assert [e["id"] for e in page["result"]] == [one["id"]]
     assert page["result_info"] == {"page": 2, "per_page": 2, "count": 1, "total_count": 3, "total_pages": 2}
@@ -154,7 +121,7 @@ def test_filters_pages_feedback_correction_delete(server):
     assert ids() == [two["id"], one["id"]]
 
 
-def test_export_writes_the_curated_chats_as_a_fine_tuning_file(server):
+def test_export_writes_the_curated_chats_as_a_fine_tuning_file(server, monkeypatch):
     t = Tenant(server, "logs-export")
     refused(t.call("POST", "/export", json={}), 400, "no log entries to export")
     t.ok("PUT", "/settings", json={"enabled": True})
@@ -176,6 +143,9 @@ def test_export_writes_the_curated_chats_as_a_fine_tuning_file(server):
     assert [json.loads(x) for x in t.oai.files.content(only["id"]).read().splitlines()] == [turn(fixed, "FIXED")]
     refused(t.call("POST", "/export", json={"until": 0}), 400, "no log entries to export")
     refused(t.call("POST", "/export", json={"feedback": "yes"}), 400, "feedback must be")
+    monkeypatch.setattr(server.ctx.files, "max_file_bytes", only["bytes"])  # room for one line, not three
+    refused(t.call("POST", "/export", json={}), 413, "narrow it with finetune, since, until or feedback")
+    assert t.ok("POST", "/export", json={"feedback": -1})["bytes"] == only["bytes"]
 
 
 def test_another_account_sees_none_of_the_logs(server):

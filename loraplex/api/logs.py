@@ -21,7 +21,8 @@ from starlette.concurrency import run_in_threadpool as to_thread
 from loraplex.api.auth import authorize
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import envelope, invalid
-from loraplex.api.pagination import PAGE_PARAMS, paginated
+from loraplex.api.pagination import page_params, paginated
+from loraplex.config import RequestLogConfig
 from loraplex.errors import FinetuneNotFound, TooLarge
 from loraplex.training.datasets import chat_example
 from loraplex.training.logs import LogEntry, LogQuery, LogStore
@@ -31,6 +32,7 @@ PREFIX = "/accounts/{account_id}/ai/logs"
 EXPORT_BATCH = 500  # entries read from the store at a time while exporting
 DEFAULT_EXPORT_NAME = "logs-export.jsonl"
 _FEEDBACK = {"1": 1, "-1": -1, "none": 0}
+MAX_TIME_S = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def iso(t: float) -> str:
@@ -54,14 +56,16 @@ def _time(name: str, value: object) -> float | None:
         return None
     text = str(value).strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise invalid(f"{name} must be ISO 8601 or unix seconds, got {text[:40]!r}") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise invalid(f"{name} must be ISO 8601 or unix seconds, got {text[:40]!r}") from None
+        seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    if not 0 <= seconds <= MAX_TIME_S:  # also NaN and infinities
+        raise invalid(f"{name} must be a time from 1970 to 9999, got {text[:40]!r}")
+    return seconds
 
 
 def _query(ctx: ApiContext, account_id: str, filters: dict) -> LogQuery:
@@ -94,6 +98,8 @@ class _Page:
         return self.store.count(self.account, self.query)
 
     def __getitem__(self, window: slice) -> list[dict]:
+        if window.start >= 2**62:  # past any list (and past what SQLite's OFFSET takes)
+            return []
         entries = self.store.list(self.account, self.query, window.start, window.stop - window.start)
         return [entry_json(e) for e in entries]
 
@@ -140,12 +146,14 @@ async def put_settings(account_id: str, request: Request):
     return envelope(_settings_json(await ctx.request_logs.put_settings(account_id, enabled, days)))
 
 
-@router.get(PREFIX, openapi_extra=PAGE_PARAMS)
+@router.get(PREFIX, openapi_extra=page_params(RequestLogConfig.max_per_page))
 async def list_logs(account_id: str, request: Request):
-    """Newest first; filters `finetune`, `since`, `until`, `feedback` (see the module)."""
+    """Newest first; filters `finetune`, `since`, `until`, `feedback` (see the module); at most
+    `RequestLogConfig.max_per_page` entries a page."""
     ctx = await _ctx(request, account_id)
     query = await to_thread(_query, ctx, account_id, dict(request.query_params))
-    return await to_thread(paginated, request, _Page(ctx.request_logs.store, account_id, query))
+    store = ctx.request_logs.store
+    return await to_thread(paginated, request, _Page(store, account_id, query), store.config.max_per_page)
 
 
 @router.post(PREFIX + "/export")

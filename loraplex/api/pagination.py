@@ -29,13 +29,17 @@ def _param(name: str, minimum: int, description: str, maximum: int | None = None
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
-# the query parameters, for the OpenAPI document of each list route (`openapi_extra=PAGE_PARAMS`)
-PAGE_PARAMS = {"parameters": [
-    _param("page", 1, "1-based page number (default 1)"),
-    _param("per_page", 1, f"items per page (default {PAGES.default_per_page})", PAGES.max_per_page),
-    _param("limit", 1, "page size, with `offset` (instead of `page` / `per_page`)", PAGES.max_per_page),
-    _param("offset", 0, "items to skip, with `limit`"),
-]}
+def page_params(max_per_page: int = PAGES.max_per_page) -> dict:
+    """The query parameters, for the OpenAPI document of a list route (`openapi_extra=`)."""
+    return {"parameters": [
+        _param("page", 1, "1-based page number (default 1)"),
+        _param("per_page", 1, f"items per page (default {PAGES.default_per_page})", max_per_page),
+        _param("limit", 1, "page size, with `offset` (instead of `page` / `per_page`)", max_per_page),
+        _param("offset", 0, "items to skip, with `limit`"),
+    ]}
+
+
+PAGE_PARAMS = page_params()  # every list route's, unless it allows smaller pages only
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int | None = None) -> int:
@@ -52,12 +56,13 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int | 
     return value
 
 
-def paginated(request: Request, items: Sequence) -> dict:
+def paginated(request: Request, items: Sequence, max_per_page: int = PAGES.max_per_page) -> dict:
     """The envelope for one page of `items` (all of them, in their listing order), chosen by the
-    request's query parameters."""
+    request's query parameters. `items` may be a lazy sequence (`len` and one slice are taken).
+    A route whose items are large passes a smaller `max_per_page`."""
     params = request.query_params
     size_name = "limit" if "limit" in params and "per_page" not in params else "per_page"
-    per_page = _int_param(request, size_name, PAGES.default_per_page, 1, PAGES.max_per_page)
+    per_page = _int_param(request, size_name, min(PAGES.default_per_page, max_per_page), 1, max_per_page)
     if "offset" in params and "page" not in params:
         offset = _int_param(request, "offset", 0, 0)
         page = offset // per_page + 1

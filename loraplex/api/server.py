@@ -69,7 +69,8 @@ def open_jobs(data_dir: Path) -> JobStore:
 
 def open_request_logs(data_dir: Path, config: RequestLogConfig, metrics: Metrics) -> RequestLogs:
     """The request-log store in the data dir and its writer (started and stopped with the app)."""
-    writer = LogWriter(SqliteLogStore(data_dir, config), on_drop=lambda why: metrics.request_logs_dropped.labels(why).inc(),
+    writer = LogWriter(SqliteLogStore(data_dir, config),
+                       on_drop=lambda why: metrics.request_logs_dropped.labels(why).inc(),
                        on_written=metrics.request_logs_written.inc)
     return RequestLogs(writer.store, writer)
 

@@ -9,6 +9,9 @@ A valid line is a JSON object `{"messages": [...]}` where every message is an ob
 `role` in {system, user, assistant} and a non-empty string `content`, at least one message is
 from the assistant (the loss is on assistant tokens only), and the conversation, rendered by the
 caller's `count_tokens`, fits `max_tokens`.
+
+`chat_example(...)` turns one logged generation into such a line (or None when it is left out of
+an export); the export route writes those lines and validates the file like an upload.
 """
 
 from __future__ import annotations
