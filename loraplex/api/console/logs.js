@@ -177,6 +177,7 @@ export function render(main, session) {
       showError(listError, "");
       const info = body.result_info || {};
       const pages = Math.max(info.total_pages || 1, 1);
+      if (!body.result.length && page > pages) { page = pages; refresh(); return; }  // the last entries of a page went
       rows.replaceChildren(...body.result.map(row));
       if (!body.result.length) {
         rows.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, enabled.checked || info.total_count
