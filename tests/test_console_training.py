@@ -161,7 +161,7 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     assert job.fine_tuned_model in text_at(driver, "#watch-finetune")
     row = wait_for(lambda: by_css(driver, f"#job-rows tr[data-id='{job_id}']"), "the job's row")
     assert row.get_attribute("data-status") == "succeeded" and name in row.text
-    wait_for(lambda: "the job has succeeded" in text_at(driver, "#job-events"), "the final event")
+    assert "step 6/6: training loss=" in text_at(driver, "#job-events")
     screenshot(driver, "jobs")
     # a long job (2000 steps), cancelled from its row: nothing published
     long_file = client.files.create(file=("long.jsonl", (DATASET * 10).encode()), purpose="fine-tune").id

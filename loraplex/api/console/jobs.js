@@ -173,7 +173,7 @@ export function render(main, session) {
     }
   }
 
-  let settle = 0;  // one more round after the last job ends, for its final events
+  let settle = 0;  // polls go on a few rounds after the last job ends, for the events written after its status
   async function tick() {
     clearTimeout(timer);
     const mine = ++round;
@@ -192,7 +192,7 @@ export function render(main, session) {
       if (isLatest()) showError(listError, `Could not read the jobs: ${e.message || e}`);
     }
     if (!isLatest()) return;
-    settle = jobs.some((j) => ACTIVE.has(j.status)) ? 2 : settle - 1;
+    settle = jobs.some((j) => ACTIVE.has(j.status)) ? 4 : settle - 1;
     if (settle > 0) timer = setTimeout(tick, POLL_MS);
   }
 
