@@ -17,6 +17,8 @@ import re
 import openai
 import pytest
 
+from loraplex.training.hyperparameters import DEFAULTS
+
 from api_server import LiveServer, server_options
 from browser import by_css, open_page, screenshot, script_errors, sign_in, text_at, wait_for
 
@@ -171,6 +173,8 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     for selector, value in (("#job-epochs", 50), ("#job-batch-size", 1)):
         by_css(driver, selector).clear()
         by_css(driver, selector).send_keys(str(value))
+    for selector in ("#job-rank", "#job-lr"):
+        by_css(driver, selector).clear()  # empty: the server's default
     by_css(driver, "#job-suffix").clear()
     by_css(driver, "#job-suffix").send_keys("endless")
     by_css(driver, "#job-start").click()
@@ -178,7 +182,11 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
                        and m.group(1), "the long job")
     wait_for(lambda: by_css(driver, f"#job-rows tr[data-id='{long_id}'] button[aria-label='Cancel {long_id}']"), "its row").click()
     wait_for(lambda: text_at(driver, "#watch-state") == "cancelled", "the cancelled job")
-    assert client.fine_tuning.jobs.retrieve(long_id).status == "cancelled"
+    long_job = client.fine_tuning.jobs.retrieve(long_id)
+    assert long_job.status == "cancelled" and long_job.fine_tuned_model is None
+    long_hp = long_job.method.supervised.hyperparameters
+    assert (long_hp.n_epochs, long_hp.batch_size, long_hp.learning_rate_multiplier, long_hp.model_extra["rank"]) == \
+        (50, 1, DEFAULTS["learning_rate_multiplier"], DEFAULTS["rank"])
     assert text_at(driver, "#watch-finetune") == "The job was cancelled: nothing was published."
     assert not driver.find_elements("css selector", f"#job-rows tr[data-id='{long_id}'] button.danger")
     by_css(driver, f"#job-rows tr[data-id='{job_id}'] button[aria-label='Watch {job_id}']").send_keys(Keys.ENTER)

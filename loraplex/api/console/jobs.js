@@ -22,8 +22,10 @@ function hashParams() {
   return new URLSearchParams((location.hash.split("?")[1]) || "");
 }
 
-function number(id, value, attrs = {}) {
-  return h("input", { id, type: "number", value, required: true, ...attrs });
+/** A hyperparameter field: empty means the server's default; the server checks the ranges and
+ *  its refusal is shown as it words it (the page repeats no default and no bound). */
+function number(id, step) {
+  return h("input", { id, type: "number", step, placeholder: "default" });
 }
 
 export function render(main, session) {
@@ -35,10 +37,10 @@ export function render(main, session) {
 
   // --- the form that starts a job
   const fileSelect = h("select", { id: "job-file", required: true });
-  const epochs = number("job-epochs", 3, { min: 1, max: 50, step: 1 });
-  const rank = number("job-rank", 8, { min: 1, step: 1 });
-  const batch = number("job-batch-size", 4, { min: 1, max: 256, step: 1 });
-  const lr = number("job-lr", 1, { min: 0.001, max: 100, step: "any" });
+  const epochs = number("job-epochs", 1);
+  const rank = number("job-rank", 1);
+  const batch = number("job-batch-size", 1);
+  const lr = number("job-lr", "any");
   const suffix = h("input", { id: "job-suffix", maxlength: 40, pattern: "[A-Za-z0-9._\\-]+", spellcheck: "false",
     placeholder: "ft", title: "1–40 letters, digits, dot, dash or underscore: the finetune is named SUFFIX-<job id>" });
   const start = h("button", { id: "job-start", type: "submit" }, "Start training");
@@ -49,9 +51,11 @@ export function render(main, session) {
     showError(formError, "");
     started.textContent = "";
     if (!fileSelect.value) { showError(formError, "Choose a dataset file first (upload one on the Datasets page)."); return; }
-    const body = { model: session.model, training_file: fileSelect.value, hyperparameters: {
-      n_epochs: Number(epochs.value), rank: Number(rank.value), batch_size: Number(batch.value),
-      learning_rate_multiplier: Number(lr.value) } };
+    const hyperparameters = {};
+    for (const [name, field] of [["n_epochs", epochs], ["rank", rank], ["batch_size", batch], ["learning_rate_multiplier", lr]]) {
+      if (field.value !== "") hyperparameters[name] = Number(field.value);
+    }
+    const body = { model: session.model, training_file: fileSelect.value, hyperparameters };
     if (suffix.value.trim()) body.suffix = suffix.value.trim();
     start.disabled = true;
     try {
