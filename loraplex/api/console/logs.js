@@ -116,8 +116,8 @@ export function render(main, session) {
   } },
     h("h2", {}, "Export to a dataset"),
     h("p", { class: "muted small" }, "The entries the filters above select become a chat-format JSONL file (one ",
-      h("code", {}, '{"messages": […]}'), " per entry; a correction replaces the original response; entries marked −1 ",
-      "without a correction are left out)."),
+      h("code", {}, '{"messages": […]}'), " per entry; a correction replaces the original response; left out: raw prompts, ",
+      "and entries marked −1 or cut short by an error without a correction)."),
     h("div", { class: "row" }, h("label", { class: "inline grow" }, "File name ", filename), exportButton), exportError, exportDone);
 
   const detail = detailDialog(session, (entry) => replaceRow(entry), () => refresh());
