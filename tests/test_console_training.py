@@ -140,6 +140,8 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     assert list(client.fine_tuning.jobs.list()) == []
     # a rank it takes: the job starts and is watched on this same page
     driver.execute_script("document.getElementById('loss-chart').dataset.samePage = 'yes'")
+    chart_size = "const r = document.getElementById('loss-chart').getBoundingClientRect(); return [r.width, r.height]"
+    empty_size = driver.execute_script(chart_size)
     by_css(driver, "#job-rank").clear()
     by_css(driver, "#job-rank").send_keys("4")
     by_css(driver, "#job-start").click()
@@ -156,6 +158,7 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     assert len(reported) == 6  # 4 examples, batch 2, 3 epochs
     assert [tuple(p) for p in loss_points(driver)] == reported  # drawn with the status that said `succeeded`
     assert driver.execute_script("return document.getElementById('loss-chart').dataset.samePage") == "yes"
+    assert driver.execute_script(chart_size) == empty_size  # points arriving never resize the chart
     assert f"{len(reported)} points, step 6 of 6" in by_css(driver, "#loss-chart").get_attribute("aria-label")
     # the finetune it produced, named on the page and listed with the account's finetunes
     name = job.fine_tuned_model.rpartition(":")[2]
