@@ -124,3 +124,9 @@ def script_errors(driver) -> list[str]:
     failed load of the console's own files (refused API calls are expected answers, not counted)."""
     return [e["message"] for e in driver.get_log("browser")
             if e["level"] == "SEVERE" and (e["source"] in ("javascript", "security") or "/console/" in e["message"])]
+
+
+def click(driver, selector: str, what: str) -> None:
+    """Find and click `selector`, again if a polling page replaced the element in between (a
+    stale element) or has not drawn it yet."""
+    wait_for(lambda: by_css(driver, selector).click() or True, what)

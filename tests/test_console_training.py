@@ -20,7 +20,7 @@ import pytest
 from loraplex.training.hyperparameters import DEFAULTS
 
 from api_server import LiveServer, server_options
-from browser import by_css, open_page, screenshot, script_errors, sign_in, text_at, wait_for
+from browser import by_css, click, open_page, screenshot, script_errors, sign_in, text_at, wait_for
 
 pytestmark = pytest.mark.browser
 PROMPTS = [f"say {w}" for w in ("one", "two", "three", "four")]
@@ -183,7 +183,7 @@ def test_start_a_job_and_watch_its_loss_curve(driver, server, alice):
     by_css(driver, "#job-start").click()
     long_id = wait_for(lambda: (m := re.fullmatch(r"Started (ftjob-\w+): .*", text_at(driver, "#job-started"))) and m.group(1) != job_id
                        and m.group(1), "the long job")
-    wait_for(lambda: by_css(driver, f"#job-rows tr[data-id='{long_id}'] button[aria-label='Cancel {long_id}']"), "its row").click()
+    click(driver, f"#job-rows tr[data-id='{long_id}'] button[aria-label='Cancel {long_id}']", "its Cancel button")
     wait_for(lambda: text_at(driver, "#watch-state") == "cancelled", "the cancelled job")
     long_job = client.fine_tuning.jobs.retrieve(long_id)
     assert long_job.status == "cancelled" and long_job.fine_tuned_model is None

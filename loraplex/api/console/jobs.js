@@ -108,6 +108,7 @@ export function render(main, session) {
     history.replaceState(null, "", `#/jobs?${params}`);  // a reload or "back" shows this job again
     chart.update([]);
     events.replaceChildren();
+    for (const el of [watchStatus, chart.element, events, watchResult]) delete el.dataset.signature;
     tick();
     watchTitle.focus({ preventScroll: true });  // keyboard users continue at the job they chose
     watchCard.scrollIntoView({ block: "nearest" });
@@ -150,31 +151,43 @@ export function render(main, session) {
     current.forEach((tr, i) => { if (tr !== wanted[i]) tr.replaceWith(wanted[i]); });
   }
 
+  /** Rebuild `el` with `build()` only when `signature` differs from the last one it was built
+   *  with: a poll that brings nothing new leaves the page (and a focused link) alone. */
+  function renderIfChanged(el, signature, build) {
+    if (el.dataset.signature === signature) return;
+    el.dataset.signature = signature;
+    build();
+  }
+
   async function showWatched(job, isLatest) {
     const all = (await api(session, `/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/events`)).data;
     if (!isLatest()) return;
     const hp = job.method.supervised.hyperparameters;
-    watchTitle.textContent = `Job ${job.id}`;
-    watchStatus.replaceChildren(h("span", { id: "watch-state", class: `state state-${job.status}` }, job.status),
-      ` on ${fileLabel(job.training_file)} · ${hp.n_epochs} epochs · rank ${hp.rank} · batch ${hp.batch_size}` +
-      ` · learning-rate multiplier ${hp.learning_rate_multiplier}`);
-    const metrics = all.filter((e) => e.data && typeof e.data.train_loss === "number");
-    const total = metrics.length ? metrics[0].data.total_steps : null;
-    chart.update(metrics.map((e) => ({ step: e.data.step, loss: e.data.train_loss })), total);
-    events.replaceChildren(...all.map((e) => h("li", { class: e.level === "error" ? "error" : null },
-      h("span", { class: "muted" }, formatUnixTime(e.created_at, true)), " ", e.message)));
     const name = finetuneName(job.fine_tuned_model);
-    if (job.status === "succeeded" && name) {
-      watchResult.replaceChildren("Produced the finetune ", h("strong", { id: "watch-finetune-name" }, name),
-        ` (use it as lora "${name}", or as model "${job.fine_tuned_model}" in the OpenAI dialect): `,
-        h("a", { href: "#/finetunes" }, "see it in Finetunes"), " · ", h("a", { href: `#/playground?finetune=${encodeURIComponent(name)}` }, "try it in the Playground against the base model"), ".");
-    } else if (job.status === "failed") {
-      watchResult.replaceChildren(h("span", { class: "error" }, `The job failed: ${job.error ? job.error.message : "no reason given"}`));
-    } else if (job.status === "cancelled") {
-      watchResult.textContent = "The job was cancelled: nothing was published.";
-    } else {
-      watchResult.textContent = "The finetune appears here when the job succeeds.";
-    }
+    const metrics = all.filter((e) => e.data && typeof e.data.train_loss === "number");
+    watchTitle.textContent = `Job ${job.id}`;
+    renderIfChanged(watchStatus, JSON.stringify([job, fileLabel(job.training_file)]), () => watchStatus.replaceChildren(
+      h("span", { id: "watch-state", class: `state state-${job.status}` }, job.status),
+      ` on ${fileLabel(job.training_file)} · ${hp.n_epochs} epochs · rank ${hp.rank} · batch ${hp.batch_size}` +
+      ` · learning-rate multiplier ${hp.learning_rate_multiplier}`));
+    renderIfChanged(chart.element, JSON.stringify(metrics), () => chart.update(
+      metrics.map((e) => ({ step: e.data.step, loss: e.data.train_loss })), metrics.length ? metrics[0].data.total_steps : null));
+    renderIfChanged(events, JSON.stringify(all), () => events.replaceChildren(...all.map((e) => h("li", { class: e.level === "error" ? "error" : null },
+      h("span", { class: "muted" }, formatUnixTime(e.created_at, true)), " ", e.message))));
+    renderIfChanged(watchResult, JSON.stringify([job.id, job.status, job.fine_tuned_model, job.error]), () => {
+      if (job.status === "succeeded" && name) {
+        watchResult.replaceChildren("Produced the finetune ", h("strong", { id: "watch-finetune-name" }, name),
+          ` (use it as lora "${name}", or as model "${job.fine_tuned_model}" in the OpenAI dialect): `,
+          h("a", { href: "#/finetunes" }, "see it in Finetunes"), " · ",
+          h("a", { href: `#/playground?finetune=${encodeURIComponent(name)}` }, "try it in the Playground against the base model"), ".");
+      } else if (job.status === "failed") {
+        watchResult.replaceChildren(h("span", { class: "error" }, `The job failed: ${job.error ? job.error.message : "no reason given"}`));
+      } else if (job.status === "cancelled") {
+        watchResult.textContent = "The job was cancelled: nothing was published.";
+      } else {
+        watchResult.textContent = "The finetune appears here when the job succeeds.";
+      }
+    });
   }
 
   let settle = 0;  // polls go on a few rounds after the last job ends, for the events written after its status
