@@ -5,7 +5,8 @@ pass or skip silently.
 
 `open_browser()` returns a WebDriver with a laptop-sized window (SCREEN); `screenshot()` writes
 a whole page's PNG into SCREENSHOTS (docs/console/ when regenerating the committed ones). The caller quits the
-driver.
+driver. Below them, the helpers every console test drives the pages with (sign_in, open_page,
+by_css, text_at, click, script_errors).
 """
 
 from __future__ import annotations
