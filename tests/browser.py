@@ -5,7 +5,8 @@ pass or skip silently.
 
 `open_browser()` returns a WebDriver with a laptop-sized window (SCREEN); `screenshot()` writes
 a whole page's PNG into SCREENSHOTS (docs/console/ when regenerating the committed ones). The caller quits the
-driver.
+driver. Below them, the helpers every console test drives the pages with (sign_in, open_page,
+by_css, text_at, click, script_errors).
 """
 
 from __future__ import annotations
@@ -88,3 +89,45 @@ def screenshot(driver, name: str, max_height: int = 1600) -> Path:
 def text_of(driver, element) -> str:
     """An element's exact textContent (WebDriver's `.text` trims and collapses whitespace)."""
     return driver.execute_script("return arguments[0].textContent", element)
+
+
+# --- driving the console (one home for the helpers every console test uses)
+
+def by_css(driver, selector: str):
+    return driver.find_element("css selector", selector)
+
+
+def text_at(driver, selector: str) -> str:
+    """The textContent of what `selector` finds now, read in one script ('' when nothing matches;
+    pages that re-render at every poll may replace an element found earlier)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''", selector)
+
+
+def open_page(driver, server, page: str) -> None:
+    """Load a console page afresh (a reload: the tab's session survives it)."""
+    driver.get(f"{server.url}/console/#/{page}")
+    driver.refresh()
+
+
+def sign_in(driver, server, account_id: str, token: str) -> None:
+    """Fill and send the sign-in form from a fresh tab session (no wait for the outcome)."""
+    driver.get(server.url + "/console/")
+    driver.execute_script("sessionStorage.clear()")
+    open_page(driver, server, "finetunes")
+    account = wait_for(lambda: by_css(driver, "#account-id"), "the sign-in form")
+    account.send_keys(account_id)
+    by_css(driver, "#api-token").send_keys(token)
+    by_css(driver, "#sign-in").click()
+
+
+def script_errors(driver) -> list[str]:
+    """The browser's SEVERE log lines since the last call that are script or security errors or a
+    failed load of the console's own files (refused API calls are expected answers, not counted)."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and (e["source"] in ("javascript", "security") or "/console/" in e["message"])]
+
+
+def click(driver, selector: str, what: str) -> None:
+    """Find and click `selector`, again if a polling page replaced the element in between (a
+    stale element) or has not drawn it yet."""
+    wait_for(lambda: by_css(driver, selector).click() or True, what)

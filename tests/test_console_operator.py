@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from api_server import LiveServer, server_options
-from browser import wait_for
+from browser import text_at, wait_for
 
 pytestmark = pytest.mark.browser
 METRICS_TOKEN = "metrics-token-for-the-console-test"
@@ -18,10 +18,6 @@ def server(model_dir, tmp_path_factory):
     live = LiveServer.start(server_options(model_dir, tmp_path_factory.mktemp("locked"), metrics_token=METRICS_TOKEN))
     yield live
     live.stop()
-
-
-def text_at(driver, selector: str) -> str:
-    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''", selector)
 
 
 def test_status_page_names_what_is_missing(driver, server):

@@ -81,16 +81,13 @@ export async function listAll(session, path) {
   }
 }
 
-/** POST one finetune file (multipart file_name + file) with upload progress:
- *  onProgress(bytesSent, bytesTotal). Resolves on 2xx; rejects with ApiFailure otherwise. */
-export function uploadAsset(session, finetuneId, fileName, file, onProgress) {
+/** POST a multipart form with upload progress: onProgress(bytesSent, bytesTotal). Resolves to the
+ *  parsed JSON answer on 2xx; rejects with ApiFailure otherwise (the server's message in words). */
+function upload(url, token, form, onProgress) {
   return new Promise((resolve, reject) => {
-    const form = new FormData();
-    form.append("file_name", fileName);
-    form.append("file", file, fileName);
     const xhr = new XMLHttpRequest();
-    xhr.open("POST", `${accountBase(session)}/finetunes/${encodeURIComponent(finetuneId)}/finetune-assets`);
-    xhr.setRequestHeader("Authorization", `Bearer ${session.token}`);
+    xhr.open("POST", url);
+    xhr.setRequestHeader("Authorization", `Bearer ${token}`);
     xhr.upload.onprogress = (event) => { if (event.lengthComputable) onProgress(event.loaded, event.total); };
     xhr.onload = () => {
       if (xhr.status >= 200 && xhr.status < 300) resolve(JSON.parse(xhr.responseText));
@@ -99,6 +96,24 @@ export function uploadAsset(session, finetuneId, fileName, file, onProgress) {
     xhr.onerror = () => reject(unreachable("the upload was interrupted"));
     xhr.send(form);
   });
+}
+
+/** POST one finetune file (multipart file_name + file) with upload progress:
+ *  onProgress(bytesSent, bytesTotal). Resolves on 2xx; rejects with ApiFailure otherwise. */
+export function uploadAsset(session, finetuneId, fileName, file, onProgress) {
+  const form = new FormData();
+  form.append("file_name", fileName);
+  form.append("file", file, fileName);
+  return upload(`${accountBase(session)}/finetunes/${encodeURIComponent(finetuneId)}/finetune-assets`,
+    session.token, form, onProgress);
+}
+
+/** POST …/ai/v1/files (purpose fine-tune) with upload progress; resolves to the OpenAI file object. */
+export function uploadDataset(session, file, onProgress) {
+  const form = new FormData();
+  form.append("purpose", "fine-tune");
+  form.append("file", file, file.name);
+  return upload(`${accountBase(session)}/v1/files`, session.token, form, onProgress);
 }
 
 /** POST …/ai/run/{model} with stream: true; onText(delta) per text delta. Resolves to the final

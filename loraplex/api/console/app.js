@@ -1,14 +1,18 @@
-// The console's shell: sign-in, navigation by URL hash (#/finetunes, #/playground, #/status),
-// one page rendered into <main> at a time. A page module exports render(main, session) and may
+// The console's shell: sign-in, navigation by URL hash (#/finetunes, #/playground, #/logs,
+// #/datasets, #/jobs, #/status; a page may read parameters after "?"), one page rendered into
+// <main> at a time. A page module exports render(main, session) and may
 // return a cleanup function (stop polling, abort streams) called before the next page renders.
 
 import { ApiFailure, api, getSession, setSession } from "./api.js";
 import { h, showError } from "./dom.js";
+import * as datasets from "./datasets.js";
 import * as finetunes from "./finetunes.js";
+import * as jobs from "./jobs.js";
+import * as logs from "./logs.js";
 import * as playground from "./playground.js";
 import * as status from "./status.js";
 
-const PAGES = { finetunes, playground, status };
+const PAGES = { finetunes, playground, logs, datasets, jobs, status };
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const who = document.getElementById("who");

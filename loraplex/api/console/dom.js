@@ -26,10 +26,16 @@ export function formatBytes(n) {
   return `${i === 0 ? n : n.toFixed(1)} ${units[i]}`;
 }
 
-/** "2026-11-23T18:00:00.000000Z" → "2026-11-23 18:00 UTC". */
-export function formatTime(iso) {
+/** "2026-11-23T18:00:00.000000Z" → "2026-11-23 18:00 UTC" (with `seconds`: "… 18:00:00 UTC"). */
+export function formatTime(iso, seconds = false) {
   if (!iso) return "—";
-  return `${iso.slice(0, 10)} ${iso.slice(11, 16)} UTC`;
+  return `${iso.slice(0, 10)} ${iso.slice(11, seconds ? 19 : 16)} UTC`;
+}
+
+/** Unix seconds (the OpenAI dialect's created_at) → "2026-11-23 18:00 UTC". */
+export function formatUnixTime(s, seconds = false) {
+  if (s === null || s === undefined) return "—";
+  return formatTime(new Date(s * 1000).toISOString(), seconds);
 }
 
 /** Seconds → "123 ms" / "1.23 s". */
@@ -42,4 +48,26 @@ export function formatSeconds(s) {
 export function showError(el, message) {
   el.textContent = message || "";
   el.hidden = !message;
+}
+
+/** A modal yes/no dialog (#confirm-dialog; Escape or Cancel answers no). `ask(message, yes)`
+ *  shows it with the confirming button labelled `yes` and resolves to true only on that button. */
+export function confirmDialog() {
+  const text = h("p", { id: "confirm-text" });
+  const cancel = h("button", { type: "button", id: "confirm-cancel", value: "cancel" }, "Cancel");
+  const ok = h("button", { type: "button", id: "confirm-ok", class: "danger", value: "ok" }, "Delete");
+  const element = h("dialog", { id: "confirm-dialog", "aria-labelledby": "confirm-text" }, text, h("div", { class: "row end" }, cancel, ok));
+  cancel.addEventListener("click", () => element.close("cancel"));
+  ok.addEventListener("click", () => element.close("ok"));
+  return {
+    element,
+    ask(message, yes = "Delete") {
+      text.textContent = message;
+      ok.textContent = yes;
+      element.returnValue = "";
+      element.showModal();
+      cancel.focus();
+      return new Promise((resolve) => element.addEventListener("close", () => resolve(element.returnValue === "ok"), { once: true }));
+    },
+  };
 }

@@ -3,7 +3,7 @@
 // confirmation. Rank and targets come from each finetune's stored adapter_config.json.
 
 import { ApiFailure, api, listAll, uploadAsset } from "./api.js";
-import { formatBytes, formatTime, h, showError } from "./dom.js";
+import { confirmDialog, formatBytes, formatTime, h, showError } from "./dom.js";
 
 const CONFIG = "adapter_config.json";
 const WEIGHTS = "adapter_model.safetensors";
@@ -83,25 +83,6 @@ export function render(main, session) {
 
   refresh();
   return () => { generation += 1; };
-}
-
-function confirmDialog() {
-  const text = h("p", { id: "confirm-text" });
-  const cancel = h("button", { type: "button", id: "confirm-cancel", value: "cancel" }, "Cancel");
-  const ok = h("button", { type: "button", id: "confirm-ok", class: "danger", value: "ok" }, "Delete");
-  const element = h("dialog", { id: "confirm-dialog", "aria-labelledby": "confirm-text" }, text, h("div", { class: "row end" }, cancel, ok));
-  cancel.addEventListener("click", () => element.close("cancel"));
-  ok.addEventListener("click", () => element.close("ok"));
-  return {
-    element,
-    ask(message) {
-      text.textContent = message;
-      element.returnValue = "";
-      element.showModal();
-      cancel.focus();
-      return new Promise((resolve) => element.addEventListener("close", () => resolve(element.returnValue === "ok"), { once: true }));
-    },
-  };
 }
 
 function uploadForm(session, uploaded) {

@@ -2,6 +2,7 @@
 // from POST …/ai/run with the same sampling settings; token counts and latency per answer; the
 // request of each column copyable as curl / Python (Cloudflare SDK) / Python (OpenAI SDK).
 // Answers stream into fixed-size panes, so the page never jumps while text arrives.
+// `#/playground?finetune=NAME` puts that finetune on the right side (the base model is on the left).
 
 import { ApiFailure, listAll, streamRun } from "./api.js";
 import { formatSeconds, h, showError } from "./dom.js";
@@ -58,7 +59,9 @@ export function render(main, session) {
 
   listAll(session, "/finetunes").then((finetunes) => {
     const ready = finetunes.filter((f) => f.state === "ready");
-    columns.forEach((c, i) => c.setChoices(ready, i === 0 ? BASE : (ready[0] ? ready[0].name : BASE)));
+    const asked = new URLSearchParams(location.hash.split("?")[1] || "").get("finetune");  // #/playground?finetune=NAME
+    const right = ready.some((f) => f.name === asked) ? asked : (ready[0] ? ready[0].name : BASE);
+    columns.forEach((c, i) => c.setChoices(ready, i === 0 ? BASE : right));
   }).catch((e) => showError(error, `Could not list your finetunes: ${e.message || e}`));
   return () => controllers.forEach((c) => c.abort());
 }
