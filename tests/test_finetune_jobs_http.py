@@ -79,6 +79,9 @@ def test_refusals_store_nothing(server):
         (dict(model=MODEL, training_file=alice_file,
               method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 10**6}}}),
          openai.BadRequestError, "batch_size"),
+        # the suffix begins the finetune's name: one the registry would refuse is refused before training
+        (dict(model=MODEL, training_file=alice_file, suffix="has space"), openai.BadRequestError, "suffix"),
+        (dict(model=MODEL, training_file=alice_file, suffix="x" * 52), openai.BadRequestError, "suffix"),
     ]
     for kwargs, kind, needle in cases:
         with pytest.raises(kind, match=needle):

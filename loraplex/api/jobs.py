@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool as to_thread
 from loraplex.api.auth import authorize
 from loraplex.api.context import ApiContext
 from loraplex.adapters.cache import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.registry_rules import NAME_RE
 from loraplex.api.errors import invalid
 from loraplex.api.uploads import delete_unused_objects, store_asset
 from loraplex.errors import LimitReached
@@ -25,12 +26,20 @@ from loraplex.training.hyperparameters import check_hyperparameters
 from loraplex.training.jobs import Job
 
 
+JOB_ID_CHARS_IN_NAME = 12  # a finetune made by a job is named SUFFIX-<this many characters of the job id>
+MAX_SUFFIX_CHARS = 64 - 1 - JOB_ID_CHARS_IN_NAME  # so that the name fits the registry's 64 characters
+
+
+def finetune_name(suffix: str | None, job_id: str) -> str:
+    return f"{suffix or 'ft'}-{job_id.removeprefix('ftjob-')[:JOB_ID_CHARS_IN_NAME]}"
+
+
 def publish(ctx: ApiContext, job: Job, folder) -> str:
     """Register the trained PEFT folder as a finetune of the job's account, through the upload
     path's validation and storage; returns `BASE:NAME`. On any refusal the finetune and its
     objects are removed again (nothing left behind) and the error propagates; an account at its
     finetune limit gets a LimitReached that says the job's training is lost. Blocking."""
-    name = f"{job.suffix or 'ft'}-{job.id.removeprefix('ftjob-')[:12]}"
+    name = finetune_name(job.suffix, job.id)
     try:
         finetune = ctx.registry.create_finetune(job.account, name, ctx.model_name, f"fine-tuning job {job.id}")
     except LimitReached as e:
@@ -102,8 +111,10 @@ def create(ctx: ApiContext, account_id: str, body: dict) -> Job:
     seed, suffix = body.get("seed", 0), body.get("suffix")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise invalid("`seed` must be an integer in [0, 2147483647]")
-    if suffix is not None and not (isinstance(suffix, str) and 0 < len(suffix) <= 64):
-        raise invalid("`suffix` must be 1 to 64 characters")
+    if suffix is not None and not (isinstance(suffix, str) and NAME_RE.fullmatch(suffix)
+                                   and len(suffix) <= MAX_SUFFIX_CHARS):
+        raise invalid(f"`suffix` must be 1 to {MAX_SUFFIX_CHARS} characters of A-Z a-z 0-9 . _ - "
+                      "(it begins the finetune's name)")
     job = ctx.jobs.create(account_id, ctx.model_name, body["training_file"], hp,
                           validation_file=body.get("validation_file"), suffix=suffix, seed=seed)
     ctx.jobs.mark_queued(job.id)
