@@ -126,6 +126,13 @@ def postgres_url(postgres_databases):
         yield url
 
 
+@pytest.fixture(scope="module")
+def postgres_module_url(postgres_databases):
+    """The URL of a fresh, empty database shared by one test module (its servers), dropped after it."""
+    with postgres_databases() as url:
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_location(request, tmp_path):
     """Where a test's registry lives, once per backend: a SQLite file path, or a PostgreSQL URL

@@ -9,6 +9,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # hyperparameters with which a tiny random model learns a one-word answer to a handful of prompts
 MEMORISE = {"n_epochs": 12, "batch_size": 2, "learning_rate_multiplier": 50.0}
 MEMORISE_PROMPTS = [f"say {w}" for w in ("one", "two", "three", "four")]  # each answered "ARR"
+ONE_EXAMPLE_DATA = (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ARR"}]})
+                    + "\n").encode()  # the smallest valid fine-tuning file: one chat
 MEMORISE_DATA = "".join(json.dumps({"messages": [{"role": "user", "content": p},
                                                   {"role": "assistant", "content": "ARR"}]}) + "\n"
                         for p in MEMORISE_PROMPTS).encode()

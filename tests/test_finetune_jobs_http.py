@@ -3,7 +3,6 @@ cancel; refusals (model not served, another account's file, hyperparameters out 
 cancelling a finished job) are clear 4xx and store nothing."""
 
 import io
-import json
 import time
 
 import openai
@@ -11,10 +10,10 @@ import pytest
 
 from loraplex.training.runner import STOPPED
 from tests.api_server import LiveServer, server_options
+from tests.finetune_helpers import ONE_EXAMPLE_DATA
 
 MODEL = "@cf/test/tiny-llama"
-DATA = (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ARR"}]})
-        + "\n").encode()
+DATA = ONE_EXAMPLE_DATA
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,17 @@ Workers AI errors that store nothing; `…/ai/finetunes/jobs` still names a fine
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx
 import pytest
 
 from tests.api_server import LiveServer, server_options
+from tests.finetune_helpers import ONE_EXAMPLE_DATA
 from tests.upload_client import assert_error
 
 MODEL = "@cf/test/tiny-llama"
-DATA = (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ARR"}]})
-        + "\n").encode()
+DATA = ONE_EXAMPLE_DATA
 
 
 @pytest.fixture(scope="module")

@@ -34,17 +34,10 @@ def adapters(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def postgres_url(postgres_databases):
-    """One database for this module's servers."""
-    with postgres_databases() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory, postgres_url):
+def servers(model_dir, tmp_path_factory, postgres_module_url):
     """(LiveServer a, `loraplex serve` process b), each with its own data dir and engine, on one
     registry and one object store."""
-    with two_servers(model_dir, tmp_path_factory.mktemp("two-servers"), postgres_url,
+    with two_servers(model_dir, tmp_path_factory.mktemp("two-servers"), postgres_module_url,
                      ("--max-finetunes-per-account", str(LIMIT)), max_finetunes_per_account=LIMIT) as (a, b):
         yield a, b
 
@@ -130,7 +123,7 @@ def test_two_servers_share_one_registry_and_store(servers, adapters):
     assert through_b == text(cf_a, good) and through_b != text(cf_b)
 
 
-def test_a_registry_gone_is_a_clean_503_that_names_no_database(servers, postgres_url):
+def test_a_registry_gone_is_a_clean_503_that_names_no_database(servers, postgres_module_url):
     """The database goes away under both servers (dropped, its connections closed): requests that
     need the registry are refused 503 / 3040 (the SDK's InternalServerError), saying nothing about
     the database. (Last in this module: the servers' registry is gone afterwards.)"""
@@ -138,8 +131,8 @@ def test_a_registry_gone_is_a_clean_503_that_names_no_database(servers, postgres
 
     a, b = servers
     account_id, token = a.account("bob")
-    database = postgres_url.split("?")[0].rsplit("/", 1)[1]
-    with psycopg.connect(postgres_url.replace(f"/{database}?", "/postgres?"), autocommit=True) as admin:
+    database = postgres_module_url.split("?")[0].rsplit("/", 1)[1]
+    with psycopg.connect(postgres_module_url.replace(f"/{database}?", "/postgres?"), autocommit=True) as admin:
         admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
     for server in (a, b):
         for _ in range(2):  # a connection found closed, then a new one refused

@@ -28,15 +28,9 @@ DATA = "".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role":
 
 
 @pytest.fixture(scope="module")
-def postgres_url(postgres_databases):
-    with postgres_databases() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory, postgres_url):
+def servers(model_dir, tmp_path_factory, postgres_module_url):
     """(live: a LiveServer, proc: a `loraplex serve` subprocess), both with a trainer."""
-    with two_servers(model_dir, tmp_path_factory.mktemp("shared-training"), postgres_url) as pair:
+    with two_servers(model_dir, tmp_path_factory.mktemp("shared-training"), postgres_module_url) as pair:
         yield pair
 
 

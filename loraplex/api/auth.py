@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool as to_thread
 
 from loraplex.api.errors import ApiError
 from loraplex.api.request_scope import ACCOUNT_ID
+
+if TYPE_CHECKING:
+    from loraplex.api.context import ApiContext
 
 
 async def authorize(request: Request, account_id: str) -> str:
@@ -21,3 +26,9 @@ async def authorize(request: Request, account_id: str) -> str:
     if owner != account_id:
         raise ApiError(10000, "forbidden: this token does not belong to the account in the path", 403)
     return owner
+
+
+async def authorized_context(request: Request, account_id: str) -> ApiContext:
+    """The server's ApiContext, once `authorize` has accepted the caller for `account_id`."""
+    await authorize(request, account_id)
+    return request.app.state.ctx

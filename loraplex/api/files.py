@@ -11,22 +11,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool as to_thread
 
-from loraplex.api.auth import authorize
-from loraplex.api.context import ApiContext
+from loraplex.api.auth import authorized_context
 from loraplex.api.errors import invalid
 
 router = APIRouter()
 PREFIX = "/accounts/{account_id}/ai/v1/files"
 
 
-async def _ctx(request: Request, account_id: str) -> ApiContext:
-    await authorize(request, account_id)
-    return request.app.state.ctx
-
-
 @router.post(PREFIX)
 async def create_file(account_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     form = await request.form()
     upload, purpose = form.get("file"), form.get("purpose")
     if upload is None or isinstance(upload, str):
@@ -42,26 +36,26 @@ async def create_file(account_id: str, request: Request):
 
 @router.get(PREFIX)
 async def list_files(account_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     records = await to_thread(ctx.files.list, account_id)
     return {"object": "list", "data": [r.as_openai() for r in records], "has_more": False}
 
 
 @router.get(PREFIX + "/{file_id}")
 async def get_file(account_id: str, file_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return (await to_thread(ctx.files.get, account_id, file_id)).as_openai()
 
 
 @router.get(PREFIX + "/{file_id}/content")
 async def file_content(account_id: str, file_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     data = await to_thread(ctx.files.content, account_id, file_id)
     return Response(data, media_type="application/jsonl")
 
 
 @router.delete(PREFIX + "/{file_id}")
 async def delete_file(account_id: str, file_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     await to_thread(ctx.files.delete, account_id, file_id)
     return {"id": file_id, "object": "file", "deleted": True}

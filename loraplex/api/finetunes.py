@@ -9,9 +9,8 @@ from starlette.datastructures import UploadFile
 
 from loraplex.adapters.cache import CONFIG_FILE
 from loraplex.adapters.registry import Finetune
-from loraplex.api.auth import authorize
+from loraplex.api.auth import authorized_context
 from loraplex.api.body import parse_body
-from loraplex.api.context import ApiContext
 from loraplex.api.errors import ApiError, api_error_in, envelope, invalid
 from loraplex.api.pagination import PAGE_PARAMS, paginated
 from loraplex.api.schemas import ASSET_UPLOAD_BODY, FinetuneCreate, json_body
@@ -31,14 +30,9 @@ def finetune_json(f: Finetune, detailed: bool = False) -> dict:
     return out
 
 
-async def _context(request: Request, account_id: str) -> ApiContext:
-    await authorize(request, account_id)
-    return request.app.state.ctx
-
-
 @router.post(PREFIX, openapi_extra=json_body(FinetuneCreate))
 async def create_finetune(account_id: str, request: Request):
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     body = await parse_body(request, FinetuneCreate)
     ctx.check_model(body.model)
     finetune = await to_thread(ctx.registry.create_finetune, account_id, body.name, body.model,
@@ -48,26 +42,26 @@ async def create_finetune(account_id: str, request: Request):
 
 @router.get(PREFIX, openapi_extra=PAGE_PARAMS)
 async def list_finetunes(account_id: str, request: Request):
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return paginated(request, [finetune_json(f) for f in await to_thread(ctx.registry.list_finetunes, account_id)])
 
 
 @router.get(PREFIX + "/public", openapi_extra=PAGE_PARAMS)
 async def list_public_finetunes(account_id: str, request: Request):
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return paginated(request, [finetune_json(f) for f in await to_thread(ctx.registry.list_public)])
 
 
 @router.get(PREFIX + "/{finetune_id}")
 async def get_finetune(account_id: str, finetune_id: str, request: Request):
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return envelope(finetune_json(await to_thread(ctx.registry.get_finetune, account_id, finetune_id), detailed=True))
 
 
 @router.delete(PREFIX + "/{finetune_id}")
 async def delete_finetune(account_id: str, finetune_id: str, request: Request):
     """Deleted at once for new requests; requests already running with it finish first."""
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     finetune = await to_thread(ctx.registry.delete_finetune, account_id, finetune_id)
     await ctx.engine.forget_lora(finetune.id)
     await to_thread(delete_unused_objects, ctx, finetune)
@@ -77,7 +71,7 @@ async def delete_finetune(account_id: str, finetune_id: str, request: Request):
 @router.post(PREFIX + "/{finetune_id}/finetune-assets", openapi_extra=ASSET_UPLOAD_BODY)
 async def upload_asset(account_id: str, finetune_id: str, request: Request):
     """Multipart `file_name` + `file`, once per file. The body limit is enforced while it streams in."""
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     finetune = await to_thread(ctx.registry.get_finetune, account_id, finetune_id)
     if finetune.account_id != account_id:
         raise ApiError(10000, "forbidden: only the owning account can modify this finetune", 403)
@@ -104,7 +98,7 @@ async def get_adapter_config(account_id: str, finetune_id: str, request: Request
     """The stored adapter_config.json (as uploaded: PEFT's `r`, `lora_alpha`, `target_modules`…)
     of a finetune the caller may read, as GET …/finetunes/{id} allows. 400 / 3039 before it was
     uploaded. (The web console shows rank and targets from it.)"""
-    ctx = await _context(request, account_id)
+    ctx = await authorized_context(request, account_id)
     finetune = await to_thread(ctx.registry.get_finetune, account_id, finetune_id)
     asset = finetune.assets.get(CONFIG_FILE)
     if asset is None:

@@ -17,8 +17,7 @@ import json
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool as to_thread
 
-from loraplex.api.auth import authorize
-from loraplex.api.context import ApiContext
+from loraplex.api.auth import authorized_context
 from loraplex.api.errors import envelope, invalid
 from loraplex.api.jobs import as_openai, checkpoint_json, create, event_json
 from loraplex.api.pagination import PAGE_PARAMS, paginated
@@ -27,17 +26,12 @@ router = APIRouter()
 PREFIX = "/accounts/{account_id}/ai/fine-tuning/jobs"
 
 
-async def _ctx(request: Request, account_id: str) -> ApiContext:
-    await authorize(request, account_id)
-    return request.app.state.ctx
-
-
 @router.post(PREFIX)
 async def create_job(account_id: str, request: Request):
     """Body as OpenAI's `POST /v1/fine_tuning/jobs`: `model`, `training_file` (a file id from
     `POST …/ai/v1/files`), `validation_file`, `suffix`, `seed`, `hyperparameters` or
     `method.supervised.hyperparameters`."""
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     try:
         body = json.loads(await request.body())
     except (ValueError, RecursionError):
@@ -47,19 +41,19 @@ async def create_job(account_id: str, request: Request):
 
 @router.get(PREFIX, openapi_extra=PAGE_PARAMS)
 async def list_jobs(account_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return paginated(request, [as_openai(j) for j in await to_thread(ctx.jobs.list, account_id)])
 
 
 @router.get(PREFIX + "/{job_id}")
 async def get_job(account_id: str, job_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return envelope(as_openai(await to_thread(ctx.jobs.get, account_id, job_id)))
 
 
 @router.post(PREFIX + "/{job_id}/cancel")
 async def cancel_job(account_id: str, job_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return envelope(as_openai(await to_thread(ctx.jobs.cancel, account_id, job_id)))
 
 
@@ -67,12 +61,12 @@ async def cancel_job(account_id: str, job_id: str, request: Request):
 async def job_events(account_id: str, job_id: str, request: Request):
     """Oldest first; metrics events carry `step`, `total_steps`, `epoch`, `train_loss`,
     `learning_rate`, `trained_tokens`, `elapsed_seconds`, `eta_seconds` in `data`."""
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     return paginated(request, [event_json(e) for e in await to_thread(ctx.jobs.events, account_id, job_id)])
 
 
 @router.get(PREFIX + "/{job_id}/checkpoints")
 async def job_checkpoints(account_id: str, job_id: str, request: Request):
-    ctx = await _ctx(request, account_id)
+    ctx = await authorized_context(request, account_id)
     checkpoints = await to_thread(ctx.jobs.checkpoints, account_id, job_id)
     return envelope([checkpoint_json(job_id, c) for c in checkpoints])

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool as to_thread
 
-from loraplex.api.auth import authorize
+from loraplex.api.auth import authorized_context
 from loraplex.api.context import ApiContext
 from loraplex.api.errors import envelope, invalid
 from loraplex.api.pagination import page_params, paginated
@@ -105,8 +105,7 @@ class _Page:
 
 
 async def _ctx(request: Request, account_id: str) -> ApiContext:
-    await authorize(request, account_id)
-    ctx: ApiContext = request.app.state.ctx
+    ctx: ApiContext = await authorized_context(request, account_id)
     if ctx.request_logs is None:
         raise invalid("this server keeps no request logs")
     return ctx
