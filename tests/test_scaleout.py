@@ -11,6 +11,7 @@ replica). The SIGKILL test runs last: it leaves a restarted replica behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -32,9 +33,7 @@ from ray import serve
 
 from api_server import LiveServer, free_port, server_options
 from loraplex.core import SamplingParams
-from loraplex.engine.async_engine import QueueFull
-from loraplex.serve.deployment import DEPLOYMENT_NAME
-from loraplex.serve.remote_engine import RemoteEngine, pinned_replica
+from loraplex.serve.remote_engine import pinned_replica
 from loraplex.serve.replica_header import INGRESS
 from loraplex.serve.training_task import TASK_PREFIX
 from loraplex.training.runner import STOPPED
@@ -210,25 +209,29 @@ def test_a_burst_for_one_adapter_past_the_spill_bound_spreads_over_both_replicas
     assert len(served) == 3 * SPILL and set(served) == set(cluster.replica_ids())
 
 
-def test_the_ingress_admits_max_pending_per_replica_then_refuses(cluster):
-    """RemoteEngine's own bound (max_pending × replicas), before any replica is asked."""
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, cluster.scaleout.app_name)
-    engine = RemoteEngine(handle, cluster.scaleout.app_name, num_replicas=2, max_pending=1)
-    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-    prompt = cluster.ctx.tokenizer.encode(PROMPTS[0])
-
-    async def fill_then_one_more() -> None:
-        running = [engine.generate(prompt, params) for _ in range(2)]
-        for outputs in running:
-            await anext(outputs)
-        assert engine.num_in_flight == 2
-        with pytest.raises(QueueFull, match="too many requests in flight"):
-            await anext(engine.generate(prompt, params))
-        for outputs in running:
-            await outputs.aclose()
+def test_the_ingress_admits_max_pending_per_replica_then_refuses(cluster, accounts):
+    """RemoteEngine's own bound (max_pending × replicas), before any replica is asked: over HTTP,
+    on the ingress's own RemoteEngine, its bound lowered to that of max_pending 1 on 2 replicas."""
+    engine = cluster.ctx.engine
+    bound, engine.max_pending = engine.max_pending, 2
+    account_id, token = accounts[1]
+    url = f"{cluster.url}/client/v4/accounts/{account_id}/ai/run/{MODEL}"
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "raw": True, "stream": True}
+    try:
+        with httpx.Client(timeout=120) as client, contextlib.ExitStack() as streams:
+            for _ in range(2):  # each answered (so queued on a replica) and left unread
+                response = streams.enter_context(client.stream("POST", url, json=body, headers=headers))
+                assert response.status_code == 200
+            assert engine.num_in_flight == 2
+            third = client.post(url, json={**body, "stream": False}, headers=headers)
+            assert third.status_code == 429 and "too many requests in flight" in third.text
+        deadline = time.monotonic() + 60  # a guard against a hang only: the streams closed, they are aborted
+        while engine.num_in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert engine.num_in_flight == 0
-
-    asyncio.run(fill_then_one_more())
+    finally:
+        engine.max_pending = bound
 
 
 def test_metrics_and_admin_view_cover_every_replica(cluster, accounts):
